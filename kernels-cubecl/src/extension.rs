@@ -1,0 +1,191 @@
+//! The kernels as Burn operations: a backend extension implemented for the CubeCL backend, so
+//! they run on whichever runtime (CUDA, wgpu) a tensor's device names.
+
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Backend, backend_extension};
+use burn::tensor::{DType, Shape};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::{CubeDim, calculate_cube_count_elemwise};
+
+use crate::kernels::{
+    WORD_ELEMENTS, dequantize_4bit_kernel, dequantize_absmax_kernel, quantize_4bit_kernel,
+    quantize_absmax_kernel,
+};
+
+#[backend_extension(Cube: cfg(feature = "cube"))]
+pub trait Quant4bitOps: Backend {
+    /// `code[nibble] * (absmax[block] + offset)` for `num_elements` values, as `dtype`.
+    #[allow(clippy::too_many_arguments)]
+    fn dequantize_4bit(
+        packed: IntTensor<Self>,
+        absmax: FloatTensor<Self>,
+        code: FloatTensor<Self>,
+        offset: f32,
+        num_elements: usize,
+        block_size: usize,
+        dtype: DType,
+    ) -> FloatTensor<Self>;
+
+    /// The nested absmax decoded, without the offset: `map[code] * nested_absmax[i / 256]`.
+    fn dequantize_absmax(
+        codes: IntTensor<Self>,
+        nested_absmax: FloatTensor<Self>,
+        map: FloatTensor<Self>,
+        num_blocks: usize,
+    ) -> FloatTensor<Self>;
+
+    /// Packed words and absmax of a flat tensor.
+    fn quantize_4bit(
+        input: FloatTensor<Self>,
+        thresholds: FloatTensor<Self>,
+        remap: IntTensor<Self>,
+        block_size: usize,
+        signed_magnitude: bool,
+    ) -> (IntTensor<Self>, FloatTensor<Self>);
+
+    /// Packed 8-bit codes and nested absmax of `absmax - offset`.
+    fn quantize_absmax(
+        absmax: FloatTensor<Self>,
+        map: FloatTensor<Self>,
+        offset: f32,
+    ) -> (IntTensor<Self>, FloatTensor<Self>);
+}
+
+fn empty_like(reference: &CubeTensor, len: usize, dtype: DType) -> CubeTensor {
+    empty_device_dtype(
+        reference.client.clone(),
+        reference.device.clone(),
+        Shape::new([len]),
+        dtype,
+    )
+}
+
+fn launch_dims(tensor: &CubeTensor, units: usize) -> (cubecl::CubeCount, CubeDim) {
+    let cube_dim = CubeDim::new(&tensor.client, units);
+    let cube_count = calculate_cube_count_elemwise(&tensor.client, units, cube_dim);
+    (cube_count, cube_dim)
+}
+
+impl Quant4bitOps for CubeBackend {
+    fn dequantize_4bit(
+        packed: CubeTensor,
+        absmax: CubeTensor,
+        code: CubeTensor,
+        offset: f32,
+        num_elements: usize,
+        block_size: usize,
+        dtype: DType,
+    ) -> CubeTensor {
+        let output = empty_like(&packed, num_elements, dtype);
+        let words = num_elements.div_ceil(WORD_ELEMENTS);
+        let (cube_count, cube_dim) = launch_dims(&packed, words);
+        let block_shift = block_size.trailing_zeros();
+        // SAFETY: `words` units each read one word of `packed` (ceil(n / 8) long), the absmax of
+        // its block and 16 codes, and write only in-bounds outputs.
+        unsafe {
+            dequantize_4bit_kernel::launch_unchecked(
+                &output.client,
+                cube_count,
+                cube_dim,
+                into_contiguous(packed).into_buffer_arg(),
+                into_contiguous(absmax).into_buffer_arg(),
+                into_contiguous(code).into_buffer_arg(),
+                output.clone().into_buffer_arg(),
+                offset,
+                num_elements,
+                block_shift,
+                dtype_to_storage_type(dtype),
+            );
+        }
+        output
+    }
+
+    fn dequantize_absmax(
+        codes: CubeTensor,
+        nested_absmax: CubeTensor,
+        map: CubeTensor,
+        num_blocks: usize,
+    ) -> CubeTensor {
+        let output = empty_like(&codes, num_blocks, DType::F32);
+        let (cube_count, cube_dim) = launch_dims(&codes, num_blocks);
+        // SAFETY: one unit per absmax, each reading its code word, its nested absmax and the map.
+        unsafe {
+            dequantize_absmax_kernel::launch_unchecked(
+                &output.client,
+                cube_count,
+                cube_dim,
+                into_contiguous(codes).into_buffer_arg(),
+                into_contiguous(nested_absmax).into_buffer_arg(),
+                into_contiguous(map).into_buffer_arg(),
+                output.clone().into_buffer_arg(),
+                num_blocks,
+            );
+        }
+        output
+    }
+
+    fn quantize_4bit(
+        input: CubeTensor,
+        thresholds: CubeTensor,
+        remap: CubeTensor,
+        block_size: usize,
+        signed_magnitude: bool,
+    ) -> (CubeTensor, CubeTensor) {
+        let num_elements = input.meta.shape().num_elements();
+        let blocks = num_elements.div_ceil(block_size);
+        let packed = empty_like(&input, num_elements.div_ceil(WORD_ELEMENTS), DType::U32);
+        let absmax = empty_like(&input, blocks, DType::F32);
+        let (cube_count, cube_dim) = launch_dims(&input, blocks);
+        let dtype = input.dtype;
+        // SAFETY: one unit per block; it reads its block and writes its absmax and the words
+        // that start inside it.
+        unsafe {
+            quantize_4bit_kernel::launch_unchecked(
+                &packed.client,
+                cube_count,
+                cube_dim,
+                into_contiguous(input).into_buffer_arg(),
+                into_contiguous(thresholds).into_buffer_arg(),
+                into_contiguous(remap).into_buffer_arg(),
+                packed.clone().into_buffer_arg(),
+                absmax.clone().into_buffer_arg(),
+                num_elements,
+                block_size,
+                signed_magnitude,
+                dtype_to_storage_type(dtype),
+            );
+        }
+        (packed, absmax)
+    }
+
+    fn quantize_absmax(
+        absmax: CubeTensor,
+        map: CubeTensor,
+        offset: f32,
+    ) -> (CubeTensor, CubeTensor) {
+        let num_blocks = absmax.meta.shape().num_elements();
+        let nested_blocks = num_blocks.div_ceil(256);
+        let codes = empty_like(&absmax, num_blocks.div_ceil(4), DType::U32);
+        let nested_absmax = empty_like(&absmax, nested_blocks, DType::F32);
+        let (cube_count, cube_dim) = launch_dims(&absmax, nested_blocks);
+        // SAFETY: one unit per nested block of 256; it writes its nested absmax and its code words.
+        unsafe {
+            quantize_absmax_kernel::launch_unchecked(
+                &codes.client,
+                cube_count,
+                cube_dim,
+                into_contiguous(absmax).into_buffer_arg(),
+                into_contiguous(map).into_buffer_arg(),
+                codes.clone().into_buffer_arg(),
+                nested_absmax.clone().into_buffer_arg(),
+                offset,
+                num_blocks,
+            );
+        }
+        (codes, nested_absmax)
+    }
+}

@@ -1,0 +1,221 @@
+//! The CubeCL kernels, one source for CUDA and wgpu. Each follows a function of
+//! [`crate::reference`] and must agree with it bit for bit.
+//!
+//! Packed data lives on the device as `u32` words (wgpu has no 8-bit storage): byte `k` of a
+//! word is bits `8k..8k+8`, so the byte order on the host is unchanged, and the high nibble of
+//! each byte is the element that comes first.
+
+use cubecl::prelude::*;
+
+/// Elements in one packed word: four bytes of two 4-bit codes.
+pub const WORD_ELEMENTS: usize = 8;
+
+/// Dequantizes one packed word per unit: `code[nibble] * (absmax[block] + offset)`.
+///
+/// `absmax` is either the plain absmax (offset 0) or the decoded-but-not-offset nested absmax, so
+/// the offset is added here as a separate f32 step, exactly as bitsandbytes adds it.
+#[cube(launch_unchecked)]
+pub fn dequantize_4bit_kernel<F: Float>(
+    packed: &[u32],
+    absmax: &[f32],
+    code: &[f32],
+    output: &mut [F],
+    offset: f32,
+    num_elements: usize,
+    #[comptime] block_shift: u32,
+    #[define(F)] _dtype: ElemType,
+) {
+    let first = ABSOLUTE_POS * WORD_ELEMENTS;
+    if first >= num_elements {
+        terminate!();
+    }
+    let word = packed[ABSOLUTE_POS];
+    // A block holds at least 32 elements, so all eight share one absmax.
+    let scale = absmax[first >> block_shift as usize] + offset;
+    #[unroll]
+    for byte_index in 0..4u32 {
+        let byte = (word >> (byte_index * 8)) & 0xFF;
+        let index = first + (byte_index as usize) * 2;
+        if index < num_elements {
+            output[index] = F::cast_from(code[(byte >> 4) as usize] * scale);
+        }
+        if index + 1 < num_elements {
+            output[index + 1] = F::cast_from(code[(byte & 0x0F) as usize] * scale);
+        }
+    }
+}
+
+/// Decodes the 8-bit absmax codes (four a word) without the offset: `map[code] * nested[i / 256]`.
+#[cube(launch_unchecked)]
+pub fn dequantize_absmax_kernel(
+    codes: &[u32],
+    nested_absmax: &[f32],
+    map: &[f32],
+    output: &mut [f32],
+    num_blocks: usize,
+) {
+    let index = ABSOLUTE_POS;
+    if index >= num_blocks {
+        terminate!();
+    }
+    let code = (codes[index / 4] >> (((index % 4) * 8) as u32)) & 0xFF;
+    output[index] = map[code as usize] * nested_absmax[index / 256];
+}
+
+/// Quantizes one block per unit: its absmax, then every value times the absmax's inverse, coded.
+///
+/// A 4-bit code is the count of `thresholds` (the sorted midpoints between code values) below
+/// the value, mapped through `remap` (identity for NF4). For FP4 (`signed_magnitude`) the count
+/// is taken on |x| and the sign bit added. NaN counts nothing, as bitsandbytes' tree gives 0.
+#[cube(launch_unchecked)]
+pub fn quantize_4bit_kernel<F: Float>(
+    input: &[F],
+    thresholds: &[f32],
+    remap: &[u32],
+    packed: &mut [u32],
+    absmax: &mut [f32],
+    num_elements: usize,
+    #[comptime] block_size: usize,
+    #[comptime] signed_magnitude: bool,
+    #[define(F)] _dtype: ElemType,
+) {
+    let block = ABSOLUTE_POS;
+    let start = block * block_size;
+    if start >= num_elements {
+        terminate!();
+    }
+    let mut block_max = f32::new(-3.402_823_5e38);
+    for i in 0..block_size {
+        if start + i < num_elements {
+            block_max = f32::max(block_max, f32::abs(f32::cast_from(input[start + i])));
+        }
+    }
+    absmax[block] = block_max;
+    let inverse = f32::new(1.0) / block_max;
+    // Bytes past ceil(n / 2) stay zero; a missing odd element inside the last byte is coded as
+    // 0 * inverse, as bitsandbytes codes it.
+    let used_bytes = num_elements.div_ceil(2);
+    for w in 0..block_size / WORD_ELEMENTS {
+        let word_first = start + w * WORD_ELEMENTS;
+        let mut word = 0u32;
+        #[unroll]
+        for e in 0..WORD_ELEMENTS {
+            let index = word_first + e;
+            if index / 2 < used_bytes {
+                let mut value = f32::new(0.0);
+                if index < num_elements {
+                    value = f32::cast_from(input[index]);
+                }
+                let nibble =
+                    quantize_4bit_value(value * inverse, thresholds, remap, signed_magnitude);
+                let shift = (e / 2) * 8 + select(e % 2 == 0, 4, 0);
+                word |= nibble << shift as u32;
+            }
+        }
+        if word_first < num_elements {
+            packed[word_first / WORD_ELEMENTS] = word;
+        }
+    }
+}
+
+#[cube]
+fn quantize_4bit_value(
+    x: f32,
+    thresholds: &[f32],
+    remap: &[u32],
+    #[comptime] signed_magnitude: bool,
+) -> u32 {
+    let mut sign = 0u32;
+    let mut magnitude = x;
+    if comptime![signed_magnitude] {
+        sign = select(x < f32::new(0.0), 8u32, 0u32);
+        magnitude = f32::abs(x);
+    }
+    let mut count = 0u32;
+    for t in 0..thresholds.len() {
+        count += select(magnitude > thresholds[t], 1u32, 0u32);
+    }
+    remap[count as usize] + sign
+}
+
+/// Double quantization, one nested block of 256 absmax per unit: subtract the offset, take the
+/// block's absmax, and code each value times its inverse with the 8-bit dynamic map.
+#[cube(launch_unchecked)]
+pub fn quantize_absmax_kernel(
+    absmax: &[f32],
+    map: &[f32],
+    codes: &mut [u32],
+    nested_absmax: &mut [f32],
+    offset: f32,
+    num_blocks: usize,
+) {
+    let nested_block = ABSOLUTE_POS;
+    let start = nested_block * 256;
+    if start >= num_blocks {
+        terminate!();
+    }
+    let mut block_max = f32::new(-3.402_823_5e38);
+    for i in 0..256usize {
+        if start + i < num_blocks {
+            block_max = f32::max(block_max, f32::abs(absmax[start + i] - offset));
+        }
+    }
+    nested_absmax[nested_block] = block_max;
+    let inverse = f32::new(1.0) / block_max;
+    for w in 0..64usize {
+        let word_first = start + w * 4;
+        if word_first < num_blocks {
+            let mut word = 0u32;
+            #[unroll]
+            for b in 0..4usize {
+                if word_first + b < num_blocks {
+                    let x = (absmax[word_first + b] - offset) * inverse;
+                    word |= quantize_dynamic_value(x, map) << (b * 8) as u32;
+                }
+            }
+            codes[word_first / 4] = word;
+        }
+    }
+}
+
+/// bitsandbytes' `dQuantize<0>`: a seven-step binary search of the sorted map, then the nearer
+/// neighbour by comparing with the midpoint.
+#[cube]
+fn quantize_dynamic_value(x: f32, map: &[f32]) -> u32 {
+    let mut pivot = 127u32;
+    let mut upper_pivot = 255u32;
+    let mut lower_pivot = 0u32;
+    let mut lower = f32::new(-1.0);
+    let mut upper = f32::new(1.0);
+    let mut val = map[pivot as usize];
+    let mut step = 64u32;
+    #[unroll]
+    for _ in 0..7 {
+        if x > val {
+            lower_pivot = pivot;
+            lower = val;
+            pivot += step;
+        } else {
+            upper_pivot = pivot;
+            upper = val;
+            pivot -= step;
+        }
+        val = map[pivot as usize];
+        step /= 2;
+    }
+    if upper_pivot == 255 {
+        upper = map[255];
+    }
+    if lower_pivot == 0 {
+        lower = map[0];
+    }
+    let mut chosen = pivot;
+    if x > val {
+        if x > (upper + val) * f32::new(0.5) {
+            chosen = upper_pivot;
+        }
+    } else if x < (lower + val) * f32::new(0.5) {
+        chosen = lower_pivot;
+    }
+    chosen
+}

@@ -1,0 +1,301 @@
+//! [`Packed4bit`]: a 4-bit weight held on a Burn device, with `quantize` and `dequantize`
+//! running the CubeCL kernels on CubeCL devices and the reference elsewhere.
+
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+
+use crate::{Absmax, NestedAbsmax, QuantConfig, QuantError, QuantState, QuantType, reference};
+
+/// A 4-bit quantized weight on a device: the packed codes, the absmax (plain or double-quantized),
+/// the code book, the block size and the logical shape.
+#[derive(Clone, Debug)]
+pub struct Packed4bit {
+    pub quant_type: QuantType,
+    pub block_size: usize,
+    pub shape: Vec<usize>,
+    /// The dtype the weight had, and the one [`Packed4bit::dequantize`] returns.
+    pub dtype: DType,
+    /// The packed bytes as little-endian `u32` words (byte `k` = bits `8k..8k+8`), zero-padded.
+    pub words: Tensor<1, Int>,
+    pub absmax: DeviceAbsmax,
+    /// The 16 values of the code book, kept on the device for the kernels.
+    pub code: Tensor<1>,
+}
+
+/// The absmax on the device.
+#[derive(Clone, Debug)]
+pub enum DeviceAbsmax {
+    Plain(Tensor<1>),
+    Double {
+        /// 8-bit codes, four to a `u32` word.
+        codes: Tensor<1, Int>,
+        nested_absmax: Tensor<1>,
+        offset: f32,
+        /// bitsandbytes' dynamic map, on the device.
+        map: Tensor<1>,
+    },
+}
+
+impl Packed4bit {
+    /// Quantizes a f32, f16 or bf16 tensor on its own device.
+    pub fn quantize<const D: usize>(
+        tensor: Tensor<D>,
+        config: QuantConfig,
+    ) -> Result<Self, QuantError> {
+        config.validate()?;
+        let dtype = tensor.dtype();
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(QuantError::Dtype(dtype));
+        }
+        let shape = tensor.shape().to_vec();
+        if tensor.shape().num_elements() == 0 {
+            return Err(QuantError::Empty { shape });
+        }
+        #[cfg(feature = "cube")]
+        if cube::runs_cubecl(&tensor.device()) {
+            return Ok(cube::quantize(tensor.reshape([-1]), shape, dtype, config));
+        }
+        let device = tensor.device();
+        let state = reference::quantize(&tensor.into_data(), config)?;
+        Self::from_state(&state, &device)
+    }
+
+    /// Moves a host state onto `device`.
+    pub fn from_state(state: &QuantState, device: &Device) -> Result<Self, QuantError> {
+        state.validate()?;
+        let absmax = match &state.absmax {
+            Absmax::Plain(absmax) => DeviceAbsmax::Plain(f32_tensor(absmax.clone(), device)),
+            Absmax::Double(nested) => DeviceAbsmax::Double {
+                codes: u32_tensor(bytes_to_words(&nested.codes), device),
+                nested_absmax: f32_tensor(nested.nested_absmax.clone(), device),
+                offset: nested.offset,
+                map: f32_tensor(crate::codebook::dynamic_map().to_vec(), device),
+            },
+        };
+        Ok(Self {
+            quant_type: state.quant_type,
+            block_size: state.block_size,
+            shape: state.shape.clone(),
+            dtype: state.dtype,
+            words: u32_tensor(bytes_to_words(&state.packed), device),
+            absmax,
+            code: f32_tensor(state.quant_type.code().to_vec(), device),
+        })
+    }
+
+    /// Reads the state back to the host, in bitsandbytes' layout.
+    pub fn to_state(&self) -> Result<QuantState, QuantError> {
+        let n = self.num_elements();
+        let absmax = match &self.absmax {
+            DeviceAbsmax::Plain(absmax) => Absmax::Plain(read_f32(absmax.clone())?),
+            DeviceAbsmax::Double {
+                codes,
+                nested_absmax,
+                offset,
+                ..
+            } => Absmax::Double(NestedAbsmax {
+                codes: words_to_bytes(&read_u32(codes.clone())?, n.div_ceil(self.block_size)),
+                nested_absmax: read_f32(nested_absmax.clone())?,
+                offset: *offset,
+            }),
+        };
+        Ok(QuantState {
+            quant_type: self.quant_type,
+            block_size: self.block_size,
+            shape: self.shape.clone(),
+            dtype: self.dtype,
+            packed: words_to_bytes(&read_u32(self.words.clone())?, n.div_ceil(2)),
+            absmax,
+        })
+    }
+
+    pub fn num_elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn device(&self) -> Device {
+        self.words.device()
+    }
+
+    /// The weight, dequantized to the dtype it had, in its logical shape.
+    pub fn dequantize<const D: usize>(&self) -> Result<Tensor<D>, QuantError> {
+        self.dequantize_to::<D>(self.dtype)
+    }
+
+    /// The weight dequantized to `dtype` (f32, f16 or bf16).
+    pub fn dequantize_to<const D: usize>(&self, dtype: DType) -> Result<Tensor<D>, QuantError> {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(QuantError::Dtype(dtype));
+        }
+        if self.shape.len() != D {
+            return Err(QuantError::Format {
+                what: "dequantize".into(),
+                detail: format!("asked for rank {D}, the weight has shape {:?}", self.shape),
+            });
+        }
+        #[cfg(feature = "cube")]
+        if cube::runs_cubecl(&self.device()) {
+            let shape: [usize; D] = self.shape.clone().try_into().expect("rank checked above");
+            return Ok(cube::dequantize(self, dtype).reshape(shape));
+        }
+        let mut state = self.to_state()?;
+        state.dtype = dtype;
+        let data = reference::dequantize(&state)?;
+        Ok(Tensor::<D>::from_data(data, (&self.device(), dtype)))
+    }
+}
+
+fn f32_tensor(values: Vec<f32>, device: &Device) -> Tensor<1> {
+    let len = values.len();
+    Tensor::from_data(TensorData::new(values, [len]), (device, DType::F32))
+}
+
+fn u32_tensor(values: Vec<u32>, device: &Device) -> Tensor<1, Int> {
+    let len = values.len();
+    Tensor::from_data(TensorData::new(values, [len]), (device, DType::U32))
+}
+
+fn read_f32(tensor: Tensor<1>) -> Result<Vec<f32>, QuantError> {
+    tensor
+        .into_data()
+        .try_into_vec::<f32>()
+        .map_err(|err| QuantError::Device(format!("{err:?}")))
+}
+
+fn read_u32(tensor: Tensor<1, Int>) -> Result<Vec<u32>, QuantError> {
+    tensor
+        .into_data()
+        .try_into_vec::<u32>()
+        .map_err(|err| QuantError::Device(format!("{err:?}")))
+}
+
+/// Little-endian words of the bytes, the last one zero-padded.
+pub(crate) fn bytes_to_words(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks(4)
+        .map(|chunk| {
+            let mut word = [0u8; 4];
+            word[..chunk.len()].copy_from_slice(chunk);
+            u32::from_le_bytes(word)
+        })
+        .collect()
+}
+
+/// The first `len` bytes of the words.
+pub(crate) fn words_to_bytes(words: &[u32], len: usize) -> Vec<u8> {
+    words
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .take(len)
+        .collect()
+}
+
+#[cfg(feature = "cube")]
+mod cube {
+    use burn::backend::{Dispatch, DispatchDevice};
+    use burn::tensor::{DType, Device, Int, Tensor};
+
+    use super::{DeviceAbsmax, Packed4bit, f32_tensor, u32_tensor};
+    use crate::codebook::{FP4_COUNT_TO_CODE, FP4_THRESHOLDS, NF4_THRESHOLDS, dynamic_map};
+    use crate::extension::Quant4bitOps;
+    use crate::{QuantConfig, QuantType, reference};
+
+    pub fn runs_cubecl(device: &Device) -> bool {
+        matches!(
+            device.clone().without_autodiff().as_dispatch(),
+            DispatchDevice::Cube(_)
+        )
+    }
+
+    pub fn dequantize(packed: &Packed4bit, dtype: DType) -> Tensor<1> {
+        let (absmax, offset) = match &packed.absmax {
+            DeviceAbsmax::Plain(absmax) => (absmax.clone(), 0.0),
+            DeviceAbsmax::Double {
+                codes,
+                nested_absmax,
+                offset,
+                map,
+            } => {
+                let blocks = packed.num_elements().div_ceil(packed.block_size);
+                let decoded = Dispatch::dequantize_absmax(
+                    codes.clone().into_dispatch(),
+                    nested_absmax.clone().into_dispatch(),
+                    map.clone().into_dispatch(),
+                    blocks,
+                );
+                (Tensor::from_dispatch(decoded), *offset)
+            }
+        };
+        Tensor::from_dispatch(Dispatch::dequantize_4bit(
+            packed.words.clone().into_dispatch(),
+            absmax.into_dispatch(),
+            packed.code.clone().into_dispatch(),
+            offset,
+            packed.num_elements(),
+            packed.block_size,
+            dtype,
+        ))
+    }
+
+    pub fn quantize(
+        flat: Tensor<1>,
+        shape: Vec<usize>,
+        dtype: DType,
+        config: QuantConfig,
+    ) -> Packed4bit {
+        let device = flat.device();
+        let (thresholds, remap, signed_magnitude) = tree_tables(config.quant_type);
+        let (words, absmax) = Dispatch::quantize_4bit(
+            flat.into_dispatch(),
+            f32_tensor(thresholds, &device).into_dispatch(),
+            u32_tensor(remap, &device).into_dispatch(),
+            config.block_size,
+            signed_magnitude,
+        );
+        let words: Tensor<1, Int> = Tensor::from_dispatch(words);
+        let absmax: Tensor<1> = Tensor::from_dispatch(absmax);
+        let absmax = if config.double_quant {
+            // The mean is taken on the host in f64 so it is the reference's, bit for bit.
+            let values = absmax
+                .clone()
+                .into_data()
+                .try_into_vec::<f32>()
+                .unwrap_or_default();
+            let offset = reference::mean_offset(&values);
+            let map = f32_tensor(dynamic_map().to_vec(), &device);
+            let (codes, nested_absmax) = Dispatch::quantize_absmax(
+                absmax.into_dispatch(),
+                map.clone().into_dispatch(),
+                offset,
+            );
+            DeviceAbsmax::Double {
+                codes: Tensor::from_dispatch(codes),
+                nested_absmax: Tensor::from_dispatch(nested_absmax),
+                offset,
+                map,
+            }
+        } else {
+            DeviceAbsmax::Plain(absmax)
+        };
+        Packed4bit {
+            quant_type: config.quant_type,
+            block_size: config.block_size,
+            shape,
+            dtype,
+            words,
+            absmax,
+            code: f32_tensor(config.quant_type.code().to_vec(), &device),
+        }
+    }
+
+    /// The sorted thresholds of bitsandbytes' decision tree and the code each count maps to.
+    fn tree_tables(quant_type: QuantType) -> (Vec<f32>, Vec<u32>, bool) {
+        match quant_type {
+            QuantType::Nf4 => (NF4_THRESHOLDS.to_vec(), (0..16).collect(), false),
+            QuantType::Fp4 => (
+                FP4_THRESHOLDS.to_vec(),
+                FP4_COUNT_TO_CODE.iter().map(|&c| u32::from(c)).collect(),
+                true,
+            ),
+        }
+    }
+}

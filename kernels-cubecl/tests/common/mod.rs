@@ -1,0 +1,185 @@
+//! Helpers shared by the kernel tests: the golden folder, golden cases, and the devices to test.
+#![allow(dead_code)] // each test binary uses its own part of these helpers
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use burn::tensor::{DType, Device, TensorData};
+use half::bf16;
+use kernels_cubecl::{Absmax, NestedAbsmax, QuantState, QuantType};
+use safetensors::SafeTensors;
+use safetensors::tensor::Dtype;
+
+/// `$QLORA_GOLDEN_DIR`, else `../shared/golden` beside the repository; `None` (with the reason
+/// printed) when neither exists.
+pub fn golden_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("QLORA_GOLDEN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden"));
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        println!(
+            "skipped: golden folder {} not found (set QLORA_GOLDEN_DIR)",
+            dir.display()
+        );
+        None
+    }
+}
+
+/// One `bnb_*.safetensors` case: what bitsandbytes was given and what it produced.
+pub struct GoldenCase {
+    pub name: String,
+    pub quant_type: QuantType,
+    pub double_quant: bool,
+    pub shape: Vec<usize>,
+    pub input_dtype: DType,
+    pub input: Vec<f32>,
+    pub packed: Vec<u8>,
+    pub absmax: Option<Vec<f32>>,
+    pub absmax_u8: Option<Vec<u8>>,
+    pub nested_absmax: Option<Vec<f32>>,
+    pub nested_code: Option<Vec<f32>>,
+    pub offset: Option<f32>,
+    pub code: Vec<f32>,
+    pub dequant: Vec<f32>,
+}
+
+impl GoldenCase {
+    /// The input as bitsandbytes got it (bf16 cases narrowed back from the widened f32, exactly).
+    pub fn input_data(&self) -> TensorData {
+        match self.input_dtype {
+            DType::BF16 => TensorData::new(
+                self.input.iter().map(|&x| bf16::from_f32(x)).collect(),
+                self.shape.clone(),
+            ),
+            _ => TensorData::new(self.input.clone(), self.shape.clone()),
+        }
+    }
+
+    /// bitsandbytes' quantized state, as ours.
+    pub fn state(&self) -> QuantState {
+        let absmax = match (&self.absmax, &self.absmax_u8) {
+            (Some(absmax), _) => Absmax::Plain(absmax.clone()),
+            (None, Some(codes)) => Absmax::Double(NestedAbsmax {
+                codes: codes.clone(),
+                nested_absmax: self.nested_absmax.clone().expect("nested_absmax"),
+                offset: self.offset.expect("offset"),
+            }),
+            (None, None) => panic!("{}: no absmax", self.name),
+        };
+        QuantState {
+            quant_type: self.quant_type,
+            block_size: 64,
+            shape: self.shape.clone(),
+            dtype: self.input_dtype,
+            packed: self.packed.clone(),
+            absmax,
+        }
+    }
+}
+
+pub fn golden_cases() -> Vec<GoldenCase> {
+    let Some(dir) = golden_dir() else {
+        return Vec::new();
+    };
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .expect("read golden dir")
+        .map(|entry| entry.expect("dir entry").path())
+        .filter(|path| {
+            let name = path.file_name().unwrap().to_string_lossy();
+            name.starts_with("bnb_") && name.ends_with(".safetensors")
+        })
+        .collect();
+    paths.sort();
+    assert!(
+        !paths.is_empty(),
+        "no bnb_*.safetensors in {}",
+        dir.display()
+    );
+    paths.iter().map(|path| load_case(path)).collect()
+}
+
+fn load_case(path: &std::path::Path) -> GoldenCase {
+    let bytes = std::fs::read(path).expect("read golden file");
+    let (_, metadata) = SafeTensors::read_metadata(&bytes).expect("golden header");
+    let meta: HashMap<String, String> = metadata.metadata().clone().unwrap_or_default();
+    let tensors = SafeTensors::deserialize(&bytes).expect("golden file");
+    let f32s = |name: &str| -> Option<Vec<f32>> {
+        let view = tensors.tensor(name).ok()?;
+        assert_eq!(view.dtype(), Dtype::F32, "{name}");
+        Some(
+            view.data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+        )
+    };
+    let u8s = |name: &str| -> Option<Vec<u8>> { Some(tensors.tensor(name).ok()?.data().to_vec()) };
+    let shape: Vec<usize> = serde_json::from_str(&meta["shape"]).expect("shape metadata");
+    GoldenCase {
+        name: path.file_name().unwrap().to_string_lossy().into_owned(),
+        quant_type: QuantType::from_name(&meta["quant_type"]).expect("quant_type"),
+        double_quant: meta["double_quant"] == "True",
+        shape,
+        input_dtype: match meta["input_dtype"].trim_start_matches("torch.") {
+            "bfloat16" => DType::BF16,
+            "float16" => DType::F16,
+            _ => DType::F32,
+        },
+        input: f32s("input").expect("input"),
+        packed: u8s("packed").expect("packed"),
+        absmax: f32s("absmax"),
+        absmax_u8: u8s("absmax_u8"),
+        nested_absmax: f32s("nested_absmax"),
+        nested_code: f32s("nested_code"),
+        offset: f32s("offset").map(|v| v[0]),
+        code: f32s("code").expect("code"),
+        dequant: f32s("dequant").expect("dequant"),
+    }
+}
+
+/// The devices the kernels are tested on: Flex (the reference path) always, and with the `wgpu`
+/// feature the default wgpu adapter (lavapipe in CI), which runs the CubeCL kernels.
+pub fn devices() -> Vec<(&'static str, Device)> {
+    let mut devices = vec![("flex", Device::flex())];
+    #[cfg(feature = "wgpu")]
+    devices.push((
+        "wgpu",
+        Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+    ));
+    #[cfg(feature = "cuda")]
+    devices.push(("cuda", Device::cuda(0usize)));
+    devices
+}
+
+/// The CubeCL devices alone (empty without the `wgpu`/`cuda` features).
+pub fn cube_devices() -> Vec<(&'static str, Device)> {
+    devices()
+        .into_iter()
+        .filter(|(name, _)| *name != "flex")
+        .collect()
+}
+
+/// Values read back from tensor data of any float dtype, widened to f32.
+pub fn f32_values(data: &TensorData) -> Vec<f32> {
+    data.clone()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 data")
+}
+
+/// Asserts two f32 slices are equal bit for bit, naming the first difference.
+pub fn assert_bits_eq(what: &str, actual: &[f32], expected: &[f32]) {
+    assert_eq!(actual.len(), expected.len(), "{what}: length");
+    if let Some(i) = (0..actual.len()).find(|&i| actual[i].to_bits() != expected[i].to_bits()) {
+        panic!(
+            "{what}: first difference at {i}: {} vs {} ({} differ)",
+            actual[i],
+            expected[i],
+            (0..actual.len())
+                .filter(|&i| actual[i].to_bits() != expected[i].to_bits())
+                .count()
+        );
+    }
+}
