@@ -86,7 +86,8 @@ const FP4_MAGNITUDES: [f32; 8] = [
     0.25,
 ];
 
-/// FP4 values, index = code: the magnitude times the sign, as bitsandbytes computes them.
+/// FP4 values, index = code: the magnitude times the sign, as bitsandbytes' kernel computes them
+/// (so code 8 is -0.0, where its Python table writes 0.0).
 pub const FP4_CODE: [f32; 16] = {
     let mut code = [0.0f32; 16];
     let mut i = 0;
@@ -206,17 +207,18 @@ pub fn dynamic_map() -> [f32; 256] {
     values.try_into().expect("the dynamic map has 256 values")
 }
 
-/// `torch.linspace(start, end, steps, dtype=float32)` on the CPU: the first half counts up from
-/// `start`, the second half down from `end`, all in f32.
+/// `torch.linspace(start, end, steps, dtype=float32)` as it runs on CUDA, where bitsandbytes
+/// builds the map: the first half counts up from `start`, the second half down from `end`, each
+/// value one fused multiply-add.
 fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     let step = (end - start) / (steps - 1) as f32;
     let halfway = steps / 2;
     (0..steps)
         .map(|i| {
             if i < halfway {
-                start + step * i as f32
+                step.mul_add(i as f32, start)
             } else {
-                end - step * (steps - i - 1) as f32
+                (-step).mul_add((steps - i - 1) as f32, end)
             }
         })
         .collect()

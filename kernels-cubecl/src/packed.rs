@@ -46,6 +46,9 @@ impl Packed4bit {
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(QuantError::Dtype(dtype));
         }
+        if !tensor.device().supports_dtype(dtype) {
+            return Err(QuantError::Dtype(dtype));
+        }
         let shape = tensor.shape().to_vec();
         if tensor.shape().num_elements() == 0 {
             return Err(QuantError::Empty { shape });
@@ -123,7 +126,9 @@ impl Packed4bit {
 
     /// The weight dequantized to `dtype` (f32, f16 or bf16).
     pub fn dequantize_to<const D: usize>(&self, dtype: DType) -> Result<Tensor<D>, QuantError> {
-        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+            || !self.device().supports_dtype(dtype)
+        {
             return Err(QuantError::Dtype(dtype));
         }
         if self.shape.len() != D {

@@ -5,10 +5,10 @@
 mod common;
 
 use burn::tensor::Tensor;
-use common::{assert_bits_eq, devices, f32_values, golden_cases};
-use kernels_cubecl::codebook::dynamic_map;
+use common::{assert_bits_eq, assert_bytes_eq, devices, f32_values, golden_cases};
+use kernels_cubecl::codebook::{FP4_THRESHOLDS, NF4_THRESHOLDS, dynamic_map};
 use kernels_cubecl::reference::{self, double_quantize};
-use kernels_cubecl::{Absmax, Packed4bit, QuantConfig};
+use kernels_cubecl::{Absmax, Packed4bit, QuantConfig, QuantType};
 
 fn config(case: &common::GoldenCase) -> QuantConfig {
     QuantConfig::new(case.quant_type, 64, case.double_quant)
@@ -26,7 +26,7 @@ fn assert_offset_close(name: &str, ours: f32, theirs: f32) {
 /// comparison is exact whatever the last bit of the mean.
 fn assert_state_matches(case: &common::GoldenCase, state: &kernels_cubecl::QuantState, what: &str) {
     let name = format!("{} [{what}]", case.name);
-    assert_eq!(state.packed, case.packed, "{name}: packed bytes");
+    assert_packed_matches(case, &state.packed, &name);
     match &state.absmax {
         Absmax::Plain(absmax) => assert_bits_eq(
             &format!("{name}: absmax"),
@@ -52,10 +52,58 @@ fn assert_state_matches(case: &common::GoldenCase, state: &kernels_cubecl::Quant
     }
 }
 
+/// bitsandbytes is built with `--use_fast_math`: its `1.0f / absmax` is the hardware's
+/// approximate reciprocal, one ulp off at times, which moves a value sitting exactly on a decision
+/// threshold (bf16 inputs make such exact ties, e.g. 0.4296875 / 2.0625 = 5/24) to the other
+/// side. Bytes must be equal except where a code differs on such a tie: the scaled value within
+/// two ulps of a threshold. At most one element in a thousand may be such a tie.
+fn assert_packed_matches(case: &common::GoldenCase, ours: &[u8], name: &str) {
+    assert_eq!(ours.len(), case.packed.len(), "{name}: packed length");
+    let n = case.input.len();
+    let mut ties = 0;
+    for i in (0..n).filter(|&i| nibble(ours, i) != nibble(&case.packed, i)) {
+        let block = &case.input[i / 64 * 64..((i / 64 + 1) * 64).min(n)];
+        let absmax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let scaled = case.input[i] * (1.0 / absmax);
+        let (value, thresholds): (f32, &[f32]) = match case.quant_type {
+            QuantType::Nf4 => (scaled, &NF4_THRESHOLDS),
+            QuantType::Fp4 => (scaled.abs(), &FP4_THRESHOLDS),
+        };
+        let on_tie = thresholds
+            .iter()
+            .any(|t| (value.to_bits() as i64 - t.to_bits() as i64).abs() <= 2);
+        assert!(
+            on_tie,
+            "{name}: element {i} coded {} vs {} off any threshold ({value})",
+            nibble(ours, i),
+            nibble(&case.packed, i)
+        );
+        ties += 1;
+    }
+    assert!(
+        ties * 1000 <= n,
+        "{name}: {ties} threshold ties in {n} elements"
+    );
+}
+
+fn nibble(packed: &[u8], i: usize) -> u8 {
+    if i % 2 == 0 {
+        packed[i / 2] >> 4
+    } else {
+        packed[i / 2] & 0x0F
+    }
+}
+
 #[test]
 fn code_books_are_bitsandbytes() {
     for case in golden_cases() {
-        assert_bits_eq(&case.name, case.quant_type.code(), &case.code);
+        // By value: the kernel's FP4 code 8 is -0.0, bitsandbytes' Python table has 0.0.
+        assert_eq!(
+            case.quant_type.code().as_slice(),
+            case.code.as_slice(),
+            "{}",
+            case.name
+        );
         if let Some(nested_code) = &case.nested_code {
             assert_bits_eq(
                 &format!("{}: nested_code", case.name),
@@ -112,8 +160,14 @@ fn reference_dequantizes_like_bitsandbytes() {
 fn devices_quantize_like_bitsandbytes() {
     for (device_name, device) in devices() {
         for case in golden_cases() {
-            let input =
-                Tensor::<1>::from_data(case.input_data().reshape([case.input.len()]), &device);
+            if !device.supports_dtype(case.input_dtype) {
+                println!(
+                    "{} skipped on {device_name}: no {:?} there",
+                    case.name, case.input_dtype
+                );
+                continue;
+            }
+            let input = Tensor::<1>::from_data(case.input_data(), (&device, case.input_dtype));
             let packed = Packed4bit::quantize(input, config(&case)).unwrap();
             assert_state_matches(&case, &packed.to_state().unwrap(), device_name);
         }
@@ -124,6 +178,13 @@ fn devices_quantize_like_bitsandbytes() {
 fn devices_dequantize_like_bitsandbytes() {
     for (device_name, device) in devices() {
         for case in golden_cases() {
+            if !device.supports_dtype(case.input_dtype) {
+                println!(
+                    "{} skipped on {device_name}: no {:?} there",
+                    case.name, case.input_dtype
+                );
+                continue;
+            }
             let packed = Packed4bit::from_state(&case.state(), &device).unwrap();
             let values = match case.shape.len() {
                 1 => packed.dequantize::<1>().unwrap().into_data(),

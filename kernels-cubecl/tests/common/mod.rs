@@ -46,14 +46,15 @@ pub struct GoldenCase {
 }
 
 impl GoldenCase {
-    /// The input as bitsandbytes got it (bf16 cases narrowed back from the widened f32, exactly).
+    /// The input as bitsandbytes got it (bf16 cases narrowed back from the widened f32,
+    /// exactly), flattened: the packed bytes follow the row-major order alone.
     pub fn input_data(&self) -> TensorData {
+        let n = self.input.len();
         match self.input_dtype {
-            DType::BF16 => TensorData::new(
-                self.input.iter().map(|&x| bf16::from_f32(x)).collect(),
-                self.shape.clone(),
-            ),
-            _ => TensorData::new(self.input.clone(), self.shape.clone()),
+            DType::BF16 => {
+                TensorData::new(self.input.iter().map(|&x| bf16::from_f32(x)).collect(), [n])
+            }
+            _ => TensorData::new(self.input.clone(), [n]),
         }
     }
 
@@ -165,7 +166,7 @@ pub fn cube_devices() -> Vec<(&'static str, Device)> {
 pub fn f32_values(data: &TensorData) -> Vec<f32> {
     data.clone()
         .convert::<f32>()
-        .to_vec::<f32>()
+        .try_to_vec::<f32>()
         .expect("f32 data")
 }
 
@@ -180,6 +181,22 @@ pub fn assert_bits_eq(what: &str, actual: &[f32], expected: &[f32]) {
             (0..actual.len())
                 .filter(|&i| actual[i].to_bits() != expected[i].to_bits())
                 .count()
+        );
+    }
+}
+
+/// Asserts two byte slices are equal, naming the first difference.
+pub fn assert_bytes_eq(what: &str, actual: &[u8], expected: &[u8]) {
+    assert_eq!(actual.len(), expected.len(), "{what}: length");
+    let differ: Vec<usize> = (0..actual.len())
+        .filter(|&i| actual[i] != expected[i])
+        .collect();
+    if let Some(&i) = differ.first() {
+        panic!(
+            "{what}: first difference at byte {i}: {:#04x} vs {:#04x} ({} differ)",
+            actual[i],
+            expected[i],
+            differ.len()
         );
     }
 }
