@@ -118,6 +118,8 @@ pub fn quantize_4bit_kernel<F: Float>(
     }
 }
 
+// Cube code indexes slices; iterators over them do not expand.
+#[allow(clippy::needless_range_loop)]
 #[cube]
 fn quantize_4bit_value(
     x: f32,

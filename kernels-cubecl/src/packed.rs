@@ -21,7 +21,8 @@ pub struct Packed4bit {
     pub code: Tensor<1>,
 }
 
-/// The absmax on the device.
+/// The absmax on the device. (One per weight, so the size of the larger variant does not matter.)
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum DeviceAbsmax {
     Plain(Tensor<1>),

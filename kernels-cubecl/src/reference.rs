@@ -53,7 +53,11 @@ pub fn dequantize_f32(state: &QuantState) -> Vec<f32> {
     (0..n)
         .map(|i| {
             let byte = state.packed[i / 2];
-            let nibble = if i % 2 == 0 { byte >> 4 } else { byte & 0x0F };
+            let nibble = if i.is_multiple_of(2) {
+                byte >> 4
+            } else {
+                byte & 0x0F
+            };
             code[nibble as usize] * absmax[i / state.block_size]
         })
         .collect()

@@ -37,10 +37,10 @@ fn assert_state_matches(case: &common::GoldenCase, state: &kernels_cubecl::Quant
             let theirs = case.offset.unwrap();
             assert_offset_close(&name, nested.offset, theirs);
             if nested.offset == theirs {
-                assert_eq!(
+                assert_bytes_eq(
+                    &format!("{name}: absmax_u8"),
                     &nested.codes,
                     case.absmax_u8.as_ref().unwrap(),
-                    "{name}: absmax_u8"
                 );
                 assert_bits_eq(
                     &format!("{name}: nested_absmax"),
@@ -87,7 +87,7 @@ fn assert_packed_matches(case: &common::GoldenCase, ours: &[u8], name: &str) {
 }
 
 fn nibble(packed: &[u8], i: usize) -> u8 {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         packed[i / 2] >> 4
     } else {
         packed[i / 2] & 0x0F
@@ -131,11 +131,10 @@ fn reference_quantizes_like_bitsandbytes() {
                 unreachable!()
             };
             let nested = double_quantize(&absmax, case.offset.unwrap());
-            assert_eq!(
+            assert_bytes_eq(
+                &format!("{}: absmax_u8", case.name),
                 &nested.codes,
                 case.absmax_u8.as_ref().unwrap(),
-                "{}: absmax_u8",
-                case.name
             );
             assert_bits_eq(
                 &format!("{}: nested_absmax", case.name),
