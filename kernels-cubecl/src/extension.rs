@@ -12,8 +12,8 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
 use crate::kernels::{
-    WORD_ELEMENTS, dequantize_4bit_kernel, dequantize_absmax_kernel, quantize_4bit_kernel,
-    quantize_absmax_kernel,
+    WORD_ELEMENTS, dequantize_4bit_kernel, dequantize_4bit_vector_kernel, dequantize_absmax_kernel,
+    quantize_4bit_kernel, quantize_absmax_kernel,
 };
 
 #[backend_extension(Cube: cfg(feature = "cube"))]
@@ -84,6 +84,34 @@ impl Quant4bitOps for CubeBackend {
         let words = num_elements.div_ceil(WORD_ELEMENTS);
         let (cube_count, cube_dim) = launch_dims(&packed, words);
         let block_shift = block_size.trailing_zeros();
+        // The widest store the runtime likes that divides a word's eight values.
+        let lanes = output
+            .client
+            .io_optimized_vector_sizes(dtype.size())
+            .filter(|lanes| WORD_ELEMENTS.is_multiple_of(*lanes))
+            .max()
+            .unwrap_or(1);
+        if num_elements.is_multiple_of(WORD_ELEMENTS) && lanes > 1 {
+            // SAFETY: `words` units each read one word, the absmax of its block and 16 codes, and
+            // write the eight values of that word, all inside the output.
+            unsafe {
+                dequantize_4bit_vector_kernel::launch_unchecked(
+                    &output.client,
+                    cube_count,
+                    cube_dim,
+                    lanes,
+                    into_contiguous(packed).into_buffer_arg(),
+                    into_contiguous(absmax).into_buffer_arg(),
+                    into_contiguous(code).into_buffer_arg(),
+                    output.clone().into_buffer_arg(),
+                    offset,
+                    words,
+                    block_shift,
+                    dtype_to_storage_type(dtype),
+                );
+            }
+            return output;
+        }
         // SAFETY: `words` units each read one word of `packed` (ceil(n / 8) long), the absmax of
         // its block and 16 codes, and write only in-bounds outputs.
         unsafe {

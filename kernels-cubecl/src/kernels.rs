@@ -45,6 +45,44 @@ pub fn dequantize_4bit_kernel<F: Float>(
     }
 }
 
+/// [`dequantize_4bit_kernel`] for whole words: each unit writes its eight values as vectors of
+/// `N` (16-byte stores for bf16 on CUDA), the fast path when the element count is a multiple of 8.
+#[cube(launch_unchecked)]
+pub fn dequantize_4bit_vector_kernel<F: Float, N: Size>(
+    packed: &[u32],
+    absmax: &[f32],
+    code: &[f32],
+    output: &mut [Vector<F, N>],
+    offset: f32,
+    num_words: usize,
+    #[comptime] block_shift: u32,
+    #[define(F)] _dtype: ElemType,
+) {
+    let word_index = ABSOLUTE_POS;
+    if word_index >= num_words {
+        terminate!();
+    }
+    let word = packed[word_index];
+    let scale = absmax[(word_index * WORD_ELEMENTS) >> block_shift as usize] + offset;
+    let lanes = N::value();
+    let vectors = comptime![WORD_ELEMENTS / lanes];
+    #[unroll]
+    for v in 0..vectors {
+        let mut values = Vector::<F, N>::empty();
+        #[unroll]
+        for lane in 0..lanes {
+            // Element e sits in byte e / 2, in the high nibble when e is even.
+            let shift = comptime![{
+                let e = v * lanes + lane;
+                (e / 2 * 8 + if e % 2 == 0 { 4 } else { 0 }) as u32
+            }];
+            let nibble = (word >> shift) & 0x0F;
+            values.insert(lane, F::cast_from(code[nibble as usize] * scale));
+        }
+        output[word_index * vectors + v] = values;
+    }
+}
+
 /// Decodes the 8-bit absmax codes (four a word) without the offset: `map[code] * nested[i / 256]`.
 #[cube(launch_unchecked)]
 pub fn dequantize_absmax_kernel(
@@ -91,7 +129,7 @@ pub fn quantize_4bit_kernel<F: Float>(
         }
     }
     absmax[block] = block_max;
-    let inverse = f32::new(1.0) / block_max;
+    let inverse = reciprocal(block_max);
     // Bytes past ceil(n / 2) stay zero; a missing odd element inside the last byte is coded as
     // 0 * inverse, as bitsandbytes codes it.
     let used_bytes = num_elements.div_ceil(2);
@@ -163,7 +201,7 @@ pub fn quantize_absmax_kernel(
         }
     }
     nested_absmax[nested_block] = block_max;
-    let inverse = f32::new(1.0) / block_max;
+    let inverse = reciprocal(block_max);
     for w in 0..64usize {
         let word_first = start + w * 4;
         if word_first < num_blocks {
@@ -220,4 +258,45 @@ fn quantize_dynamic_value(x: f32, map: &[f32]) -> u32 {
         chosen = lower_pivot;
     }
     chosen
+}
+
+/// `1 / a` correctly rounded, as the reference's IEEE division gives it. Shader division may be
+/// off by up to 2.5 ulp (Vulkan, WGSL), which moves codes; this divides the mantissas with
+/// integers instead. Zero, infinities, NaN and the extremes of the range use the division.
+#[cube]
+fn reciprocal(a: f32) -> f32 {
+    let bits = u32::reinterpret(a);
+    let exponent = (bits >> 23) & 0xFF;
+    let mut result = f32::new(1.0) / a;
+    if exponent > 0 && exponent < 253 {
+        let sign = bits & 0x8000_0000;
+        let mantissa = (bits & 0x007F_FFFF) | 0x0080_0000;
+        if mantissa == 0x0080_0000 {
+            // A power of two: its reciprocal is exact.
+            result = f32::reinterpret(sign | ((254 - exponent) << 23));
+        } else {
+            // 2^24 / mantissa lies in (1, 2): long division gives 26 quotient bits and the rest.
+            let mut remainder = 0x0100_0000 - mantissa;
+            let mut quotient = 1u32;
+            #[unroll]
+            for _ in 0..25 {
+                remainder <<= 1;
+                let bit = select(remainder >= mantissa, 1u32, 0u32);
+                remainder -= bit * mantissa;
+                quotient = (quotient << 1) | bit;
+            }
+            // Keep 24 bits, rounding to nearest even on the guard bit and what lies below it.
+            let mut kept = quotient >> 2;
+            let guard = (quotient >> 1) & 1;
+            let below = (quotient & 1) | select(remainder != 0, 1u32, 0u32);
+            kept += guard & (below | (kept & 1));
+            let mut biased = 253 - exponent;
+            if kept == 0x0100_0000 {
+                kept >>= 1;
+                biased += 1;
+            }
+            result = f32::reinterpret(sign | (biased << 23) | (kept & 0x007F_FFFF));
+        }
+    }
+    result
 }
