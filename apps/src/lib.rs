@@ -9,6 +9,9 @@ pub fn available_backends() -> Vec<&'static str> {
     if cfg!(feature = "cuda") {
         backends.push("cuda");
     }
+    if cfg!(feature = "vulkan") {
+        backends.push("vulkan");
+    }
     if cfg!(feature = "wgpu") {
         backends.push("wgpu");
     }
@@ -18,8 +21,8 @@ pub fn available_backends() -> Vec<&'static str> {
     backends
 }
 
-/// The device of a backend by name (`cuda`, `wgpu`, `flex`), or of the best one compiled in
-/// for `auto`.
+/// The device of a backend by name (`cuda`, `vulkan`, `wgpu`, `flex`), or of the best one
+/// compiled in for `auto`.
 pub fn device(backend: &str) -> Result<Device> {
     let available = available_backends();
     let chosen = match backend {
@@ -35,6 +38,8 @@ pub fn device(backend: &str) -> Result<Device> {
     Ok(match chosen {
         #[cfg(feature = "cuda")]
         "cuda" => Device::cuda(0usize),
+        #[cfg(feature = "vulkan")]
+        "vulkan" => Device::vulkan(burn::tensor::DeviceKind::DefaultDevice),
         #[cfg(feature = "wgpu")]
         "wgpu" => Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
         #[cfg(feature = "flex")]

@@ -1,22 +1,25 @@
 //! Benchmarks the 4-bit kernels on a device: first checks them against the reference on the
-//! benchmark shapes, then times dequantization (to bf16, plain and double-quantized absmax) and
-//! quantization, printing time and effective bandwidth.
+//! benchmark shapes, then times dequantization (to bf16 by default, plain and double-quantized
+//! absmax) and quantization, printing time and effective bandwidth.
 //!
-//! `cargo run --release -p apps --features cuda --bin bench-kernels -- --backend cuda`
+//! `cargo run --release -p apps --features vulkan --bin bench-kernels -- --backend vulkan`
 
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
-use burn::tensor::{DType, Device, Distribution, Tensor};
+use burn::tensor::{DType, Device, Distribution, Tensor, TimingMethod};
 use clap::Parser;
 use kernels_cubecl::{Packed4bit, QuantConfig, QuantType, reference};
 
 #[derive(Parser)]
 #[command(about = "Time the NF4 quantize/dequantize kernels")]
 struct Args {
-    /// Backend: auto, cuda, wgpu or flex.
+    /// Backend: auto, cuda, vulkan, wgpu or flex.
     #[arg(long, default_value = "auto")]
     backend: String,
+    /// Dtype of the weight and of the dequantized output: bf16, f16 or f32.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
     /// Weight shapes, rows x columns.
     #[arg(
         long,
@@ -24,7 +27,7 @@ struct Args {
         default_value = "4096x4096,11008x4096,4096x11008"
     )]
     shapes: Vec<String>,
-    /// Timed calls per sample; the median of `samples` samples is reported.
+    /// Calls in a row for the wall-clock time; the median of `samples` samples is reported.
     #[arg(long, default_value_t = 50)]
     calls: usize,
     #[arg(long, default_value_t = 21)]
@@ -34,14 +37,57 @@ struct Args {
     skip_check: bool,
 }
 
+const WARM_UP: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn parse_shape(text: &str) -> Result<[usize; 2]> {
     let (rows, cols) = text.split_once('x').context("a shape is ROWSxCOLUMNS")?;
     Ok([rows.trim().parse()?, cols.trim().parse()?])
 }
 
-/// Median over samples of the mean time of `calls` calls, in milliseconds.
-fn time_ms(device: &Device, calls: usize, samples: usize, mut f: impl FnMut()) -> Result<f64> {
-    for _ in 0..3 {
+fn parse_dtype(text: &str) -> Result<DType> {
+    match text {
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        "f32" => Ok(DType::F32),
+        other => anyhow::bail!("dtype {other:?}: use bf16, f16 or f32"),
+    }
+}
+
+/// Median device time of one call, in milliseconds, from the device's own timestamps (the
+/// kernels alone, as CUDA events time bitsandbytes), and how the device measured it.
+fn device_time_ms(
+    device: &Device,
+    samples: usize,
+    f: &(impl Fn() + Sync),
+) -> Result<(f64, TimingMethod)> {
+    // Calls back to back, long enough for the GPU's clocks to leave idle before the first window.
+    let start = Instant::now();
+    while start.elapsed() < WARM_UP {
+        f();
+    }
+    device.sync()?;
+    let mut windows = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        windows.push(device.profile(f)?.1);
+    }
+    device.sync()?;
+    let method = windows[0].timing_method();
+    let mut times = windows
+        .into_iter()
+        .map(|window| {
+            let ticks =
+                pollster::block_on(window.resolve()).context("a window measured nothing")?;
+            Ok(ticks.duration().as_secs_f64() * 1e3)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok((times[samples / 2], method))
+}
+
+/// Median over samples of the wall-clock time per call of `calls` calls in a row, in
+/// milliseconds: what a caller sees, host overhead included.
+fn wall_time_ms(device: &Device, calls: usize, samples: usize, f: impl Fn()) -> Result<f64> {
+    for _ in 0..calls {
         f();
     }
     device.sync()?;
@@ -58,9 +104,8 @@ fn time_ms(device: &Device, calls: usize, samples: usize, mut f: impl FnMut()) -
     Ok(times[samples / 2])
 }
 
-fn check(device: &Device, shape: [usize; 2], config: QuantConfig) -> Result<()> {
-    let weight =
-        Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.02), device).cast(DType::BF16);
+fn check(device: &Device, shape: [usize; 2], dtype: DType, config: QuantConfig) -> Result<()> {
+    let weight = Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.02), device).cast(dtype);
     let expected = reference::quantize(&weight.clone().into_data(), config)?;
     let packed = Packed4bit::quantize(weight, config)?;
     ensure!(
@@ -79,21 +124,23 @@ fn check(device: &Device, shape: [usize; 2], config: QuantConfig) -> Result<()> 
 fn main() -> Result<()> {
     let args = Args::parse();
     let device = apps::device(&args.backend)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    ensure!(
+        device.supports_dtype(dtype),
+        "{device:?} has no {dtype:?}; try --dtype f16"
+    );
     let shapes = args
         .shapes
         .iter()
         .map(|s| parse_shape(s))
         .collect::<Result<Vec<_>>>()?;
-    println!("device: {device:?}");
+    println!("device: {device:?}, weights and output in {dtype:?}");
     if !args.skip_check {
         for &shape in &shapes {
             for double_quant in [false, true] {
                 for quant_type in [QuantType::Nf4, QuantType::Fp4] {
-                    check(
-                        &device,
-                        shape,
-                        QuantConfig::new(quant_type, 64, double_quant),
-                    )?;
+                    let config = QuantConfig::new(quant_type, 64, double_quant);
+                    check(&device, shape, dtype, config)?;
                 }
             }
         }
@@ -102,25 +149,30 @@ fn main() -> Result<()> {
             shapes.len()
         );
     }
-    println!("| shape | absmax | dequantize ms | effective TB/s | quantize ms |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| shape | absmax | dequantize ms (device) | effective TB/s | dequantize ms (wall, per call) | quantize ms (wall) |"
+    );
+    println!("|---|---|---|---|---|---|");
     for &shape in &shapes {
         let elements = (shape[0] * shape[1]) as f64;
         let weight =
-            Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.02), &device).cast(DType::BF16);
+            Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.02), &device).cast(dtype);
         for double_quant in [false, true] {
             let config = QuantConfig::new(QuantType::Nf4, 64, double_quant);
             let packed = Packed4bit::quantize(weight.clone(), config)?;
-            let dequantize = time_ms(&device, args.calls, args.samples, || {
+            let dequantize = || {
                 let _ = packed.dequantize::<2>().expect("dequantize");
-            })?;
-            let quantize = time_ms(&device, 5, args.samples.min(11), || {
+            };
+            let (device_ms, method) = device_time_ms(&device, args.samples, &dequantize)?;
+            let wall_ms = wall_time_ms(&device, args.calls, args.samples, dequantize)?;
+            let quantize_ms = wall_time_ms(&device, 5, args.samples.min(11), || {
                 let _ = Packed4bit::quantize(weight.clone(), config).expect("quantize");
             })?;
-            // 0.5 byte of codes read and 2 bytes of bf16 written per element.
-            let bandwidth = elements * 2.5 / (dequantize * 1e-3) / 1e12;
+            // Half a byte of codes read and one output element written per element.
+            let bytes = 0.5 + dtype.size() as f64;
+            let bandwidth = elements * bytes / (device_ms * 1e-3) / 1e12;
             println!(
-                "| {}x{} | {} | {dequantize:.4} | {bandwidth:.2} | {quantize:.3} |",
+                "| {}x{} | {} | {device_ms:.4} ({method:?}) | {bandwidth:.2} | {wall_ms:.4} | {quantize_ms:.3} |",
                 shape[0],
                 shape[1],
                 if double_quant { "double" } else { "plain" }
