@@ -1,1 +1,58 @@
-//! Integration tests across the workspace's crates live in `tests/tests/`.
+//! Helpers for the tests across the workspace's crates (in `tests/tests/`): where the golden
+//! vectors are, and reading them.
+
+use std::path::PathBuf;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use safetensors::SafeTensors;
+use safetensors::tensor::Dtype;
+
+/// `$QLORA_GOLDEN_DIR`, else `../shared/golden` beside the repository; `None`, with the reason
+/// printed, when neither exists.
+pub fn golden_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("QLORA_GOLDEN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden"));
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        println!(
+            "skipped: golden folder {} not found (set QLORA_GOLDEN_DIR)",
+            dir.display()
+        );
+        None
+    }
+}
+
+/// The f32 tensors of one golden safetensors file.
+pub struct GoldenFile {
+    bytes: Vec<u8>,
+}
+
+impl GoldenFile {
+    pub fn open(path: &std::path::Path) -> Self {
+        let bytes = std::fs::read(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+        Self { bytes }
+    }
+
+    /// The F32 tensor `name` as a rank-`D` tensor on `device`.
+    pub fn tensor<const D: usize>(&self, name: &str, device: &Device) -> Tensor<D> {
+        let tensors = SafeTensors::deserialize(&self.bytes).expect("golden safetensors");
+        let view = tensors
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("golden tensor {name}"));
+        assert_eq!(view.dtype(), Dtype::F32, "{name}");
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Tensor::from_data(TensorData::new(values, view.shape().to_vec()), device)
+    }
+}
+
+/// `‖actual − expected‖ / ‖expected‖`.
+pub fn relative_error<const D: usize>(actual: Tensor<D>, expected: Tensor<D>) -> f32 {
+    let norm = |t: Tensor<D>| t.powi_scalar(2).sum().sqrt().into_scalar::<f32>();
+    norm(actual - expected.clone()) / norm(expected)
+}

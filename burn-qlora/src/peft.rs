@@ -1,0 +1,252 @@
+//! PEFT interchange: `adapter_config.json` + `adapter_model.safetensors`, with tensors named
+//! `base_model.model.<module path>.lora_A.weight` (`[r, in]`) and `.lora_B.weight` (`[out, r]`),
+//! so adapters trained here load in peft, vLLM and transformers, and theirs load here.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::nn::Linear;
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use safetensors::SafeTensors;
+use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::{AdapterError, LoraConfig, LoraLinear, linear_from_torch};
+
+const CONFIG_FILE: &str = "adapter_config.json";
+const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+const PREFIX: &str = "base_model.model.";
+
+/// The keys of `adapter_config.json` this crate reads and writes; peft's other keys are
+/// ignored on import and written with peft's defaults on export.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeftConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    #[serde(default)]
+    pub use_rslora: bool,
+    pub target_modules: Vec<String>,
+}
+
+/// A LoRA adapter in PEFT's form: its config and, for each adapted module path, the torch-layout
+/// `lora_A` (`[r, in]`) and `lora_B` (`[out, r]`) weights.
+#[derive(Debug, Clone)]
+pub struct PeftAdapter {
+    pub config: PeftConfig,
+    pub weights: BTreeMap<String, (Tensor<2>, Tensor<2>)>,
+}
+
+impl PeftAdapter {
+    /// The LoRA hyper-parameters this adapter was trained with.
+    pub fn lora_config(&self) -> LoraConfig {
+        LoraConfig::new(self.config.r)
+            .with_alpha(self.config.lora_alpha)
+            .with_use_rslora(self.config.use_rslora)
+            .with_dropout(self.config.lora_dropout)
+    }
+
+    /// Reads `adapter_config.json` and `adapter_model.safetensors` from `dir` onto `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, AdapterError> {
+        let config_path = dir.join(CONFIG_FILE);
+        let text = read(&config_path)?;
+        let config: PeftConfig =
+            serde_json::from_slice(&text).map_err(|source| AdapterError::Json {
+                path: config_path,
+                source,
+            })?;
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let bytes = read(&weights_path)?;
+        let tensors =
+            SafeTensors::deserialize(&bytes).map_err(|source| AdapterError::Safetensors {
+                path: weights_path,
+                source,
+            })?;
+        let mut weights = BTreeMap::new();
+        for name in tensors.names() {
+            let Some(module) = name
+                .strip_prefix(PREFIX)
+                .and_then(|rest| rest.strip_suffix(".lora_A.weight"))
+            else {
+                continue;
+            };
+            let lora_a = read_tensor(&tensors, name, device)?;
+            let b_name = format!("{PREFIX}{module}.lora_B.weight");
+            let lora_b = read_tensor(&tensors, &b_name, device)?;
+            weights.insert(module.to_string(), (lora_a, lora_b));
+        }
+        Ok(Self { config, weights })
+    }
+
+    /// Writes the adapter to `dir` as peft does, each file atomically.
+    pub fn save(&self, dir: &Path) -> Result<(), AdapterError> {
+        std::fs::create_dir_all(dir).map_err(|source| AdapterError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut json = serde_json::to_value(&self.config).expect("the config serializes");
+        let extra = serde_json::json!({
+            "peft_type": "LORA",
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "modules_to_save": null,
+            "task_type": null,
+        });
+        json.as_object_mut()
+            .expect("an object")
+            .extend(extra.as_object().expect("an object").clone());
+        let text = serde_json::to_vec_pretty(&json).expect("JSON serializes");
+        write_atomically(&dir.join(CONFIG_FILE), &text)?;
+
+        let mut owned = Vec::new();
+        for (module, (lora_a, lora_b)) in &self.weights {
+            owned.push((format!("{PREFIX}{module}.lora_A.weight"), lora_a.clone()));
+            owned.push((format!("{PREFIX}{module}.lora_B.weight"), lora_b.clone()));
+        }
+        let data: Vec<(String, Vec<usize>, Vec<u8>)> = owned
+            .into_iter()
+            .map(|(name, tensor)| {
+                let shape = tensor.dims().to_vec();
+                let values = tensor
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .expect("an f32 tensor reads back as f32");
+                (
+                    name,
+                    shape,
+                    values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                )
+            })
+            .collect();
+        let views = data
+            .iter()
+            .map(|(name, shape, bytes)| {
+                let view = TensorView::new(Dtype::F32, shape.clone(), bytes).expect("sizes agree");
+                (name.clone(), view)
+            })
+            .collect::<Vec<_>>();
+        let path = dir.join(WEIGHTS_FILE);
+        let metadata = std::collections::HashMap::from([("format".into(), "pt".into())]);
+        let bytes = safetensors::serialize(views, Some(metadata)).map_err(|source| {
+            AdapterError::Safetensors {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        write_atomically(&path, &bytes)
+    }
+
+    /// Wraps `base` (the model's linear at `module`) with this adapter's weights for it.
+    pub fn apply(&self, module: &str, base: Linear) -> Result<LoraLinear, AdapterError> {
+        let (lora_a, lora_b) = self
+            .weights
+            .get(module)
+            .ok_or_else(|| AdapterError::Missing {
+                tensor: format!("{PREFIX}{module}.lora_A.weight"),
+            })?;
+        let [d_input, d_output] = base.weight.shape().dims();
+        let r = self.config.r;
+        check_shape(
+            &format!("{PREFIX}{module}.lora_A.weight"),
+            lora_a,
+            [r, d_input],
+        )?;
+        check_shape(
+            &format!("{PREFIX}{module}.lora_B.weight"),
+            lora_b,
+            [d_output, r],
+        )?;
+        Ok(self.lora_config().with_adapter(
+            base,
+            linear_from_torch(lora_a.clone()),
+            linear_from_torch(lora_b.clone()),
+        ))
+    }
+
+    /// The adapter of a trained layer, in PEFT's torch layout, under `module`.
+    pub fn insert(&mut self, module: &str, layer: &LoraLinear) {
+        self.weights.insert(
+            module.to_string(),
+            (
+                layer.lora_a.weight.val().transpose(),
+                layer.lora_b.weight.val().transpose(),
+            ),
+        );
+    }
+}
+
+fn check_shape(name: &str, tensor: &Tensor<2>, expected: [usize; 2]) -> Result<(), AdapterError> {
+    let actual = tensor.dims();
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(AdapterError::Shape {
+            tensor: name.to_string(),
+            expected: expected.to_vec(),
+            actual: actual.to_vec(),
+        })
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, AdapterError> {
+    std::fs::read(path).map_err(|source| AdapterError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
+    let temporary = path.with_extension("partial");
+    std::fs::write(&temporary, bytes)
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .map_err(|source| AdapterError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn read_tensor(
+    tensors: &SafeTensors,
+    name: &str,
+    device: &Device,
+) -> Result<Tensor<2>, AdapterError> {
+    let view = tensors.tensor(name).map_err(|_| AdapterError::Missing {
+        tensor: name.to_string(),
+    })?;
+    let shape = view.shape().to_vec();
+    if shape.len() != 2 {
+        return Err(AdapterError::Rank {
+            tensor: name.to_string(),
+            actual: shape,
+        });
+    }
+    let bytes = view.data();
+    let values: Vec<f32> = match view.dtype() {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(AdapterError::Dtype {
+                tensor: name.to_string(),
+                dtype: format!("{other:?}"),
+            });
+        }
+    };
+    Ok(Tensor::from_data(
+        TensorData::new(values, shape),
+        (device, DType::F32),
+    ))
+}

@@ -1,0 +1,136 @@
+//! The LoRA layer against peft: `../shared/golden/lora_linear.safetensors` holds a peft LoRA
+//! layer (r 8, alpha 16) on a bias-free Linear 96 -> 80, an input, its output and the gradients
+//! of `sum(y * loss_weights)` with respect to lora_A and lora_B. Ours must agree to 1e-5, relative.
+
+use burn::tensor::{Device, Distribution, Tensor};
+use burn_qlora::{LoraConfig, PeftAdapter, linear_from_torch as torch_linear};
+use integration_tests::{GoldenFile, golden_dir, relative_error};
+
+const TOLERANCE: f32 = 1e-5;
+
+#[test]
+fn lora_linear_matches_peft() {
+    let Some(dir) = golden_dir() else { return };
+    let golden = GoldenFile::open(&dir.join("lora_linear.safetensors"));
+    let device = Device::flex().autodiff();
+    let config = LoraConfig::new(8).with_alpha(16.0);
+    assert_eq!(config.scaling(), 2.0);
+    let layer = config.with_adapter(
+        torch_linear(golden.tensor("base_weight", &device)),
+        torch_linear(golden.tensor("lora_A", &device)),
+        torch_linear(golden.tensor("lora_B", &device)),
+    );
+
+    let y = layer.forward(golden.tensor::<2>("x", &device));
+    let error = relative_error(y.clone().inner(), golden.tensor("y", &Device::flex()));
+    assert!(error < TOLERANCE, "y: relative error {error}");
+
+    let loss_weights = golden.tensor::<1>("loss_weights", &device).unsqueeze::<2>();
+    let grads = (y * loss_weights).sum().backward();
+    let grad_a = layer
+        .lora_a
+        .weight
+        .grad(&grads)
+        .expect("lora_A has a gradient");
+    let grad_b = layer
+        .lora_b
+        .weight
+        .grad(&grads)
+        .expect("lora_B has a gradient");
+    let error_a = relative_error(
+        grad_a.transpose(),
+        golden.tensor("grad_lora_A", &Device::flex()),
+    );
+    let error_b = relative_error(
+        grad_b.transpose(),
+        golden.tensor("grad_lora_B", &Device::flex()),
+    );
+    assert!(error_a < TOLERANCE, "grad lora_A: relative error {error_a}");
+    assert!(error_b < TOLERANCE, "grad lora_B: relative error {error_b}");
+    assert!(
+        layer.base.weight.grad(&grads).is_none(),
+        "the base weight is frozen and gets no gradient"
+    );
+}
+
+#[test]
+fn a_new_adapter_leaves_the_base_unchanged() {
+    let device = Device::flex();
+    let base = torch_linear(Tensor::random([80, 96], Distribution::Default, &device));
+    let x = Tensor::<2>::random([4, 96], Distribution::Default, &device);
+    let expected = base.forward(x.clone());
+    let layer = LoraConfig::new(8).init(base);
+    let error = relative_error(layer.forward(x), expected);
+    assert_eq!(error, 0.0, "B starts at zero, so the adapter adds nothing");
+    assert_eq!(
+        LoraConfig::new(16)
+            .with_use_rslora(true)
+            .with_alpha(8.0)
+            .scaling(),
+        2.0
+    );
+    assert_eq!(LoraConfig::new(16).with_scaling(Some(1.0)).scaling(), 1.0);
+}
+
+#[test]
+fn peft_adapter_imports_and_round_trips() {
+    let Some(dir) = golden_dir() else { return };
+    let golden = GoldenFile::open(&dir.join("lora_linear.safetensors"));
+    let device = Device::flex();
+    let adapter = PeftAdapter::load(&dir.join("peft_adapter"), &device).unwrap();
+    assert_eq!(adapter.lora_config().scaling(), 2.0);
+    let base = || torch_linear(golden.tensor("base_weight", &device));
+    let layer = adapter.apply("proj", base()).unwrap();
+    let error = relative_error(
+        layer.forward(golden.tensor::<2>("x", &device)),
+        golden.tensor("y", &device),
+    );
+    assert!(
+        error < TOLERANCE,
+        "y through the imported adapter: relative error {error}"
+    );
+
+    // Export, import: the same numbers, bit for bit.
+    let out = std::env::temp_dir().join(format!("peft-export-{}", std::process::id()));
+    let mut exported = PeftAdapter {
+        config: adapter.config.clone(),
+        weights: Default::default(),
+    };
+    exported.insert("proj", &layer);
+    exported.save(&out).unwrap();
+    let again = PeftAdapter::load(&out, &device).unwrap();
+    for (a, b) in [
+        (&again.weights["proj"].0, &adapter.weights["proj"].0),
+        (&again.weights["proj"].1, &adapter.weights["proj"].1),
+    ] {
+        assert_eq!(a.clone().into_data(), b.clone().into_data());
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(json["peft_type"], "LORA");
+    assert_eq!(json["r"], 8);
+    assert_eq!(json["target_modules"], serde_json::json!(["proj"]));
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn an_adapter_that_does_not_fit_names_the_tensor() {
+    let Some(dir) = golden_dir() else { return };
+    let device = Device::flex();
+    let adapter = PeftAdapter::load(&dir.join("peft_adapter"), &device).unwrap();
+    let wrong = torch_linear(Tensor::zeros([80, 64], &device));
+    let err = adapter.apply("proj", wrong).unwrap_err().to_string();
+    assert!(
+        err.contains("base_model.model.proj.lora_A.weight") && err.contains("[8, 64]"),
+        "{err}"
+    );
+    let err = adapter
+        .apply("mlp", torch_linear(Tensor::zeros([80, 96], &device)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("base_model.model.mlp.lora_A.weight"), "{err}");
+    let err = PeftAdapter::load(&dir.join("no_such_adapter"), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no_such_adapter/adapter_config.json"), "{err}");
+}
