@@ -2,7 +2,6 @@
 #![allow(dead_code)] // each test binary uses its own part of these helpers
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use burn::tensor::{DType, Device, TensorData};
 use half::bf16;
@@ -10,22 +9,7 @@ use kernels_cubecl::{Absmax, NestedAbsmax, QuantState, QuantType};
 use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
 
-/// `$QLORA_GOLDEN_DIR`, else `../shared/golden` beside the repository; `None` (with the reason
-/// printed) when neither exists.
-pub fn golden_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("QLORA_GOLDEN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden"));
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        println!(
-            "skipped: golden folder {} not found (set QLORA_GOLDEN_DIR)",
-            dir.display()
-        );
-        None
-    }
-}
+pub use integration_tests::golden_dir;
 
 /// One `bnb_*.safetensors` case: what bitsandbytes was given and what it produced.
 pub struct GoldenCase {
