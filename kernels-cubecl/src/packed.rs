@@ -43,11 +43,9 @@ impl Packed4bit {
         config: QuantConfig,
     ) -> Result<Self, QuantError> {
         config.validate()?;
-        let dtype = tensor.dtype();
-        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(QuantError::Dtype(dtype));
-        }
-        if !tensor.device().supports_dtype(dtype) {
+        let (dtype, device) = (tensor.dtype(), tensor.device());
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) || !device.supports_dtype(dtype)
+        {
             return Err(QuantError::Dtype(dtype));
         }
         let shape = tensor.shape().to_vec();
@@ -55,10 +53,9 @@ impl Packed4bit {
             return Err(QuantError::Empty { shape });
         }
         #[cfg(feature = "cube")]
-        if cube::runs_cubecl(&tensor.device()) {
-            return Ok(cube::quantize(tensor.reshape([-1]), shape, dtype, config));
+        if cube::runs_cubecl(&device) {
+            return cube::quantize(tensor.reshape([-1]), shape, dtype, config);
         }
-        let device = tensor.device();
         let state = reference::quantize(&tensor.into_data(), config)?;
         Self::from_state(&state, &device)
     }
@@ -200,10 +197,10 @@ mod cube {
     use burn::backend::{Dispatch, DispatchDevice};
     use burn::tensor::{DType, Device, Int, Tensor};
 
-    use super::{DeviceAbsmax, Packed4bit, f32_tensor, u32_tensor};
+    use super::{DeviceAbsmax, Packed4bit, f32_tensor, read_f32, u32_tensor};
     use crate::codebook::{FP4_COUNT_TO_CODE, FP4_THRESHOLDS, NF4_THRESHOLDS, dynamic_map};
     use crate::extension::Quant4bitOps;
-    use crate::{QuantConfig, QuantType, reference};
+    use crate::{QuantConfig, QuantError, QuantType, reference};
 
     pub fn runs_cubecl(device: &Device) -> bool {
         matches!(
@@ -247,7 +244,7 @@ mod cube {
         shape: Vec<usize>,
         dtype: DType,
         config: QuantConfig,
-    ) -> Packed4bit {
+    ) -> Result<Packed4bit, QuantError> {
         let device = flat.device();
         let (thresholds, remap, signed_magnitude) = tree_tables(config.quant_type);
         let (words, absmax) = Dispatch::quantize_4bit(
@@ -261,12 +258,7 @@ mod cube {
         let absmax: Tensor<1> = Tensor::from_dispatch(absmax);
         let absmax = if config.double_quant {
             // The mean is taken on the host in f64 so it is the reference's, bit for bit.
-            let values = absmax
-                .clone()
-                .into_data()
-                .try_into_vec::<f32>()
-                .unwrap_or_default();
-            let offset = reference::mean_offset(&values);
+            let offset = reference::mean_offset(&read_f32(absmax.clone())?);
             let map = f32_tensor(dynamic_map().to_vec(), &device);
             let (codes, nested_absmax) = Dispatch::quantize_absmax(
                 absmax.into_dispatch(),
@@ -282,7 +274,7 @@ mod cube {
         } else {
             DeviceAbsmax::Plain(absmax)
         };
-        Packed4bit {
+        Ok(Packed4bit {
             quant_type: config.quant_type,
             block_size: config.block_size,
             shape,
@@ -290,7 +282,7 @@ mod cube {
             words,
             absmax,
             code: f32_tensor(config.quant_type.code().to_vec(), &device),
-        }
+        })
     }
 
     /// The sorted thresholds of bitsandbytes' decision tree and the code each count maps to.
