@@ -134,3 +134,32 @@ fn an_adapter_that_does_not_fit_names_the_tensor() {
         .to_string();
     assert!(err.contains("no_such_adapter/adapter_config.json"), "{err}");
 }
+
+/// AdamW keeps two moments for each parameter it updates; with the base frozen it must hold
+/// them for A and B alone: 4 tensors, where training the base too would make 6.
+#[test]
+fn the_optimizer_holds_state_for_the_adapter_alone() {
+    use burn::module::Module;
+    use burn::optim::{AdamWConfig, GradientsParams};
+
+    let device = Device::flex().autodiff();
+    let base = torch_linear(Tensor::random([80, 96], Distribution::Default, &device));
+    let x = Tensor::<2>::random([4, 96], Distribution::Default, &device);
+    let state_tensors = |layer: burn_qlora::LoraLinear| {
+        let mut optimizer = AdamWConfig::new().init();
+        let grads = layer.forward(x.clone()).sum().backward();
+        let grads = GradientsParams::from_grads(grads, &layer);
+        let _ = optimizer.step(1e-3, layer, grads);
+        optimizer.to_record().len()
+    };
+    let frozen_base = LoraConfig::new(8).init(base.clone());
+    let mut trained_base = LoraConfig::new(8).init(base);
+    trained_base.base = trained_base.base.set_require_grad(true);
+    let (adapter_only, everything) = (state_tensors(frozen_base), state_tensors(trained_base));
+    assert_eq!(
+        adapter_only * 3,
+        everything * 2,
+        "{adapter_only} vs {everything} state tensors"
+    );
+    assert!(adapter_only > 0);
+}
