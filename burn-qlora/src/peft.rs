@@ -72,8 +72,7 @@ impl PeftAdapter {
                 continue;
             };
             let lora_a = read_tensor(&tensors, name, device)?;
-            let b_name = format!("{PREFIX}{module}.lora_B.weight");
-            let lora_b = read_tensor(&tensors, &b_name, device)?;
+            let lora_b = read_tensor(&tensors, &tensor_name(module, "lora_B"), device)?;
             weights.insert(module.to_string(), (lora_a, lora_b));
         }
         Ok(Self { config, weights })
@@ -101,27 +100,19 @@ impl PeftAdapter {
         let text = serde_json::to_vec_pretty(&json).expect("JSON serializes");
         write_atomically(&dir.join(CONFIG_FILE), &text)?;
 
-        let mut owned = Vec::new();
+        let mut data = Vec::new();
         for (module, (lora_a, lora_b)) in &self.weights {
-            owned.push((format!("{PREFIX}{module}.lora_A.weight"), lora_a.clone()));
-            owned.push((format!("{PREFIX}{module}.lora_B.weight"), lora_b.clone()));
-        }
-        let data: Vec<(String, Vec<usize>, Vec<u8>)> = owned
-            .into_iter()
-            .map(|(name, tensor)| {
-                let shape = tensor.dims().to_vec();
+            for (matrix, tensor) in [("lora_A", lora_a), ("lora_B", lora_b)] {
                 let values = tensor
+                    .clone()
                     .into_data()
                     .convert::<f32>()
                     .try_to_vec::<f32>()
                     .expect("an f32 tensor reads back as f32");
-                (
-                    name,
-                    shape,
-                    values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                )
-            })
-            .collect();
+                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                data.push((tensor_name(module, matrix), tensor.dims().to_vec(), bytes));
+            }
+        }
         let views = data
             .iter()
             .map(|(name, shape, bytes)| {
@@ -146,20 +137,12 @@ impl PeftAdapter {
             .weights
             .get(module)
             .ok_or_else(|| AdapterError::Missing {
-                tensor: format!("{PREFIX}{module}.lora_A.weight"),
+                tensor: tensor_name(module, "lora_A"),
             })?;
         let [d_input, d_output] = base.weight.shape().dims();
         let r = self.config.r;
-        check_shape(
-            &format!("{PREFIX}{module}.lora_A.weight"),
-            lora_a,
-            [r, d_input],
-        )?;
-        check_shape(
-            &format!("{PREFIX}{module}.lora_B.weight"),
-            lora_b,
-            [d_output, r],
-        )?;
+        check_shape(&tensor_name(module, "lora_A"), lora_a, [r, d_input])?;
+        check_shape(&tensor_name(module, "lora_B"), lora_b, [d_output, r])?;
         Ok(self.lora_config().with_adapter(
             base,
             linear_from_torch(lora_a.clone()),
@@ -177,6 +160,11 @@ impl PeftAdapter {
             ),
         );
     }
+}
+
+/// PEFT's name for a module's `lora_A` or `lora_B` weight.
+fn tensor_name(module: &str, matrix: &str) -> String {
+    format!("{PREFIX}{module}.{matrix}.weight")
 }
 
 fn check_shape(name: &str, tensor: &Tensor<2>, expected: [usize; 2]) -> Result<(), AdapterError> {

@@ -44,10 +44,7 @@ impl Packed4bit {
     ) -> Result<Self, QuantError> {
         config.validate()?;
         let (dtype, device) = (tensor.dtype(), tensor.device());
-        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) || !device.supports_dtype(dtype)
-        {
-            return Err(QuantError::Dtype(dtype));
-        }
+        check_float_dtype(dtype, &device)?;
         let shape = tensor.shape().to_vec();
         if tensor.shape().num_elements() == 0 {
             return Err(QuantError::Empty { shape });
@@ -124,11 +121,7 @@ impl Packed4bit {
 
     /// The weight dequantized to `dtype` (f32, f16 or bf16).
     pub fn dequantize_to<const D: usize>(&self, dtype: DType) -> Result<Tensor<D>, QuantError> {
-        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
-            || !self.device().supports_dtype(dtype)
-        {
-            return Err(QuantError::Dtype(dtype));
-        }
+        check_float_dtype(dtype, &self.device())?;
         if self.shape.len() != D {
             return Err(QuantError::Format {
                 what: "dequantize".into(),
@@ -144,6 +137,15 @@ impl Packed4bit {
         state.dtype = dtype;
         let data = reference::dequantize(&state)?;
         Ok(Tensor::<D>::from_data(data, (&self.device(), dtype)))
+    }
+}
+
+/// Weights are quantized from, and dequantized to, f32, f16 or bf16 that the device has.
+fn check_float_dtype(dtype: DType, device: &Device) -> Result<(), QuantError> {
+    if matches!(dtype, DType::F32 | DType::F16 | DType::BF16) && device.supports_dtype(dtype) {
+        Ok(())
+    } else {
+        Err(QuantError::Dtype(dtype))
     }
 }
 
