@@ -1,7 +1,7 @@
-//! What the binaries share: choosing the device a run uses.
+//! What the binaries share: choosing the device a run uses, reading a dtype.
 
 use anyhow::{Result, bail};
-use burn::tensor::Device;
+use burn::tensor::{DType, Device};
 
 /// The backends compiled into this build, best first.
 pub fn available_backends() -> Vec<&'static str> {
@@ -46,4 +46,14 @@ pub fn device(backend: &str) -> Result<Device> {
         "flex" => Device::flex(),
         other => bail!("unknown backend {other:?}"),
     })
+}
+
+/// `bf16`, `f16` or `f32`.
+pub fn parse_dtype(text: &str) -> Result<DType> {
+    match text {
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        "f32" => Ok(DType::F32),
+        other => bail!("dtype {other:?}: use bf16, f16 or f32"),
+    }
 }

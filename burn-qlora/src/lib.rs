@@ -1,15 +1,27 @@
 //! LoRA and 4-bit QLoRA layers for Burn models.
 //!
-//! - [`LoraLinear`] wraps Burn's `nn::Linear`: `y = base(x) + scaling * B(A(dropout(x)))`,
-//!   computed in activation space; the base is frozen, only A and B train.
-//! - [`PeftAdapter`] reads and writes PEFT's `adapter_config.json` + `adapter_model.safetensors`.
-//! - The 4-bit weight type the QLoRA base builds on is [`kernels_cubecl::Packed4bit`].
+//! - [`LoraLinear`]: `y = base(x) + scaling * B(A(dropout(x)))`, computed in activation space;
+//!   the base ([`FrozenLinear`]: dense, or [`Linear4bit`] packed in NF4/FP4) is frozen, only A
+//!   and B train. Merge into a dense layer, never back into 4 bits.
+//! - [`Linear4bit`]: a frozen 4-bit linear whose backward re-dequantizes the packed weight
+//!   instead of keeping the dense one.
+//! - [`QloraConfig`] and [`Projection`]: build any model's linears by projection name (q, k, v,
+//!   o, gate, up, down, lm_head) with the QLoRA switches.
+//! - [`PeftAdapter`]: adapter-only files in PEFT's layout (`adapter_config.json` +
+//!   `adapter_model.safetensors`), read from and written to any model holding `LoraLinear`s.
 
+mod adapter;
 mod error;
+mod frozen;
+mod linear4bit;
 mod lora;
 mod peft;
+mod projection;
 
-pub use error::AdapterError;
-pub use kernels_cubecl::{Packed4bit, QuantConfig, QuantType};
+pub use error::{AdapterError, ConfigError, MergeError};
+pub use frozen::FrozenLinear;
+pub use kernels_cubecl::{self as kernels, Packed4bit, QuantConfig, QuantError, QuantType};
+pub use linear4bit::Linear4bit;
 pub use lora::{LoraConfig, LoraLinear, linear_from_torch};
 pub use peft::{PeftAdapter, PeftConfig};
+pub use projection::{Projection, QloraConfig};

@@ -1,7 +1,9 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig};
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
+
+use crate::{FrozenLinear, MergeError};
 
 /// A LoRA adapter's hyper-parameters, as PEFT names them.
 #[derive(Config, Debug, PartialEq)]
@@ -34,10 +36,13 @@ impl LoraConfig {
     }
 
     /// Wraps `base`, frozen, with a new adapter initialised as PEFT does: A Kaiming-uniform,
-    /// B zero, so the layer starts out equal to its base.
-    pub fn init(&self, base: Linear) -> LoraLinear {
-        let [d_input, d_output] = base.weight.shape().dims();
-        let device = base.weight.device();
+    /// B zero, so the layer starts out equal to its base. The adapter is made on the base's
+    /// device; a 4-bit base lives outside autodiff, so wrap the dense layer and pack the base
+    /// afterwards (as [`crate::QloraConfig::apply`] does), or call `Module::train` before training.
+    pub fn init(&self, base: impl Into<FrozenLinear>) -> LoraLinear {
+        let base = base.into();
+        let [d_input, d_output] = base.dims();
+        let device = base.device();
         let lora_a = LinearConfig::new(d_input, self.rank)
             .with_bias(false)
             .with_initializer(Initializer::KaimingUniform {
@@ -53,13 +58,19 @@ impl LoraConfig {
     }
 
     /// Wraps `base`, frozen, with the given adapter (A: `d_input -> rank`, B: `rank -> d_output`).
-    pub fn with_adapter(&self, base: Linear, lora_a: Linear, lora_b: Linear) -> LoraLinear {
+    pub fn with_adapter(
+        &self,
+        base: impl Into<FrozenLinear>,
+        lora_a: Linear,
+        lora_b: Linear,
+    ) -> LoraLinear {
         LoraLinear {
-            base: base.no_grad(),
+            base: base.into(),
             lora_a,
             lora_b,
             dropout: DropoutConfig::new(self.dropout).init(),
             scaling: self.scaling(),
+            merged: false,
         }
     }
 }
@@ -67,23 +78,81 @@ impl LoraConfig {
 /// A linear layer with a low-rank adapter: `y = base(x) + scaling * B(A(dropout(x)))`.
 ///
 /// The update is applied to activations, never as a dense `B·A` matrix, so the adapter costs
-/// `rank * (d_input + d_output)` multiply-adds a token.
+/// `rank * (d_input + d_output)` multiply-adds a token. The base (dense or 4-bit) is frozen.
 #[derive(Module, Debug)]
 pub struct LoraLinear {
-    /// The frozen base layer.
-    pub base: Linear,
+    pub base: FrozenLinear,
     pub lora_a: Linear,
     pub lora_b: Linear,
     pub dropout: Dropout,
     pub scaling: f64,
+    /// Whether the update is folded into a dense base (see [`LoraLinear::merge`]).
+    pub merged: bool,
 }
 
 impl LoraLinear {
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        if self.merged {
+            return self.base.forward(input);
+        }
         let adapter = self
             .lora_b
             .forward(self.lora_a.forward(self.dropout.forward(input.clone())));
         self.base.forward(input) + adapter.mul_scalar(self.scaling)
+    }
+
+    /// `scaling * B·A` in Burn's `[d_input, d_output]` layout, f32.
+    pub fn delta_weight(&self) -> Tensor<2> {
+        let lora_a = self.lora_a.weight.val().cast(DType::F32);
+        let lora_b = self.lora_b.weight.val().cast(DType::F32);
+        lora_a.matmul(lora_b).mul_scalar(self.scaling)
+    }
+
+    /// The merged dense layer `dequantize(base) + scaling * B·A`, computed in f32 and written in
+    /// `dtype`. A 4-bit base is dequantized, never re-quantized: re-quantizing the sum would
+    /// change the model's outputs.
+    pub fn to_merged_linear(&self, dtype: DType) -> Result<Linear, MergeError> {
+        let mut dense = self.base.to_dense(DType::F32)?;
+        if !self.merged {
+            let delta = self.delta_weight();
+            dense.weight = dense.weight.map(|weight| weight + delta);
+        }
+        dense.weight = dense.weight.map(|weight| weight.cast(dtype));
+        Ok(dense)
+    }
+
+    /// Folds the update into a dense base, so the forward costs one matmul; [`Self::unmerge`]
+    /// takes it out again. A 4-bit base is refused: use [`Self::to_merged_linear`].
+    pub fn merge(self) -> Result<Self, MergeError> {
+        if self.merged {
+            return Err(MergeError::AlreadyMerged);
+        }
+        self.fold(1.0, true)
+    }
+
+    /// Takes a merged update back out of the dense base.
+    pub fn unmerge(self) -> Result<Self, MergeError> {
+        if !self.merged {
+            return Err(MergeError::NotMerged);
+        }
+        self.fold(-1.0, false)
+    }
+
+    fn fold(mut self, sign: f64, merged: bool) -> Result<Self, MergeError> {
+        let delta = self.delta_weight().mul_scalar(sign);
+        let FrozenLinear::Dense(base) = self.base else {
+            return Err(MergeError::PackedBase);
+        };
+        let weight = base.weight.map(|weight| {
+            let dtype = weight.dtype();
+            (weight.cast(DType::F32) + delta).cast(dtype)
+        });
+        self.base = FrozenLinear::Dense(Linear {
+            weight,
+            bias: base.bias,
+        });
+        self.merged = merged;
+        Ok(self)
     }
 }
 

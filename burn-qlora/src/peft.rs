@@ -5,13 +5,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::nn::Linear;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::{AdapterError, LoraConfig, LoraLinear, linear_from_torch};
+use crate::{AdapterError, FrozenLinear, LoraConfig, LoraLinear, linear_from_torch};
 
 const CONFIG_FILE: &str = "adapter_config.json";
 const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -36,6 +35,24 @@ pub struct PeftConfig {
 pub struct PeftAdapter {
     pub config: PeftConfig,
     pub weights: BTreeMap<String, (Tensor<2>, Tensor<2>)>,
+}
+
+impl PeftConfig {
+    /// The PEFT config of adapters built with `lora` on `target_modules`. A direct scaling `s`
+    /// becomes `lora_alpha = s * r`, which PEFT reads as the same scaling.
+    pub fn from_lora(lora: &LoraConfig, target_modules: Vec<String>) -> Self {
+        let (lora_alpha, use_rslora) = match lora.scaling {
+            Some(scaling) => (scaling * lora.rank as f64, false),
+            None => (lora.alpha, lora.use_rslora),
+        };
+        Self {
+            r: lora.rank,
+            lora_alpha,
+            lora_dropout: lora.dropout,
+            use_rslora,
+            target_modules,
+        }
+    }
 }
 
 impl PeftAdapter {
@@ -132,14 +149,19 @@ impl PeftAdapter {
     }
 
     /// Wraps `base` (the model's linear at `module`) with this adapter's weights for it.
-    pub fn apply(&self, module: &str, base: Linear) -> Result<LoraLinear, AdapterError> {
+    pub fn apply(
+        &self,
+        module: &str,
+        base: impl Into<FrozenLinear>,
+    ) -> Result<LoraLinear, AdapterError> {
+        let base = base.into();
         let (lora_a, lora_b) = self
             .weights
             .get(module)
             .ok_or_else(|| AdapterError::Missing {
                 tensor: tensor_name(module, "lora_A"),
             })?;
-        let [d_input, d_output] = base.weight.shape().dims();
+        let [d_input, d_output] = base.dims();
         let r = self.config.r;
         check_shape(&tensor_name(module, "lora_A"), lora_a, [r, d_input])?;
         check_shape(&tensor_name(module, "lora_B"), lora_b, [d_output, r])?;
@@ -163,7 +185,7 @@ impl PeftAdapter {
 }
 
 /// PEFT's name for a module's `lora_A` or `lora_B` weight.
-fn tensor_name(module: &str, matrix: &str) -> String {
+pub(crate) fn tensor_name(module: &str, matrix: &str) -> String {
     format!("{PREFIX}{module}.{matrix}.weight")
 }
 

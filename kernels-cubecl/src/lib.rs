@@ -13,6 +13,8 @@ mod error;
 mod extension;
 #[cfg(feature = "cube")]
 pub mod kernels;
+#[cfg(any(feature = "cube", feature = "flex"))]
+mod matmul;
 mod packed;
 pub mod reference;
 mod state;
@@ -20,5 +22,7 @@ mod state;
 pub use codebook::QuantType;
 pub use config::{NESTED_BLOCK_SIZE, QuantConfig};
 pub use error::QuantError;
+#[cfg(any(feature = "cube", feature = "flex"))]
+pub use matmul::{AbsmaxPrimitive, Matmul4bitOps, Weight4bitPrimitive};
 pub use packed::{DeviceAbsmax, Packed4bit};
 pub use state::{Absmax, NestedAbsmax, QuantState};

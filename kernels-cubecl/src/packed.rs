@@ -37,12 +37,14 @@ pub enum DeviceAbsmax {
 }
 
 impl Packed4bit {
-    /// Quantizes a f32, f16 or bf16 tensor on its own device.
+    /// Quantizes a f32, f16 or bf16 tensor on its own device. The weight is frozen: it is kept
+    /// outside autodiff even when `tensor` is on an autodiff device.
     pub fn quantize<const D: usize>(
         tensor: Tensor<D>,
         config: QuantConfig,
     ) -> Result<Self, QuantError> {
         config.validate()?;
+        let tensor = tensor.without_autodiff();
         let (dtype, device) = (tensor.dtype(), tensor.device());
         check_float_dtype(dtype, &device)?;
         let shape = tensor.shape().to_vec();
@@ -57,9 +59,10 @@ impl Packed4bit {
         Self::from_state(&state, &device)
     }
 
-    /// Moves a host state onto `device`.
+    /// Moves a host state onto `device` (outside autodiff: the weight is frozen).
     pub fn from_state(state: &QuantState, device: &Device) -> Result<Self, QuantError> {
         state.validate()?;
+        let device = &device.clone().without_autodiff();
         let absmax = match &state.absmax {
             Absmax::Plain(absmax) => DeviceAbsmax::Plain(f32_tensor(absmax.clone(), device)),
             Absmax::Double(nested) => DeviceAbsmax::Double {
@@ -137,6 +140,50 @@ impl Packed4bit {
         state.dtype = dtype;
         let data = reference::dequantize(&state)?;
         Ok(Tensor::<D>::from_data(data, (&self.device(), dtype)))
+    }
+}
+
+impl Packed4bit {
+    /// A linear layer's product `input · Wᵀ` for this `[out_features, in_features]` weight,
+    /// in `input`'s dtype. The weight is dequantized for the product and dropped after it; on an
+    /// autodiff device the backward dequantizes it again, so the dense weight is never kept for
+    /// backward. Gradients flow to `input` only: the weight is frozen.
+    pub fn linear<const D: usize>(&self, input: Tensor<D>) -> Result<Tensor<D>, QuantError> {
+        let [_, in_features] = self.matrix_shape("linear")?;
+        let dims = input.dims();
+        if dims[D - 1] != in_features {
+            return Err(QuantError::Format {
+                what: "linear input".into(),
+                detail: format!(
+                    "shape {dims:?} does not end in the weight's {in_features} input features"
+                ),
+            });
+        }
+        check_float_dtype(input.dtype(), &input.device())?;
+        let device = input.device().without_autodiff();
+        if device != self.device().without_autodiff() {
+            return Err(QuantError::Device(format!(
+                "the input is on {device:?}, the weight on {:?}",
+                self.device()
+            )));
+        }
+        #[cfg(any(feature = "cube", feature = "flex"))]
+        return crate::matmul::linear(input, self);
+        #[cfg(not(any(feature = "cube", feature = "flex")))]
+        Err(QuantError::Device(
+            "built without a backend for the 4-bit matmul: enable flex, wgpu or cuda".into(),
+        ))
+    }
+
+    /// `[rows, cols]` for a rank-2 weight.
+    pub(crate) fn matrix_shape(&self, what: &str) -> Result<[usize; 2], QuantError> {
+        self.shape
+            .clone()
+            .try_into()
+            .map_err(|_| QuantError::Format {
+                what: what.into(),
+                detail: format!("needs a rank-2 weight, this one has shape {:?}", self.shape),
+            })
     }
 }
 

@@ -3,7 +3,7 @@
 //! of `sum(y * loss_weights)` with respect to lora_A and lora_B. Ours must agree to 1e-5, relative.
 
 use burn::tensor::{Device, Distribution, Tensor};
-use burn_qlora::{LoraConfig, PeftAdapter, linear_from_torch as torch_linear};
+use burn_qlora::{FrozenLinear, LoraConfig, PeftAdapter, linear_from_torch as torch_linear};
 use integration_tests::{GoldenFile, golden_dir, relative_error};
 
 const TOLERANCE: f32 = 1e-5;
@@ -47,8 +47,11 @@ fn lora_linear_matches_peft() {
     );
     assert!(error_a < TOLERANCE, "grad lora_A: relative error {error_a}");
     assert!(error_b < TOLERANCE, "grad lora_B: relative error {error_b}");
+    let FrozenLinear::Dense(base) = &layer.base else {
+        panic!("a dense base")
+    };
     assert!(
-        layer.base.weight.grad(&grads).is_none(),
+        base.weight.grad(&grads).is_none(),
         "the base weight is frozen and gets no gradient"
     );
 }

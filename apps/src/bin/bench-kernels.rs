@@ -44,15 +44,6 @@ fn parse_shape(text: &str) -> Result<[usize; 2]> {
     Ok([rows.trim().parse()?, cols.trim().parse()?])
 }
 
-fn parse_dtype(text: &str) -> Result<DType> {
-    match text {
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
-        "f32" => Ok(DType::F32),
-        other => anyhow::bail!("dtype {other:?}: use bf16, f16 or f32"),
-    }
-}
-
 /// Median device time of one call, in milliseconds, from the device's own timestamps (the
 /// kernels alone, as CUDA events time bitsandbytes), and how the device measured it.
 fn device_time_ms(
@@ -124,7 +115,7 @@ fn check(device: &Device, shape: [usize; 2], dtype: DType, config: QuantConfig) 
 fn main() -> Result<()> {
     let args = Args::parse();
     let device = apps::device(&args.backend)?;
-    let dtype = parse_dtype(&args.dtype)?;
+    let dtype = apps::parse_dtype(&args.dtype)?;
     ensure!(
         device.supports_dtype(dtype),
         "{device:?} has no {dtype:?}; try --dtype f16"

@@ -1,0 +1,81 @@
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::tensor::{DType, Device, Tensor};
+use kernels_cubecl::{QuantConfig, QuantError};
+
+use crate::Linear4bit;
+
+/// The frozen base of a projection: a dense linear, or one packed in 4 bits.
+// One per projection, so the variants' sizes do not matter (and `Module` cannot derive
+// through a `Box`).
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum FrozenLinear {
+    Dense(Linear),
+    Packed(Linear4bit),
+}
+
+impl FrozenLinear {
+    /// Freezes `linear`, packing it in 4 bits when `quantize` is given.
+    pub fn new(linear: Linear, quantize: Option<QuantConfig>) -> Result<Self, QuantError> {
+        Ok(match quantize {
+            Some(config) => Self::Packed(Linear4bit::quantize(linear, config)?),
+            None => Self::Dense(linear.no_grad()),
+        })
+    }
+
+    /// Packs a dense base in 4 bits; a packed base stays as it is.
+    pub fn quantize(self, config: QuantConfig) -> Result<Self, QuantError> {
+        match self {
+            Self::Dense(linear) => Ok(Self::Packed(Linear4bit::quantize(linear, config)?)),
+            packed => Ok(packed),
+        }
+    }
+
+    /// The device of the weight. A 4-bit weight lives outside autodiff (it is frozen), so this
+    /// is the plain device for it.
+    pub fn device(&self) -> Device {
+        match self {
+            Self::Dense(linear) => linear.weight.device(),
+            Self::Packed(linear) => linear.weight.device(),
+        }
+    }
+
+    /// `[d_input, d_output]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            Self::Dense(linear) => linear.weight.shape().dims(),
+            Self::Packed(linear) => linear.dims(),
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        match self {
+            Self::Dense(linear) => linear.forward(input),
+            Self::Packed(linear) => linear.forward(input),
+        }
+    }
+
+    /// The dense layer, its weight in `dtype`: a 4-bit base is dequantized, never re-quantized.
+    pub fn to_dense(&self, dtype: DType) -> Result<Linear, QuantError> {
+        match self {
+            Self::Dense(linear) => Ok(Linear {
+                weight: linear.weight.clone().map(|weight| weight.cast(dtype)),
+                bias: linear.bias.clone(),
+            }),
+            Self::Packed(linear) => linear.dequantize(dtype),
+        }
+    }
+}
+
+impl From<Linear> for FrozenLinear {
+    fn from(linear: Linear) -> Self {
+        Self::Dense(linear.no_grad())
+    }
+}
+
+impl From<Linear4bit> for FrozenLinear {
+    fn from(linear: Linear4bit) -> Self {
+        Self::Packed(linear)
+    }
+}

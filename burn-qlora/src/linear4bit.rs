@@ -1,0 +1,62 @@
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::{DType, Tensor};
+use kernels_cubecl::{Packed4bit, QuantConfig, QuantError};
+
+/// A frozen linear layer whose weight stays packed in 4 bits (NF4 or FP4), bitsandbytes'
+/// `Linear4bit`. The forward dequantizes the weight for the product and drops it after; the
+/// backward dequantizes it again, so the dense weight is never kept alive for backward.
+/// Gradients reach the input only.
+#[derive(Module, Debug)]
+pub struct Linear4bit {
+    /// The weight in torch's `[d_output, d_input]` layout, as bitsandbytes packs it.
+    #[module(skip)]
+    pub weight: Packed4bit,
+    /// The bias, frozen.
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+impl Linear4bit {
+    /// Quantizes a dense layer (Burn's `[d_input, d_output]` weight); the dense weight is
+    /// dropped once packed.
+    pub fn quantize(linear: Linear, config: QuantConfig) -> Result<Self, QuantError> {
+        let weight = Packed4bit::quantize(linear.weight.val().transpose(), config)?;
+        Ok(Self {
+            weight,
+            bias: linear.bias.map(|bias| bias.set_require_grad(false)),
+        })
+    }
+
+    /// `[d_input, d_output]`.
+    pub fn dims(&self) -> [usize; 2] {
+        [self.weight.shape[1], self.weight.shape[0]]
+    }
+
+    /// `input · Wᵀ + bias`, in `input`'s dtype.
+    ///
+    /// # Panics
+    ///
+    /// If `input` does not end in `d_input` features or is on another device, like `nn::Linear`.
+    pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        let output = self
+            .weight
+            .linear(input)
+            .unwrap_or_else(|err| panic!("4-bit linear: {err}"));
+        match &self.bias {
+            Some(bias) => {
+                let bias = bias.val().cast(output.dtype()).unsqueeze();
+                output + bias
+            }
+            None => output,
+        }
+    }
+
+    /// The layer with its weight dequantized to `dtype` (f32, f16 or bf16), Burn's layout.
+    pub fn dequantize(&self, dtype: DType) -> Result<Linear, QuantError> {
+        let weight = self.weight.dequantize_to::<2>(dtype)?.transpose();
+        Ok(Linear {
+            weight: Param::from_tensor(weight).set_require_grad(false),
+            bias: self.bias.clone(),
+        })
+    }
+}

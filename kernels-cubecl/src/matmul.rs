@@ -1,0 +1,326 @@
+//! A matrix product with a 4-bit weight, as a Burn operation: the weight is dequantized on the
+//! fly for the product and dropped right after, in the forward pass and again in the backward
+//! pass. Its `Autodiff` implementation keeps only the packed weight for backward, never the
+//! dense one (torchao's `linear_nf4` does the same; a plain `x.matmul(w)` would keep `w`).
+//!
+//! CubeCL devices dequantize with the kernels; Flex (the CPU backend) with the reference.
+
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{
+    Backend, Dispatch, DispatchDevice, ExtensionType, TensorMetadata, backend_extension,
+};
+use burn::tensor::{Device, Shape, Tensor};
+
+use crate::{DeviceAbsmax, Packed4bit, QuantError, QuantType};
+
+/// The device state of a `[rows, cols]` 4-bit weight, as backend primitives.
+#[derive(ExtensionType, Clone, Debug)]
+pub struct Weight4bitPrimitive<B: Backend> {
+    /// Packed codes, eight to a `u32` word, first element in the high nibble of each byte.
+    pub words: IntTensor<B>,
+    #[extension_type]
+    pub absmax: AbsmaxPrimitive<B>,
+    /// The 16 code-book values, f32.
+    pub code: FloatTensor<B>,
+    pub quant_type: QuantType,
+    pub block_size: usize,
+    /// `[rows, cols]`, torch's `[out_features, in_features]` for a linear layer.
+    pub shape: [usize; 2],
+}
+
+/// Plain f32 absmax, or bitsandbytes' double-quantized form.
+#[derive(ExtensionType, Clone, Debug)]
+pub enum AbsmaxPrimitive<B: Backend> {
+    Plain(FloatTensor<B>),
+    Double {
+        /// 8-bit codes, four to a `u32` word.
+        codes: IntTensor<B>,
+        nested_absmax: FloatTensor<B>,
+        /// The dynamic map the codes index.
+        map: FloatTensor<B>,
+        offset: f32,
+    },
+}
+
+impl<B: Backend> Weight4bitPrimitive<B> {
+    fn num_elements(&self) -> usize {
+        self.shape[0] * self.shape[1]
+    }
+}
+
+#[backend_extension(
+    Cube: cfg(feature = "cube"),
+    Flex: cfg(feature = "flex"),
+    Autodiff
+)]
+pub trait Matmul4bitOps: Backend {
+    /// `lhs · Wᵀ` when `transpose` (a linear layer's forward, `lhs` `[.., cols]`), else `lhs · W`
+    /// (its input gradient, `lhs` `[.., rows]`), in `lhs`' dtype.
+    fn matmul_4bit(
+        lhs: FloatTensor<Self>,
+        #[extension_type] weight: Weight4bitPrimitive<Self>,
+        transpose: bool,
+    ) -> FloatTensor<Self>;
+}
+
+/// `lhs · W` (or `Wᵀ`) over `lhs`' last dimension, for a dense `[rows, cols]` weight.
+fn matmul_dense<B: Backend>(
+    lhs: FloatTensor<B>,
+    dense: FloatTensor<B>,
+    transpose: bool,
+) -> FloatTensor<B> {
+    let mut dims = lhs.shape().to_vec();
+    let inner = dims
+        .pop()
+        .expect("a matmul input has at least one dimension");
+    let rows = dims.iter().product::<usize>();
+    let rhs = if transpose {
+        B::float_transpose(dense)
+    } else {
+        dense
+    };
+    let out_features = rhs.shape()[1];
+    let lhs = B::float_reshape(lhs, Shape::new([rows, inner]));
+    let out = B::float_matmul(lhs, rhs);
+    dims.push(out_features);
+    B::float_reshape(out, Shape::from(dims))
+}
+
+#[cfg(feature = "cube")]
+mod cube {
+    use burn::backend::TensorMetadata;
+    use burn::backend::ops::FloatTensorOps;
+    use burn::tensor::Shape;
+    use burn_cubecl::CubeBackend;
+    use burn_cubecl::tensor::CubeTensor;
+
+    use super::{AbsmaxPrimitive, Matmul4bitOps, Weight4bitPrimitive, matmul_dense};
+    use crate::extension::Quant4bitOps;
+
+    impl Matmul4bitOps for CubeBackend {
+        fn matmul_4bit(
+            lhs: CubeTensor,
+            weight: Weight4bitPrimitive<Self>,
+            transpose: bool,
+        ) -> CubeTensor {
+            let num_elements = weight.num_elements();
+            let (absmax, offset) = match weight.absmax {
+                AbsmaxPrimitive::Plain(absmax) => (absmax, 0.0),
+                AbsmaxPrimitive::Double {
+                    codes,
+                    nested_absmax,
+                    map,
+                    offset,
+                } => {
+                    let blocks = num_elements.div_ceil(weight.block_size);
+                    let absmax = Self::dequantize_absmax(codes, nested_absmax, map, blocks);
+                    (absmax, offset)
+                }
+            };
+            let dense = Self::dequantize_4bit(
+                weight.words,
+                absmax,
+                weight.code,
+                offset,
+                num_elements,
+                weight.block_size,
+                lhs.dtype(),
+            );
+            let dense = Self::float_reshape(dense, Shape::new(weight.shape));
+            matmul_dense::<Self>(lhs, dense, transpose)
+        }
+    }
+}
+
+#[cfg(feature = "flex")]
+mod flex {
+    use burn::backend::Flex;
+    use burn::backend::flex::FlexTensor;
+
+    use super::{AbsmaxPrimitive, Matmul4bitOps, Weight4bitPrimitive, matmul_dense};
+    use crate::packed::words_to_bytes;
+    use crate::{Absmax, NestedAbsmax, QuantState, reference};
+
+    impl Matmul4bitOps for Flex {
+        fn matmul_4bit(
+            lhs: FlexTensor,
+            weight: Weight4bitPrimitive<Self>,
+            transpose: bool,
+        ) -> FlexTensor {
+            let state = host_state(weight, lhs.dtype());
+            let dense = reference::dequantize(&state).expect("the weight's state was validated");
+            matmul_dense::<Self>(lhs, FlexTensor::from_data(dense), transpose)
+        }
+    }
+
+    /// The weight as a host state: Flex tensors live in host memory already.
+    fn host_state(weight: Weight4bitPrimitive<Flex>, dtype: burn::tensor::DType) -> QuantState {
+        let n = weight.num_elements();
+        let blocks = n.div_ceil(weight.block_size);
+        let absmax = match weight.absmax {
+            AbsmaxPrimitive::Plain(absmax) => Absmax::Plain(f32s(absmax)),
+            AbsmaxPrimitive::Double {
+                codes,
+                nested_absmax,
+                offset,
+                ..
+            } => Absmax::Double(NestedAbsmax {
+                codes: words_to_bytes(&u32s(codes), blocks),
+                nested_absmax: f32s(nested_absmax),
+                offset,
+            }),
+        };
+        QuantState {
+            quant_type: weight.quant_type,
+            block_size: weight.block_size,
+            shape: weight.shape.to_vec(),
+            dtype,
+            packed: words_to_bytes(&u32s(weight.words), n.div_ceil(2)),
+            absmax,
+        }
+    }
+
+    fn f32s(tensor: FlexTensor) -> Vec<f32> {
+        tensor
+            .into_data()
+            .try_into_vec()
+            .expect("absmax tensors are f32")
+    }
+
+    fn u32s(tensor: FlexTensor) -> Vec<u32> {
+        tensor
+            .into_data()
+            .try_into_vec()
+            .expect("packed words are u32")
+    }
+}
+
+mod autodiff {
+    use burn::backend::Autodiff;
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+    use burn::backend::tensor::FloatTensor;
+
+    use super::{AbsmaxPrimitive, Matmul4bitOps, Weight4bitPrimitive};
+
+    /// The backward of `matmul_4bit` with respect to `lhs`: the same product the other way
+    /// round, dequantizing the packed weight once more.
+    #[derive(Debug)]
+    struct Matmul4bitBackward;
+
+    impl<B: Matmul4bitOps> Backward<B, 1> for Matmul4bitBackward {
+        type State = (Weight4bitPrimitive<B>, bool);
+
+        fn backward(
+            self,
+            ops: Ops<Self::State, 1>,
+            grads: &mut Gradients,
+            _checkpointer: &mut Checkpointer,
+        ) {
+            let (weight, transpose) = ops.state;
+            unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+                B::matmul_4bit(grad, weight, !transpose)
+            });
+        }
+    }
+
+    impl<B: Matmul4bitOps, C: CheckpointStrategy> Matmul4bitOps for Autodiff<B, C> {
+        fn matmul_4bit(
+            lhs: FloatTensor<Self>,
+            weight: Weight4bitPrimitive<Self>,
+            transpose: bool,
+        ) -> FloatTensor<Self> {
+            // The weight is frozen: its float parts are constants of the graph.
+            let weight = Weight4bitPrimitive::<B> {
+                words: weight.words,
+                absmax: match weight.absmax {
+                    AbsmaxPrimitive::Plain(absmax) => {
+                        AbsmaxPrimitive::Plain(absmax.into_primitive())
+                    }
+                    AbsmaxPrimitive::Double {
+                        codes,
+                        nested_absmax,
+                        map,
+                        offset,
+                    } => AbsmaxPrimitive::Double {
+                        codes,
+                        nested_absmax: nested_absmax.into_primitive(),
+                        map: map.into_primitive(),
+                        offset,
+                    },
+                },
+                code: weight.code.into_primitive(),
+                quant_type: weight.quant_type,
+                block_size: weight.block_size,
+                shape: weight.shape,
+            };
+            match Matmul4bitBackward
+                .prepare::<C>([lhs.node()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => {
+                    let output = B::matmul_4bit(lhs.into_primitive(), weight.clone(), transpose);
+                    prep.finish((weight, transpose), output)
+                }
+                OpsKind::UnTracked(prep) => {
+                    prep.finish(B::matmul_4bit(lhs.into_primitive(), weight, transpose))
+                }
+            }
+        }
+    }
+}
+
+/// [`crate::Packed4bit::linear`], its arguments checked.
+pub(crate) fn linear<const D: usize>(
+    input: Tensor<D>,
+    weight: &Packed4bit,
+) -> Result<Tensor<D>, QuantError> {
+    if !has_matmul_4bit(&weight.device()) {
+        return Err(QuantError::Device(format!(
+            "no 4-bit matmul for {:?}: use a CubeCL (cuda, wgpu) or Flex device",
+            weight.device()
+        )));
+    }
+    let absmax = match &weight.absmax {
+        DeviceAbsmax::Plain(absmax) => AbsmaxPrimitive::Plain(absmax.clone().into_dispatch()),
+        DeviceAbsmax::Double {
+            codes,
+            nested_absmax,
+            offset,
+            map,
+        } => AbsmaxPrimitive::Double {
+            codes: codes.clone().into_dispatch(),
+            nested_absmax: nested_absmax.clone().into_dispatch(),
+            map: map.clone().into_dispatch(),
+            offset: *offset,
+        },
+    };
+    let primitive = Weight4bitPrimitive::<Dispatch> {
+        words: weight.words.clone().into_dispatch(),
+        absmax,
+        code: weight.code.clone().into_dispatch(),
+        quant_type: weight.quant_type,
+        block_size: weight.block_size,
+        shape: weight.matrix_shape("linear")?,
+    };
+    Ok(Tensor::from_dispatch(Dispatch::matmul_4bit(
+        input.into_dispatch(),
+        primitive,
+        true,
+    )))
+}
+
+/// Whether [`Matmul4bitOps`] is implemented for the device's backend in this build.
+fn has_matmul_4bit(device: &Device) -> bool {
+    match device.clone().without_autodiff().as_dispatch() {
+        #[cfg(feature = "cube")]
+        DispatchDevice::Cube(_) => true,
+        #[cfg(feature = "flex")]
+        DispatchDevice::Flex(_) => true,
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}

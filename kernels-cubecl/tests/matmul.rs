@@ -1,0 +1,66 @@
+//! The 4-bit matmul on every device (Flex, and the CubeCL kernels on wgpu/cuda when built with
+//! them): its forward equals the product with the dequantized weight, and its backward gives
+//! the input the gradient the dense product gives, dequantizing again instead of keeping the
+//! dense weight.
+
+mod common;
+
+use burn::tensor::{DType, Distribution, Tensor};
+use common::devices;
+use integration_tests::relative_error;
+use kernels_cubecl::{Packed4bit, QuantConfig, QuantType};
+
+/// Relative, for f32: both sides multiply the same dense weight, maybe in another order.
+const TOLERANCE: f32 = 1e-5;
+
+#[test]
+fn matmul_4bit_equals_the_dense_product_forward_and_backward() {
+    for (name, device) in devices() {
+        for config in [
+            QuantConfig::default(),
+            QuantConfig::new(QuantType::Fp4, 32, false),
+        ] {
+            // 72 x 100: not a multiple of the block, the word, or the nested block.
+            let weight = Tensor::<2>::random([72, 100], Distribution::Default, &device);
+            let packed = Packed4bit::quantize(weight, config).unwrap();
+            let dense = packed.dequantize::<2>().unwrap();
+            let autodiff = device.clone().autodiff();
+            let x = Tensor::<3>::random([2, 3, 100], Distribution::Default, &autodiff);
+            let upstream = Tensor::<3>::random([2, 3, 72], Distribution::Default, &autodiff);
+
+            let x_ours = x.clone().require_grad();
+            let y = packed.linear(x_ours.clone()).unwrap();
+            let grads = (y.clone() * upstream.clone()).sum().backward();
+            let grad = x_ours.grad(&grads).expect("the input has a gradient");
+
+            let x_dense = x.require_grad();
+            let dense = dense.to_device(&autodiff);
+            let y_dense = x_dense.clone().matmul(dense.transpose().unsqueeze());
+            let grads = (y_dense.clone() * upstream).sum().backward();
+            let grad_dense = x_dense.grad(&grads).expect("the input has a gradient");
+
+            let what = format!("{name} {config:?}");
+            let error = relative_error(y.inner(), y_dense.inner());
+            assert!(error < TOLERANCE, "{what}: y relative error {error}");
+            let error = relative_error(grad, grad_dense);
+            assert!(error < TOLERANCE, "{what}: grad x relative error {error}");
+        }
+    }
+}
+
+#[test]
+fn matmul_4bit_runs_in_the_input_dtype_and_refuses_a_wrong_shape() {
+    for (name, device) in devices() {
+        let weight = Tensor::<2>::random([64, 128], Distribution::Default, &device);
+        let packed = Packed4bit::quantize(weight, QuantConfig::default()).unwrap();
+        if device.supports_dtype(DType::F16) {
+            let x = Tensor::<2>::random([4, 128], Distribution::Default, (&device, DType::F16));
+            let y = packed.linear(x).unwrap();
+            assert_eq!(y.dtype(), DType::F16, "{name}");
+            assert_eq!(y.dims(), [4, 64], "{name}");
+        }
+        let x = Tensor::<2>::zeros([4, 100], &device);
+        let err = packed.linear(x).unwrap_err().to_string();
+        assert!(err.contains("128 input features"), "{name}: {err}");
+    }
+}
