@@ -1,3 +1,26 @@
-//! The LLaMA-2 model family on Burn (issue 4); its projections will be `burn-qlora` layers.
+//! The LLaMA-2 family on Burn: one model code for every backend and dtype, multi-head and
+//! grouped-query attention (LLaMA-2 7B to 70B, TinyLlama, SmolLM), Hugging Face checkpoints,
+//! and generation with a KV cache. Its projections are `burn-qlora` layers, so adapters and
+//! 4-bit bases are chosen per projection at load time.
 
-pub use burn_qlora::QuantConfig;
+mod attention;
+mod config;
+mod error;
+mod generate;
+mod load;
+mod mlp;
+mod model;
+mod norm;
+mod rope;
+mod safetensors;
+
+pub use attention::{Attention, LayerCache};
+pub use config::LlamaConfig;
+pub use error::LlamaError;
+pub use generate::{Sampler, SamplingConfig, generate};
+pub use load::LoadOptions;
+pub use mlp::Mlp;
+pub use model::{DecoderLayer, KvCache, Llama, LlamaModel};
+pub use norm::RmsNorm;
+pub use rope::Rope;
+pub use safetensors::SafetensorsCheckpoint;

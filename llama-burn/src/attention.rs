@@ -1,0 +1,95 @@
+use burn::module::Module;
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, DType, Tensor};
+use burn_qlora::Projection;
+
+use crate::Rope;
+
+/// Multi-head attention with grouped-query sharing of the key/value heads (MHA when the
+/// counts are equal), causal, with rotary positions.
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub q_proj: Projection,
+    pub k_proj: Projection,
+    pub v_proj: Projection,
+    pub o_proj: Projection,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Keys and values of the tokens seen so far, for one layer: `[batch, kv_heads, seq, head_dim]`.
+#[derive(Clone, Debug, Default)]
+pub struct LayerCache {
+    keys_values: Option<(Tensor<4>, Tensor<4>)>,
+}
+
+impl LayerCache {
+    pub fn len(&self) -> usize {
+        self.keys_values.as_ref().map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Attention {
+    /// `x`: `[batch, seq, hidden]`. With a cache, `x` continues the cached tokens and its keys
+    /// and values are appended to it.
+    pub fn forward(&self, x: Tensor<3>, rope: &Rope, cache: Option<&mut LayerCache>) -> Tensor<3> {
+        let [batch, seq, _] = x.dims();
+        let heads = |projection: &Projection, count: usize| {
+            projection
+                .forward(x.clone())
+                .reshape([batch, seq, count, self.head_dim])
+                .swap_dims(1, 2)
+        };
+        let offset = cache.as_ref().map_or(0, |cache| cache.len());
+        let q = rope.apply(heads(&self.q_proj, self.num_heads), offset);
+        let mut k = rope.apply(heads(&self.k_proj, self.num_kv_heads), offset);
+        let mut v = heads(&self.v_proj, self.num_kv_heads);
+        if let Some(cache) = cache {
+            if let Some((past_k, past_v)) = cache.keys_values.take() {
+                k = Tensor::cat(vec![past_k, k], 2);
+                v = Tensor::cat(vec![past_v, v], 2);
+            }
+            cache.keys_values = Some((k.clone(), v.clone()));
+        }
+        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
+        let total = k.dims()[2];
+
+        // Scores and softmax in f32, as transformers' attention does for half precision.
+        let dtype = q.dtype();
+        let scale = (self.head_dim as f64).sqrt().recip();
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .cast(DType::F32)
+            .mul_scalar(scale);
+        let scores = if seq > 1 {
+            let mask = Tensor::<2, Bool>::tril_mask([seq, total], offset as i64, &scores.device());
+            scores.mask_fill(mask.unsqueeze(), f32::NEG_INFINITY)
+        } else {
+            scores
+        };
+        let attention = softmax(scores, 3).cast(dtype);
+        let output = attention.matmul(v).swap_dims(1, 2).reshape([
+            batch,
+            seq,
+            self.num_heads * self.head_dim,
+        ]);
+        self.o_proj.forward(output)
+    }
+
+    /// Each key/value head repeated for the query heads that share it.
+    fn repeat_kv(&self, x: Tensor<4>) -> Tensor<4> {
+        let groups = self.num_heads / self.num_kv_heads;
+        if groups == 1 {
+            return x;
+        }
+        let [batch, kv_heads, seq, head_dim] = x.dims();
+        x.unsqueeze_dim::<5>(2)
+            .expand([batch, kv_heads, groups, seq, head_dim])
+            .reshape([batch, kv_heads * groups, seq, head_dim])
+    }
+}

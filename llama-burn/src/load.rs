@@ -1,0 +1,157 @@
+use std::path::Path;
+
+use burn::module::Param;
+use burn::nn::Embedding;
+use burn::tensor::{DType, Device, Tensor};
+use burn_qlora::{FrozenLinear, Projection, QloraConfig, linear_from_torch};
+
+use crate::{
+    Attention, DecoderLayer, Llama, LlamaConfig, LlamaError, LlamaModel, Mlp, RmsNorm, Rope,
+    SafetensorsCheckpoint,
+};
+
+/// How a checkpoint is loaded.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// The dtype of the weights and of the computation: f32, f16 or bf16. Default f32.
+    pub dtype: DType,
+    /// Adapters and 4-bit bases per projection; `None` keeps every projection dense and frozen.
+    pub qlora: Option<QloraConfig>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            qlora: None,
+        }
+    }
+}
+
+impl Llama {
+    /// Loads a Hugging Face checkpoint folder (`config.json` and `model.safetensors`, or its
+    /// shards). Tensors are read, converted and, where the options say so, quantized one at a
+    /// time, so the peak stays near the size of the loaded model.
+    pub fn from_hf(
+        dir: &Path,
+        options: &LoadOptions,
+        device: &Device,
+    ) -> Result<(Self, LlamaConfig), LlamaError> {
+        let config = LlamaConfig::from_hf_json(&dir.join("config.json"))?;
+        let checkpoint = SafetensorsCheckpoint::open(dir)?;
+        let model = Loader {
+            checkpoint: &checkpoint,
+            config: &config,
+            options,
+            device,
+        }
+        .load()?;
+        Ok((model, config))
+    }
+}
+
+struct Loader<'a> {
+    checkpoint: &'a SafetensorsCheckpoint,
+    config: &'a LlamaConfig,
+    options: &'a LoadOptions,
+    device: &'a Device,
+}
+
+impl Loader<'_> {
+    fn load(&self) -> Result<Llama, LlamaError> {
+        let c = self.config;
+        if let Some(qlora) = &self.options.qlora {
+            qlora
+                .validate()
+                .map_err(|err| LlamaError::Config(err.to_string()))?;
+        }
+        let embed_tokens = Embedding {
+            weight: Param::from_tensor(
+                self.tensor::<2>("model.embed_tokens.weight", [c.vocab_size, c.hidden_size])?,
+            )
+            .set_require_grad(false),
+        };
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| self.layer(i))
+            .collect::<Result<_, _>>()?;
+        let norm = self.norm("model.norm.weight")?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(self.projection("lm_head", c.vocab_size, c.hidden_size)?)
+        };
+        let rope = Rope::new(
+            c.head_dim(),
+            c.max_position_embeddings,
+            c.rope_theta,
+            self.device,
+        );
+        Ok(Llama {
+            model: LlamaModel {
+                embed_tokens,
+                layers,
+                norm,
+                rope,
+            },
+            lm_head,
+        })
+    }
+
+    fn layer(&self, i: usize) -> Result<DecoderLayer, LlamaError> {
+        let c = self.config;
+        let prefix = format!("model.layers.{i}");
+        let (hidden, head_dim) = (c.hidden_size, c.head_dim());
+        let attn = |name: &str, out: usize, input: usize| {
+            self.projection(&format!("{prefix}.self_attn.{name}"), out, input)
+        };
+        let mlp = |name: &str, out: usize, input: usize| {
+            self.projection(&format!("{prefix}.mlp.{name}"), out, input)
+        };
+        let self_attn = Attention {
+            q_proj: attn("q_proj", c.num_attention_heads * head_dim, hidden)?,
+            k_proj: attn("k_proj", c.num_kv_heads() * head_dim, hidden)?,
+            v_proj: attn("v_proj", c.num_kv_heads() * head_dim, hidden)?,
+            o_proj: attn("o_proj", hidden, c.num_attention_heads * head_dim)?,
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_kv_heads(),
+            head_dim,
+        };
+        Ok(DecoderLayer {
+            input_layernorm: self.norm(&format!("{prefix}.input_layernorm.weight"))?,
+            self_attn,
+            post_attention_layernorm: self
+                .norm(&format!("{prefix}.post_attention_layernorm.weight"))?,
+            mlp: Mlp {
+                gate_proj: mlp("gate_proj", c.intermediate_size, hidden)?,
+                up_proj: mlp("up_proj", c.intermediate_size, hidden)?,
+                down_proj: mlp("down_proj", hidden, c.intermediate_size)?,
+            },
+        })
+    }
+
+    fn tensor<const D: usize>(
+        &self,
+        name: &str,
+        shape: [usize; D],
+    ) -> Result<Tensor<D>, LlamaError> {
+        let data = self.checkpoint.read(name, &shape)?;
+        Ok(Tensor::from_data(data, (self.device, self.options.dtype)))
+    }
+
+    fn norm(&self, name: &str) -> Result<RmsNorm, LlamaError> {
+        let weight = self.tensor::<1>(name, [self.config.hidden_size])?;
+        Ok(RmsNorm::new(weight, self.config.rms_norm_eps))
+    }
+
+    /// The linear at `path` (`path.weight`, torch's `[out, in]`), built as the QLoRA options say.
+    fn projection(&self, path: &str, out: usize, input: usize) -> Result<Projection, LlamaError> {
+        let name = format!("{path}.weight");
+        let linear = linear_from_torch(self.tensor::<2>(&name, [out, input])?);
+        match &self.options.qlora {
+            Some(qlora) => qlora
+                .apply(path, linear)
+                .map_err(|source| LlamaError::Quant { name, source }),
+            None => Ok(Projection::Frozen(FrozenLinear::from(linear))),
+        }
+    }
+}

@@ -1,0 +1,109 @@
+use burn::module::Module;
+use burn::nn::Embedding;
+use burn::tensor::{Int, Tensor};
+use burn_qlora::Projection;
+
+use crate::{Attention, LayerCache, LlamaConfig, Mlp, RmsNorm, Rope};
+
+/// A LLaMA-family causal language model. Modules are named as in Hugging Face's
+/// `LlamaForCausalLM` (`model.layers.0.self_attn.q_proj`), so checkpoints and PEFT adapters map
+/// onto it by name.
+#[derive(Module, Debug)]
+pub struct Llama {
+    pub model: LlamaModel,
+    /// The output head; `None` when it is tied to the embedding.
+    pub lm_head: Option<Projection>,
+}
+
+#[derive(Module, Debug)]
+pub struct LlamaModel {
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    #[module(skip)]
+    pub rope: Rope,
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+/// The keys and values of every layer for the tokens generated so far.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    pub fn new(config: &LlamaConfig) -> Self {
+        Self {
+            layers: vec![LayerCache::default(); config.num_hidden_layers],
+        }
+    }
+
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, LayerCache::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl DecoderLayer {
+    fn forward(&self, x: Tensor<3>, rope: &Rope, cache: Option<&mut LayerCache>) -> Tensor<3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+impl Llama {
+    /// Logits `[batch, seq, vocab]` for `tokens` `[batch, seq]`. With a cache, `tokens` continue
+    /// the cached ones, whose keys and values are reused and extended.
+    pub fn forward(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        self.logits(self.hidden_states(tokens, cache))
+    }
+
+    /// The final normalised hidden states `[batch, seq, hidden]`.
+    pub fn hidden_states(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let model = &self.model;
+        let mut x = model.embed_tokens.forward(tokens);
+        match cache {
+            Some(cache) => {
+                for (layer, layer_cache) in model.layers.iter().zip(&mut cache.layers) {
+                    x = layer.forward(x, &model.rope, Some(layer_cache));
+                }
+            }
+            None => {
+                for layer in &model.layers {
+                    x = layer.forward(x, &model.rope, None);
+                }
+            }
+        }
+        model.norm.forward(x)
+    }
+
+    /// The output head over hidden states.
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let embedding = self.model.embed_tokens.weight.val().cast(hidden.dtype());
+                hidden.matmul(embedding.transpose().unsqueeze())
+            }
+        }
+    }
+
+    /// The longest sequence the rotary tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.model.rope.max_positions()
+    }
+}

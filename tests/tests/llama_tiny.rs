@@ -1,0 +1,221 @@
+//! llama-burn against transformers: `../shared/golden/llama_tiny/` is a random GQA LLaMA in
+//! Hugging Face layout with the logits `LlamaForCausalLM` gives for fixed tokens, and
+//! `llama_tiny_adapter/` a PEFT adapter on all seven projections with the adapted logits.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn_qlora::{PeftAdapter, QloraConfig};
+use integration_tests::{GoldenFile, golden_dir};
+use llama_burn::{KvCache, Llama, LoadOptions, SamplingConfig, generate};
+use safetensors::SafeTensors;
+
+/// Max absolute error on the logits, f32.
+const TOLERANCE: f32 = 1e-4;
+
+fn input_ids(path: &Path, device: &Device) -> Tensor<2, Int> {
+    let bytes = std::fs::read(path).unwrap();
+    let tensors = SafeTensors::deserialize(&bytes).unwrap();
+    let view = tensors.tensor("input_ids").unwrap();
+    let ids: Vec<i64> = view
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    Tensor::from_data(TensorData::new(ids, view.shape().to_vec()), device)
+}
+
+fn max_abs_error(actual: Tensor<3>, expected: Tensor<3>) -> f32 {
+    (actual - expected).abs().max().into_scalar::<f32>()
+}
+
+#[test]
+fn logits_match_transformers() {
+    let Some(golden) = golden_dir() else { return };
+    let dir = golden.join("llama_tiny");
+    let device = Device::flex();
+    let (model, config) = Llama::from_hf(&dir, &LoadOptions::default(), &device).unwrap();
+    assert_eq!((config.num_attention_heads, config.num_kv_heads()), (8, 4));
+    let expected = GoldenFile::open(&dir.join("expected.safetensors"));
+    let logits = model.forward(input_ids(&dir.join("expected.safetensors"), &device), None);
+    let error = max_abs_error(logits, expected.tensor("logits", &device));
+    assert!(error <= TOLERANCE, "max abs error {error}");
+}
+
+#[test]
+fn adapted_logits_match_peft() {
+    let Some(golden) = golden_dir() else { return };
+    let device = Device::flex();
+    let adapter = PeftAdapter::load(&golden.join("llama_tiny_adapter"), &device).unwrap();
+    let qlora = QloraConfig::new()
+        .with_lora(adapter.lora_config())
+        .with_targets(adapter.config.target_modules.clone())
+        .with_quantize_frozen(false)
+        .with_quantize_lora_base(false);
+    let options = LoadOptions {
+        qlora: Some(qlora),
+        ..LoadOptions::default()
+    };
+    let (model, _) = Llama::from_hf(&golden.join("llama_tiny"), &options, &device).unwrap();
+    let model = adapter.load_into(model).unwrap();
+    let expected_path = golden.join("llama_tiny_adapter/expected.safetensors");
+    let expected = GoldenFile::open(&expected_path);
+    let logits = model.forward(input_ids(&expected_path, &device), None);
+    let error = max_abs_error(logits, expected.tensor("logits", &device));
+    assert!(error <= TOLERANCE, "max abs error {error}");
+}
+
+#[test]
+fn kv_cache_decoding_equals_the_full_forward() {
+    let Some(golden) = golden_dir() else { return };
+    let dir = golden.join("llama_tiny");
+    let device = Device::flex();
+    let (model, config) = Llama::from_hf(&dir, &LoadOptions::default(), &device).unwrap();
+    let tokens = input_ids(&dir.join("expected.safetensors"), &device);
+    let full = model.forward(tokens.clone(), None);
+
+    // A prefix in one call, then one token a call.
+    let mut cache = KvCache::new(&config);
+    let mut pieces = vec![model.forward(tokens.clone().narrow(1, 0, 20), Some(&mut cache))];
+    for position in 20..48 {
+        pieces.push(model.forward(tokens.clone().narrow(1, position, 1), Some(&mut cache)));
+    }
+    assert_eq!(cache.len(), 48);
+    let error = max_abs_error(Tensor::cat(pieces, 1), full);
+    assert!(error <= TOLERANCE, "max abs error {error}");
+
+    // Greedy generation through the cache picks the full forward's argmax at each step.
+    let prompt: Vec<u32> = vec![1, 17, 42, 99];
+    let sampling = SamplingConfig::new().with_max_new_tokens(6);
+    let generated = generate(&model, &config, &prompt, sampling, |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    let mut sequence = prompt.clone();
+    for &token in &generated {
+        let ids: Vec<i64> = sequence.iter().map(|&t| i64::from(t)).collect();
+        let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, sequence.len()]), &device);
+        let logits = model.forward(input, None);
+        let last = logits.narrow(1, sequence.len() - 1, 1).argmax(2);
+        assert_eq!(last.into_scalar::<i64>(), i64::from(token));
+        sequence.push(token);
+    }
+}
+
+#[test]
+fn a_checkpoint_that_does_not_fit_names_the_tensor() {
+    let Some(golden) = golden_dir() else { return };
+    let source = golden.join("llama_tiny");
+    let device = Device::flex();
+    let dir = std::env::temp_dir().join(format!("llama-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // One tensor left out of the checkpoint.
+    let bytes = std::fs::read(source.join("model.safetensors")).unwrap();
+    let tensors = SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<_> = tensors
+        .tensors()
+        .into_iter()
+        .filter(|(name, _)| name != "model.layers.1.mlp.up_proj.weight")
+        .collect();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::serialize(kept, None).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(source.join("config.json"), dir.join("config.json")).unwrap();
+    let err = Llama::from_hf(&dir, &LoadOptions::default(), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.layers.1.mlp.up_proj.weight"), "{err}");
+
+    // A config that does not match the checkpoint.
+    std::fs::copy(
+        source.join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(source.join("config.json")).unwrap();
+    let config = config.replace("\"intermediate_size\": 352", "\"intermediate_size\": 300");
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let err = Llama::from_hf(&dir, &LoadOptions::default(), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.layers.0.mlp.gate_proj.weight") && err.contains("[300, 128]"),
+        "{err}"
+    );
+
+    // A truncated file.
+    let truncated = &bytes[..bytes.len() / 2];
+    std::fs::write(dir.join("model.safetensors"), truncated).unwrap();
+    std::fs::copy(source.join("config.json"), dir.join("config.json")).unwrap();
+    let err = Llama::from_hf(&dir, &LoadOptions::default(), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_qlora_model_loads_4bit_and_trains_only_its_adapters() {
+    let Some(golden) = golden_dir() else { return };
+    let dir = golden.join("llama_tiny");
+    let device = Device::flex().autodiff();
+    let options = LoadOptions {
+        qlora: Some(QloraConfig::new()),
+        ..LoadOptions::default()
+    };
+    let (model, _) = Llama::from_hf(&dir, &options, &device).unwrap();
+    let tokens = input_ids(&dir.join("expected.safetensors"), &device);
+    let logits = model.forward(tokens, None);
+
+    // The same model with every 4-bit base swapped for its dequantized dense weight computes
+    // the same logits.
+    let dense = |projection: &burn_qlora::Projection| match projection {
+        burn_qlora::Projection::Lora(lora) => {
+            let mut lora = lora.clone();
+            lora.base = burn_qlora::FrozenLinear::Dense(lora.base.to_dense(DType::F32).unwrap());
+            burn_qlora::Projection::Lora(lora)
+        }
+        burn_qlora::Projection::Frozen(frozen) => burn_qlora::Projection::Frozen(
+            burn_qlora::FrozenLinear::Dense(frozen.to_dense(DType::F32).unwrap()),
+        ),
+    };
+    let mut twin = model.clone();
+    for layer in &mut twin.model.layers {
+        let attn = &mut layer.self_attn;
+        for projection in [
+            &mut attn.q_proj,
+            &mut attn.k_proj,
+            &mut attn.v_proj,
+            &mut attn.o_proj,
+        ] {
+            *projection = dense(projection);
+        }
+        let mlp = &mut layer.mlp;
+        for projection in [&mut mlp.gate_proj, &mut mlp.up_proj, &mut mlp.down_proj] {
+            *projection = dense(projection);
+        }
+    }
+    twin.lm_head = twin.lm_head.as_ref().map(dense);
+    let tokens = input_ids(&dir.join("expected.safetensors"), &device);
+    let error = max_abs_error(logits.clone().inner(), twin.forward(tokens, None).inner());
+    assert!(
+        error <= TOLERANCE,
+        "4-bit vs dequantized dense: max abs error {error}"
+    );
+
+    let grads = logits.mean().backward();
+    let q = &model.model.layers[0].self_attn.q_proj;
+    let burn_qlora::Projection::Lora(q) = q else {
+        panic!("q_proj has an adapter")
+    };
+    assert!(matches!(q.base, burn_qlora::FrozenLinear::Packed(_)));
+    assert!(q.lora_a.weight.grad(&grads).is_some(), "lora_A trains");
+    assert!(
+        model.model.embed_tokens.weight.grad(&grads).is_none(),
+        "the embedding is frozen"
+    );
+}
