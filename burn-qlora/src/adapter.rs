@@ -1,23 +1,26 @@
-//! Adapter-only save and load for any Burn model: its [`LoraLinear`](crate::LoraLinear)s are
-//! found by module path (`layers.0.self_attn.q_proj`), so a model that names its modules as
-//! Hugging Face does exchanges adapters with peft unchanged.
+//! Adapter-only save and load for any Burn model: its [`LoraLinear`](crate::LoraLinear)s, and the
+//! biases that train beside them, are found by module path (`layers.0.self_attn.q_proj`), so a
+//! model that names its modules as Hugging Face does exchanges adapters with peft unchanged.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::Tensor;
 
-use crate::peft::tensor_name;
-use crate::{AdapterError, PeftAdapter, PeftConfig};
+use crate::peft::{PREFIX, tensor_name};
+use crate::{AdapterError, LoraBias, PeftAdapter, PeftConfig};
 
 const LORA_A: &str = "lora_a";
 const LORA_B: &str = "lora_b";
 
 impl PeftAdapter {
     /// The adapters of every `LoraLinear` in `model`, in PEFT's layout, with `config` (which
-    /// must be the one the model's adapters were built with).
+    /// must be the one the model's adapters were built with), and the biases its `bias` trains.
     pub fn from_model<M: Module>(model: &M, config: PeftConfig) -> Self {
-        let mut collector = Collector::default();
+        let mut collector = Collector {
+            bias: config.bias,
+            ..Collector::default()
+        };
         model.visit(&mut collector);
         let weights = collector
             .found
@@ -26,7 +29,11 @@ impl PeftAdapter {
                 Some((module, (lora_a?.transpose(), lora_b?.transpose())))
             })
             .collect();
-        Self { config, weights }
+        Self {
+            config,
+            weights,
+            biases: collector.trained_biases,
+        }
     }
 
     /// `model` with this adapter's weights in its `LoraLinear`s. Every adapter of the model must
@@ -45,6 +52,15 @@ impl PeftAdapter {
         if let Some(module) = in_model.iter().find(|m| !self.weights.contains_key(**m)) {
             return Err(AdapterError::Missing {
                 tensor: tensor_name(module, "lora_A"),
+            });
+        }
+        if let Some(name) = self
+            .biases
+            .keys()
+            .find(|name| !collector.biases.contains(*name))
+        {
+            return Err(AdapterError::Unexpected {
+                tensor: format!("{PREFIX}{name}"),
             });
         }
         let mut loader = Loader {
@@ -74,9 +90,13 @@ impl Path {
         self.0.pop();
     }
 
+    fn names(&self) -> Vec<&str> {
+        self.0.iter().flatten().map(String::as_str).collect()
+    }
+
     /// The module path and which matrix, when the current parameter is `<module>.lora_?.weight`.
     fn adapter_param(&self) -> Option<(String, &'static str)> {
-        let names: Vec<&str> = self.0.iter().flatten().map(String::as_str).collect();
+        let names = self.names();
         let [module @ .., matrix, "weight"] = names.as_slice() else {
             return None;
         };
@@ -87,6 +107,16 @@ impl Path {
         };
         Some((module.join("."), matrix))
     }
+
+    /// PEFT's name for the current parameter when it is a bias: `<path>.base_layer.bias` for the
+    /// base of an adapted projection (ours is `<path>.base.bias`), `<path>.bias` otherwise.
+    fn bias_name(&self) -> Option<String> {
+        match self.names().as_slice() {
+            [module @ .., "base", "bias"] => Some(format!("{}.base_layer.bias", module.join("."))),
+            [module @ .., "bias"] => Some(format!("{}.bias", module.join("."))),
+            _ => None,
+        }
+    }
 }
 
 type Pair = (Option<Tensor<2>>, Option<Tensor<2>>);
@@ -96,6 +126,10 @@ struct Collector {
     path: Path,
     /// Burn-layout A (`[in, r]`) and B (`[r, out]`) per module path.
     found: BTreeMap<String, Pair>,
+    /// PEFT's names of all the model's biases, and the values of those `bias` says train.
+    biases: BTreeSet<String>,
+    bias: LoraBias,
+    trained_biases: BTreeMap<String, Tensor<1>>,
 }
 
 impl ModuleVisitor for Collector {
@@ -108,6 +142,19 @@ impl ModuleVisitor for Collector {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(name) = self.path.bias_name() {
+            let trains = match self.bias {
+                LoraBias::None => false,
+                LoraBias::LoraOnly => name.ends_with(".base_layer.bias"),
+                LoraBias::All => true,
+            };
+            if trains {
+                let bias = param.val().reshape([param.shape().num_elements()]);
+                self.trained_biases.insert(name.clone(), bias);
+            }
+            self.biases.insert(name);
+            return;
+        }
         let Some((module, matrix)) = self.path.adapter_param() else {
             return;
         };
@@ -139,6 +186,12 @@ impl ModuleMapper for Loader<'_> {
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if let Some(name) = self.path.bias_name() {
+            return match self.adapter.biases.get(&name) {
+                Some(bias) => self.replace(param, &format!("{PREFIX}{name}"), bias.clone()),
+                None => param,
+            };
+        }
         let Some((module, matrix)) = self.path.adapter_param() else {
             return param;
         };
@@ -160,7 +213,27 @@ impl ModuleMapper for Loader<'_> {
             });
             return param;
         }
-        let value = torch.clone().transpose();
+        self.replace(param, &name, torch.clone().transpose())
+    }
+}
+
+impl Loader<'_> {
+    /// `param` with `value`'s numbers, on its device, in its dtype, trainable as it was.
+    fn replace<const D: usize, const V: usize>(
+        &mut self,
+        param: Param<Tensor<D>>,
+        name: &str,
+        value: Tensor<V>,
+    ) -> Param<Tensor<D>> {
+        let expected = param.shape().to_vec();
+        if value.shape().num_elements() != param.shape().num_elements() {
+            self.error.get_or_insert(AdapterError::Shape {
+                tensor: name.to_string(),
+                expected,
+                actual: value.dims().to_vec(),
+            });
+            return param;
+        }
         param.map(|old| {
             let value = value
                 .to_device(&old.device())

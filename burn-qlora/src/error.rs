@@ -30,8 +30,12 @@ pub enum AdapterError {
         expected: Vec<usize>,
         actual: Vec<usize>,
     },
-    #[error("adapter tensor {tensor} has shape {actual:?}; LoRA weights are matrices")]
-    Rank { tensor: String, actual: Vec<usize> },
+    #[error("adapter tensor {tensor} has shape {actual:?}; it should have {expected} dimensions")]
+    Rank {
+        tensor: String,
+        expected: usize,
+        actual: Vec<usize>,
+    },
     #[error("adapter tensor {tensor} has dtype {dtype}; f32, f16 and bf16 are read")]
     Dtype { tensor: String, dtype: String },
 }

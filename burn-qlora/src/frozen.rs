@@ -1,4 +1,4 @@
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{DType, Device, Tensor};
 use kernels_cubecl::{QuantConfig, QuantError};
@@ -18,13 +18,29 @@ pub enum FrozenLinear {
 impl FrozenLinear {
     /// Freezes `linear`, packing it in 4 bits when `quantize` is given.
     pub fn new(linear: Linear, quantize: Option<QuantConfig>) -> Result<Self, QuantError> {
-        Ok(match quantize {
-            Some(config) => Self::Packed(Linear4bit::quantize(linear, config)?),
-            None => Self::Dense(linear.no_grad()),
-        })
+        let frozen = Self::from(linear);
+        match quantize {
+            Some(config) => frozen.quantize(config),
+            None => Ok(frozen),
+        }
     }
 
-    /// Packs a dense base in 4 bits; a packed base stays as it is.
+    /// The same base with its bias (if any) trainable; the weight stays frozen.
+    pub fn with_trainable_bias(self) -> Self {
+        let train = |bias: Option<Param<Tensor<1>>>| bias.map(|b| b.set_require_grad(true));
+        match self {
+            Self::Dense(linear) => Self::Dense(Linear {
+                weight: linear.weight,
+                bias: train(linear.bias),
+            }),
+            Self::Packed(linear) => Self::Packed(Linear4bit {
+                weight: linear.weight,
+                bias: train(linear.bias),
+            }),
+        }
+    }
+
+    /// Packs a dense base in 4 bits, its bias as it was; a packed base stays as it is.
     pub fn quantize(self, config: QuantConfig) -> Result<Self, QuantError> {
         match self {
             Self::Dense(linear) => Ok(Self::Packed(Linear4bit::quantize(linear, config)?)),

@@ -22,6 +22,6 @@ pub use error::{AdapterError, ConfigError, MergeError};
 pub use frozen::FrozenLinear;
 pub use kernels_cubecl::{self as kernels, Packed4bit, QuantConfig, QuantError, QuantType};
 pub use linear4bit::Linear4bit;
-pub use lora::{LoraConfig, LoraLinear, linear_from_torch};
+pub use lora::{LoraBias, LoraConfig, LoraLinear, linear_from_torch};
 pub use peft::{PeftAdapter, PeftConfig};
 pub use projection::{Projection, QloraConfig};

@@ -18,12 +18,12 @@ pub struct Linear4bit {
 
 impl Linear4bit {
     /// Quantizes a dense layer (Burn's `[d_input, d_output]` weight); the dense weight is
-    /// dropped once packed.
+    /// dropped once packed. The bias is kept as it was, trainable or not.
     pub fn quantize(linear: Linear, config: QuantConfig) -> Result<Self, QuantError> {
         let weight = Packed4bit::quantize(linear.weight.val().transpose(), config)?;
         Ok(Self {
             weight,
-            bias: linear.bias.map(|bias| bias.set_require_grad(false)),
+            bias: linear.bias,
         })
     }
 

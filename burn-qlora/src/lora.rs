@@ -2,8 +2,22 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig};
 use burn::tensor::{DType, Tensor};
+use serde::{Deserialize, Serialize};
 
 use crate::{FrozenLinear, MergeError};
+
+/// Which biases train beside the adapters, as PEFT's `bias` option.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraBias {
+    /// None: every base stays frozen whole (the default, and QLoRA's).
+    #[default]
+    None,
+    /// The biases of every projection, adapted or not.
+    All,
+    /// The biases of the adapted projections.
+    LoraOnly,
+}
 
 /// A LoRA adapter's hyper-parameters, as PEFT names them.
 #[derive(Config, Debug, PartialEq)]
@@ -23,6 +37,9 @@ pub struct LoraConfig {
     /// Dropout on the adapter's input during training. Default 0.
     #[config(default = 0.0)]
     pub dropout: f64,
+    /// Which biases train: `none`, `all` or `lora_only`. Default none.
+    #[config(default = "LoraBias::None")]
+    pub bias: LoraBias,
 }
 
 impl LoraConfig {
@@ -64,8 +81,12 @@ impl LoraConfig {
         lora_a: Linear,
         lora_b: Linear,
     ) -> LoraLinear {
+        let base = match self.bias {
+            LoraBias::None => base.into(),
+            LoraBias::All | LoraBias::LoraOnly => base.into().with_trainable_bias(),
+        };
         LoraLinear {
-            base: base.into(),
+            base,
             lora_a,
             lora_b,
             dropout: DropoutConfig::new(self.dropout).init(),

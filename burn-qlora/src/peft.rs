@@ -10,11 +10,11 @@ use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::{AdapterError, FrozenLinear, LoraConfig, LoraLinear, linear_from_torch};
+use crate::{AdapterError, FrozenLinear, LoraBias, LoraConfig, LoraLinear, linear_from_torch};
 
 const CONFIG_FILE: &str = "adapter_config.json";
 const WEIGHTS_FILE: &str = "adapter_model.safetensors";
-const PREFIX: &str = "base_model.model.";
+pub(crate) const PREFIX: &str = "base_model.model.";
 
 /// The keys of `adapter_config.json` this crate reads and writes; peft's other keys are
 /// ignored on import and written with peft's defaults on export.
@@ -27,14 +27,20 @@ pub struct PeftConfig {
     #[serde(default)]
     pub use_rslora: bool,
     pub target_modules: Vec<String>,
+    /// Which biases were trained: `none`, `all` or `lora_only`.
+    #[serde(default)]
+    pub bias: LoraBias,
 }
 
 /// A LoRA adapter in PEFT's form: its config and, for each adapted module path, the torch-layout
-/// `lora_A` (`[r, in]`) and `lora_B` (`[out, r]`) weights.
+/// `lora_A` (`[r, in]`) and `lora_B` (`[out, r]`) weights; and the trained biases, if the config's
+/// `bias` trains any, under PEFT's names (`<path>.base_layer.bias` for an adapted projection,
+/// `<path>.bias` for another).
 #[derive(Debug, Clone)]
 pub struct PeftAdapter {
     pub config: PeftConfig,
     pub weights: BTreeMap<String, (Tensor<2>, Tensor<2>)>,
+    pub biases: BTreeMap<String, Tensor<1>>,
 }
 
 impl PeftConfig {
@@ -51,6 +57,7 @@ impl PeftConfig {
             lora_dropout: lora.dropout,
             use_rslora,
             target_modules,
+            bias: lora.bias,
         }
     }
 }
@@ -62,6 +69,7 @@ impl PeftAdapter {
             .with_alpha(self.config.lora_alpha)
             .with_use_rslora(self.config.use_rslora)
             .with_dropout(self.config.lora_dropout)
+            .with_bias(self.config.bias)
     }
 
     /// Reads `adapter_config.json` and `adapter_model.safetensors` from `dir` onto `device`.
@@ -80,19 +88,24 @@ impl PeftAdapter {
                 path: weights_path,
                 source,
             })?;
-        let mut weights = BTreeMap::new();
+        let (mut weights, mut biases) = (BTreeMap::new(), BTreeMap::new());
         for name in tensors.names() {
-            let Some(module) = name
-                .strip_prefix(PREFIX)
-                .and_then(|rest| rest.strip_suffix(".lora_A.weight"))
-            else {
+            let Some(rest) = name.strip_prefix(PREFIX) else {
                 continue;
             };
-            let lora_a = read_tensor(&tensors, name, device)?;
-            let lora_b = read_tensor(&tensors, &tensor_name(module, "lora_B"), device)?;
-            weights.insert(module.to_string(), (lora_a, lora_b));
+            if let Some(module) = rest.strip_suffix(".lora_A.weight") {
+                let lora_a = read_tensor(&tensors, name, device)?;
+                let lora_b = read_tensor(&tensors, &tensor_name(module, "lora_B"), device)?;
+                weights.insert(module.to_string(), (lora_a, lora_b));
+            } else if rest.ends_with(".bias") {
+                biases.insert(rest.to_string(), read_tensor(&tensors, name, device)?);
+            }
         }
-        Ok(Self { config, weights })
+        Ok(Self {
+            config,
+            weights,
+            biases,
+        })
     }
 
     /// Writes the adapter to `dir` as peft does, each file atomically.
@@ -104,7 +117,6 @@ impl PeftAdapter {
         let mut json = serde_json::to_value(&self.config).expect("the config serializes");
         let extra = serde_json::json!({
             "peft_type": "LORA",
-            "bias": "none",
             "fan_in_fan_out": false,
             "inference_mode": true,
             "init_lora_weights": true,
@@ -120,19 +132,15 @@ impl PeftAdapter {
         let mut data = Vec::new();
         for (module, (lora_a, lora_b)) in &self.weights {
             for (matrix, tensor) in [("lora_A", lora_a), ("lora_B", lora_b)] {
-                let values = tensor
-                    .clone()
-                    .into_data()
-                    .convert::<f32>()
-                    .try_to_vec::<f32>()
-                    .expect("an f32 tensor reads back as f32");
-                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-                data.push((tensor_name(module, matrix), tensor.dims().to_vec(), bytes));
+                data.push((tensor_name(module, matrix), f32_entry(tensor.clone())));
             }
+        }
+        for (name, bias) in &self.biases {
+            data.push((format!("{PREFIX}{name}"), f32_entry(bias.clone())));
         }
         let views = data
             .iter()
-            .map(|(name, shape, bytes)| {
+            .map(|(name, (shape, bytes))| {
                 let view = TensorView::new(Dtype::F32, shape.clone(), bytes).expect("sizes agree");
                 (name.clone(), view)
             })
@@ -184,12 +192,27 @@ impl PeftAdapter {
     }
 }
 
+/// The shape and little-endian f32 bytes of a tensor, for safetensors.
+fn f32_entry<const D: usize>(tensor: Tensor<D>) -> (Vec<usize>, Vec<u8>) {
+    let shape = tensor.dims().to_vec();
+    let values = tensor
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("an f32 tensor reads back as f32");
+    (shape, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+}
+
 /// PEFT's name for a module's `lora_A` or `lora_B` weight.
 pub(crate) fn tensor_name(module: &str, matrix: &str) -> String {
     format!("{PREFIX}{module}.{matrix}.weight")
 }
 
-fn check_shape(name: &str, tensor: &Tensor<2>, expected: [usize; 2]) -> Result<(), AdapterError> {
+pub(crate) fn check_shape<const D: usize>(
+    name: &str,
+    tensor: &Tensor<D>,
+    expected: [usize; D],
+) -> Result<(), AdapterError> {
     let actual = tensor.dims();
     if actual == expected {
         Ok(())
@@ -219,18 +242,19 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
         })
 }
 
-fn read_tensor(
+fn read_tensor<const D: usize>(
     tensors: &SafeTensors,
     name: &str,
     device: &Device,
-) -> Result<Tensor<2>, AdapterError> {
+) -> Result<Tensor<D>, AdapterError> {
     let view = tensors.tensor(name).map_err(|_| AdapterError::Missing {
         tensor: name.to_string(),
     })?;
     let shape = view.shape().to_vec();
-    if shape.len() != 2 {
+    if shape.len() != D {
         return Err(AdapterError::Rank {
             tensor: name.to_string(),
+            expected: D,
             actual: shape,
         });
     }

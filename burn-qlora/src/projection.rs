@@ -4,7 +4,7 @@ use burn::nn::Linear;
 use burn::tensor::{DType, Tensor};
 use kernels_cubecl::{QuantConfig, QuantError, QuantType};
 
-use crate::{ConfigError, FrozenLinear, LoraConfig, LoraLinear, MergeError};
+use crate::{ConfigError, FrozenLinear, LoraBias, LoraConfig, LoraLinear, MergeError};
 
 /// The projection names a target may use, short or as Hugging Face names the modules.
 const PROJECTIONS: [&str; 8] = ["q", "k", "v", "o", "gate", "up", "down", "lm_head"];
@@ -87,7 +87,11 @@ impl QloraConfig {
             Ok(Projection::Lora(layer))
         } else {
             let quantize = self.quantize_frozen.then(|| self.quant_config());
-            Ok(Projection::Frozen(FrozenLinear::new(linear, quantize)?))
+            let frozen = FrozenLinear::new(linear, quantize)?;
+            Ok(Projection::Frozen(match self.lora.bias {
+                LoraBias::All => frozen.with_trainable_bias(),
+                LoraBias::None | LoraBias::LoraOnly => frozen,
+            }))
         }
     }
 }

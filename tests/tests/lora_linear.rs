@@ -98,6 +98,7 @@ fn peft_adapter_imports_and_round_trips() {
     let mut exported = PeftAdapter {
         config: adapter.config.clone(),
         weights: Default::default(),
+        biases: Default::default(),
     };
     exported.insert("proj", &layer);
     exported.save(&out).unwrap();

@@ -6,8 +6,8 @@ use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::{DType, Device, Distribution, Tensor};
 use burn_qlora::{
-    FrozenLinear, Linear4bit, LoraConfig, LoraLinear, MergeError, PeftAdapter, PeftConfig,
-    Projection, QloraConfig, QuantConfig, QuantType, linear_from_torch,
+    FrozenLinear, Linear4bit, LoraBias, LoraConfig, LoraLinear, MergeError, PeftAdapter,
+    PeftConfig, Projection, QloraConfig, QuantConfig, QuantType, linear_from_torch,
 };
 use integration_tests::relative_error;
 
@@ -15,12 +15,16 @@ use integration_tests::relative_error;
 /// summation order.
 const TOLERANCE: f32 = 1e-5;
 
+/// A linear layer with random weight and bias, frozen by nothing yet.
 fn random_linear(d_input: usize, d_output: usize, device: &Device) -> Linear {
-    linear_from_torch(Tensor::random(
+    let mut linear = linear_from_torch(Tensor::random(
         [d_output, d_input],
         Distribution::Normal(0.0, 0.5),
         device,
-    ))
+    ));
+    let bias = Tensor::random([d_output], Distribution::Normal(0.0, 0.5), device);
+    linear.bias = Some(burn::module::Param::from_tensor(bias));
+    linear
 }
 
 /// A trained-looking adapter: B random instead of PEFT's zeros, so the update is not zero.
@@ -335,5 +339,118 @@ fn adapter_only_files_round_trip_through_a_whole_model() {
     assert!(
         err.contains("lora_A.weight") && err.contains("[8, 32]"),
         "{err}"
+    );
+}
+
+/// The bias of a projection's base.
+fn base_bias(projection: &Projection) -> burn::module::Param<Tensor<1>> {
+    let base = match projection {
+        Projection::Lora(lora) => &lora.base,
+        Projection::Frozen(frozen) => frozen,
+    };
+    let bias = match base {
+        FrozenLinear::Dense(linear) => &linear.bias,
+        FrozenLinear::Packed(linear) => &linear.bias,
+    };
+    bias.clone().expect("a bias")
+}
+
+#[test]
+fn the_bias_option_chooses_which_biases_train_as_peft_does() {
+    let device = Device::flex().autodiff();
+    let x = Tensor::<2>::random([3, 32], Distribution::Default, &device);
+    for (bias, adapted_trains, frozen_trains) in [
+        (LoraBias::None, false, false),
+        (LoraBias::LoraOnly, true, false),
+        (LoraBias::All, true, true),
+    ] {
+        let config = QloraConfig::new()
+            .with_lora(LoraConfig::new(8).with_bias(bias))
+            .with_targets(vec!["q".into()]);
+        let q = config
+            .apply("q_proj", random_linear(32, 32, &device))
+            .unwrap();
+        let k = config
+            .apply("k_proj", random_linear(32, 32, &device))
+            .unwrap();
+        let grads = (q.forward(x.clone()) + k.forward(x.clone()))
+            .sum()
+            .backward();
+        assert_eq!(
+            base_bias(&q).grad(&grads).is_some(),
+            adapted_trains,
+            "{bias:?}: the adapted projection's bias"
+        );
+        assert_eq!(
+            base_bias(&k).grad(&grads).is_some(),
+            frozen_trains,
+            "{bias:?}: the frozen projection's bias"
+        );
+    }
+}
+
+#[test]
+fn trained_biases_travel_in_the_adapter_file_under_peft_names() {
+    let device = Device::flex();
+    let lora = LoraConfig::new(8).with_bias(LoraBias::LoraOnly);
+    let config = QloraConfig::new()
+        .with_lora(lora.clone())
+        .with_targets(vec!["q".into(), "v".into()]);
+    let mut trained = Toy::new(&config, &device).randomize_adapters();
+    for layer in &mut trained.layers {
+        if let Projection::Lora(q) = &mut layer.self_attn.q_proj
+            && let FrozenLinear::Packed(base) = &mut q.base
+        {
+            base.bias = base
+                .bias
+                .take()
+                .map(|b| b.map(|t| Tensor::random(t.shape(), Distribution::Default, &t.device())));
+        }
+    }
+    let peft = PeftConfig::from_lora(&lora, vec!["q_proj".into(), "v_proj".into()]);
+    let adapter = PeftAdapter::from_model(&trained, peft);
+    assert_eq!(
+        adapter.biases.keys().collect::<Vec<_>>(),
+        [
+            "layers.0.self_attn.q_proj.base_layer.bias",
+            "layers.0.self_attn.v_proj.base_layer.bias",
+            "layers.1.self_attn.q_proj.base_layer.bias",
+            "layers.1.self_attn.v_proj.base_layer.bias"
+        ]
+    );
+
+    let dir = std::env::temp_dir().join(format!("adapter-bias-{}", std::process::id()));
+    adapter.save(&dir).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(json["bias"], "lora_only");
+    let loaded = PeftAdapter::load(&dir, &device).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(loaded.lora_config().bias, LoraBias::LoraOnly);
+
+    let mut fresh = Toy::new(&config, &device);
+    for (fresh, trained) in fresh.layers.iter_mut().zip(&trained.layers) {
+        let (fresh, trained) = (&mut fresh.self_attn, &trained.self_attn);
+        fresh.k_proj = trained.k_proj.clone();
+        for (f, t) in [
+            (&mut fresh.q_proj, &trained.q_proj),
+            (&mut fresh.v_proj, &trained.v_proj),
+        ] {
+            if let (Projection::Lora(f), Projection::Lora(t)) = (f, t) {
+                let FrozenLinear::Packed(t_base) = &t.base else {
+                    panic!("a packed base")
+                };
+                let mut base = t_base.clone();
+                base.bias = base.bias.map(|b| b.map(|t| t.zeros_like()));
+                f.base = FrozenLinear::Packed(base);
+            }
+        }
+    }
+    let restored = loaded.load_into(fresh).unwrap();
+    let x = Tensor::<2>::random([3, 32], Distribution::Default, &device);
+    assert_eq!(
+        restored.forward(x.clone()).into_data(),
+        trained.forward(x).into_data(),
+        "the biases came back from the file"
     );
 }
