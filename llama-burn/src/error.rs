@@ -24,6 +24,8 @@ pub enum LlamaError {
     },
     #[error("tensor {name} has dtype {dtype}; F32, F16 and BF16 are read")]
     Dtype { name: String, dtype: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     #[error("tensor {name}: {source}")]
     Quant {
         name: String,

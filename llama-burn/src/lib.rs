@@ -4,23 +4,28 @@
 //! 4-bit bases are chosen per projection at load time.
 
 mod attention;
+mod chat;
 mod config;
 mod error;
 mod generate;
+pub mod gguf;
 mod load;
 mod mlp;
 mod model;
 mod norm;
 mod rope;
 mod safetensors;
+mod tokenizer;
 
 pub use attention::{Attention, LayerCache};
+pub use chat::{ChatTemplate, Message, Role};
 pub use config::LlamaConfig;
 pub use error::LlamaError;
 pub use generate::{Sampler, SamplingConfig, generate};
-pub use load::LoadOptions;
+pub use load::{Checkpoint, LoadOptions};
 pub use mlp::Mlp;
 pub use model::{DecoderLayer, KvCache, Llama, LlamaModel};
 pub use norm::RmsNorm;
 pub use rope::Rope;
 pub use safetensors::SafetensorsCheckpoint;
+pub use tokenizer::Tokenizer;

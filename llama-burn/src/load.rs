@@ -5,10 +5,30 @@ use burn::nn::Embedding;
 use burn::tensor::{DType, Device, Tensor};
 use burn_qlora::{FrozenLinear, Projection, QloraConfig, linear_from_torch};
 
+use burn::tensor::TensorData;
+
+use crate::gguf::{GgufCheckpoint, GgufFile};
 use crate::{
     Attention, DecoderLayer, Llama, LlamaConfig, LlamaError, LlamaModel, Mlp, RmsNorm, Rope,
     SafetensorsCheckpoint,
 };
+
+/// Where a model's tensors come from, by Hugging Face's names, each checked against its shape.
+pub trait Checkpoint {
+    fn read(&self, name: &str, shape: &[usize]) -> Result<TensorData, LlamaError>;
+}
+
+impl Checkpoint for SafetensorsCheckpoint {
+    fn read(&self, name: &str, shape: &[usize]) -> Result<TensorData, LlamaError> {
+        SafetensorsCheckpoint::read(self, name, shape)
+    }
+}
+
+impl Checkpoint for GgufCheckpoint {
+    fn read(&self, name: &str, shape: &[usize]) -> Result<TensorData, LlamaError> {
+        GgufCheckpoint::read(self, name, shape)
+    }
+}
 
 /// How a checkpoint is loaded.
 #[derive(Clone, Debug)]
@@ -29,6 +49,48 @@ impl Default for LoadOptions {
 }
 
 impl Llama {
+    /// Loads a Hugging Face checkpoint folder (see [`Llama::from_hf`]) or a `.gguf` file (see
+    /// [`Llama::from_gguf`]).
+    pub fn load(
+        path: &Path,
+        options: &LoadOptions,
+        device: &Device,
+    ) -> Result<(Self, LlamaConfig), LlamaError> {
+        if path.is_dir() {
+            Self::from_hf(path, options, device)
+        } else if path.extension().is_some_and(|ext| ext == "gguf") {
+            Self::from_gguf(path, options, device)
+        } else {
+            Err(LlamaError::io(
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "expected a Hugging Face model folder or a .gguf file",
+                ),
+            ))
+        }
+    }
+
+    /// Loads a GGUF file (llama architecture): the config from its metadata, the tensors
+    /// dequantized to f32 one at a time, then converted (and quantized) as the options say.
+    pub fn from_gguf(
+        path: &Path,
+        options: &LoadOptions,
+        device: &Device,
+    ) -> Result<(Self, LlamaConfig), LlamaError> {
+        let file = GgufFile::open(path)?;
+        let config = file.llama_config()?;
+        let checkpoint = GgufCheckpoint::new(file, &config);
+        let model = Loader {
+            checkpoint: &checkpoint,
+            config: &config,
+            options,
+            device,
+        }
+        .load()?;
+        Ok((model, config))
+    }
+
     /// Loads a Hugging Face checkpoint folder (`config.json` and `model.safetensors`, or its
     /// shards). Tensors are read, converted and, where the options say so, quantized one at a
     /// time, so the peak stays near the size of the loaded model.
@@ -51,7 +113,7 @@ impl Llama {
 }
 
 struct Loader<'a> {
-    checkpoint: &'a SafetensorsCheckpoint,
+    checkpoint: &'a dyn Checkpoint,
     config: &'a LlamaConfig,
     options: &'a LoadOptions,
     device: &'a Device,

