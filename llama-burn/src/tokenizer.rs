@@ -125,6 +125,20 @@ impl Tokenizer {
         })
     }
 
+    /// The tokenizer of the model at `model_path`: `tokenizer.json` beside a Hugging Face
+    /// checkpoint, or the metadata of a `.gguf` file.
+    pub fn for_model(model_path: &Path, config: &crate::LlamaConfig) -> Result<Self, LlamaError> {
+        if model_path.is_dir() {
+            Self::from_file(
+                &model_path.join("tokenizer.json"),
+                config.bos_token_id,
+                config.eos_token_id,
+            )
+        } else {
+            Self::from_gguf(&GgufFile::open(model_path)?)
+        }
+    }
+
     /// Token ids of `text`; special tokens written in it (`<|im_start|>`) are recognised. No BOS
     /// is added: chat templates and the data pipeline decide where it goes.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, LlamaError> {
