@@ -81,14 +81,7 @@ impl Llama {
         let file = GgufFile::open(path)?;
         let config = file.llama_config()?;
         let checkpoint = GgufCheckpoint::new(file, &config);
-        let model = Loader {
-            checkpoint: &checkpoint,
-            config: &config,
-            options,
-            device,
-        }
-        .load()?;
-        Ok((model, config))
+        Loader::build(&checkpoint, config, options, device)
     }
 
     /// Loads a Hugging Face checkpoint folder (`config.json` and `model.safetensors`, or its
@@ -101,14 +94,7 @@ impl Llama {
     ) -> Result<(Self, LlamaConfig), LlamaError> {
         let config = LlamaConfig::from_hf_json(&dir.join("config.json"))?;
         let checkpoint = SafetensorsCheckpoint::open(dir)?;
-        let model = Loader {
-            checkpoint: &checkpoint,
-            config: &config,
-            options,
-            device,
-        }
-        .load()?;
-        Ok((model, config))
+        Loader::build(&checkpoint, config, options, device)
     }
 }
 
@@ -120,6 +106,22 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
+    fn build(
+        checkpoint: &dyn Checkpoint,
+        config: LlamaConfig,
+        options: &LoadOptions,
+        device: &Device,
+    ) -> Result<(Llama, LlamaConfig), LlamaError> {
+        let loader = Loader {
+            checkpoint,
+            config: &config,
+            options,
+            device,
+        };
+        let model = loader.load()?;
+        Ok((model, config))
+    }
+
     fn load(&self) -> Result<Llama, LlamaError> {
         let c = self.config;
         if let Some(qlora) = &self.options.qlora {

@@ -243,6 +243,27 @@ impl Toy {
         })
     }
 
+    /// This model's adapters (fresh) over `trained`'s frozen weights, as a base checkpoint
+    /// would give them; with `zero_bias`, the adapted projections' biases zeroed.
+    fn with_bases_of(mut self, trained: &Toy, zero_bias: bool) -> Self {
+        for (fresh, trained) in self.layers.iter_mut().zip(&trained.layers) {
+            let (fresh, trained) = (&mut fresh.self_attn, &trained.self_attn);
+            fresh.k_proj = trained.k_proj.clone();
+            for (f, t) in [
+                (&mut fresh.q_proj, &trained.q_proj),
+                (&mut fresh.v_proj, &trained.v_proj),
+            ] {
+                if let (Projection::Lora(f), Projection::Lora(t)) = (f, t) {
+                    f.base = t.base.clone();
+                    if zero_bias && let FrozenLinear::Packed(base) = &mut f.base {
+                        base.bias = base.bias.take().map(|b| b.map(|t| t.zeros_like()));
+                    }
+                }
+            }
+        }
+        self
+    }
+
     fn randomize_adapters(self) -> Self {
         let layers = self
             .layers
@@ -289,19 +310,7 @@ fn adapter_only_files_round_trip_through_a_whole_model() {
     assert_eq!(loaded.lora_config().scaling(), config.lora.scaling());
 
     // The frozen weights come from the base checkpoint; the adapter from its file.
-    let mut fresh = Toy::new(&config, &device);
-    for (fresh, trained) in fresh.layers.iter_mut().zip(&trained.layers) {
-        let (fresh, trained) = (&mut fresh.self_attn, &trained.self_attn);
-        fresh.k_proj = trained.k_proj.clone();
-        for (f, t) in [
-            (&mut fresh.q_proj, &trained.q_proj),
-            (&mut fresh.v_proj, &trained.v_proj),
-        ] {
-            if let (Projection::Lora(f), Projection::Lora(t)) = (f, t) {
-                f.base = t.base.clone();
-            }
-        }
-    }
+    let fresh = Toy::new(&config, &device).with_bases_of(&trained, false);
     let restored = loaded.load_into(fresh).unwrap();
     let x = Tensor::<2>::random([3, 32], Distribution::Default, &device);
     let (ours, expected) = (restored.forward(x.clone()), trained.forward(x));
@@ -428,24 +437,7 @@ fn trained_biases_travel_in_the_adapter_file_under_peft_names() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(loaded.lora_config().bias, LoraBias::LoraOnly);
 
-    let mut fresh = Toy::new(&config, &device);
-    for (fresh, trained) in fresh.layers.iter_mut().zip(&trained.layers) {
-        let (fresh, trained) = (&mut fresh.self_attn, &trained.self_attn);
-        fresh.k_proj = trained.k_proj.clone();
-        for (f, t) in [
-            (&mut fresh.q_proj, &trained.q_proj),
-            (&mut fresh.v_proj, &trained.v_proj),
-        ] {
-            if let (Projection::Lora(f), Projection::Lora(t)) = (f, t) {
-                let FrozenLinear::Packed(t_base) = &t.base else {
-                    panic!("a packed base")
-                };
-                let mut base = t_base.clone();
-                base.bias = base.bias.map(|b| b.map(|t| t.zeros_like()));
-                f.base = FrozenLinear::Packed(base);
-            }
-        }
-    }
+    let fresh = Toy::new(&config, &device).with_bases_of(&trained, true);
     let restored = loaded.load_into(fresh).unwrap();
     let x = Tensor::<2>::random([3, 32], Distribution::Default, &device);
     assert_eq!(
