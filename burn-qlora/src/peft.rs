@@ -258,20 +258,10 @@ fn read_tensor<const D: usize>(
             actual: shape,
         });
     }
-    let bytes = view.data();
-    let values: Vec<f32> = match view.dtype() {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
+    let dtype = match view.dtype() {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
         other => {
             return Err(AdapterError::Dtype {
                 tensor: name.to_string(),
@@ -279,8 +269,7 @@ fn read_tensor<const D: usize>(
             });
         }
     };
-    Ok(Tensor::from_data(
-        TensorData::new(values, shape),
-        (device, DType::F32),
-    ))
+    // Burn converts the stored dtype to f32 on creation.
+    let data = TensorData::from_bytes_vec(view.data().to_vec(), shape, dtype);
+    Ok(Tensor::from_data(data, (device, DType::F32)))
 }
