@@ -40,4 +40,11 @@ impl LlamaError {
             source,
         }
     }
+
+    pub(crate) fn checkpoint(path: &Path, detail: impl Into<String>) -> Self {
+        Self::Checkpoint {
+            path: path.to_path_buf(),
+            detail: detail.into(),
+        }
+    }
 }

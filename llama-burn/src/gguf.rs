@@ -140,10 +140,7 @@ impl GgufFile {
     }
 
     fn error(&self, detail: String) -> LlamaError {
-        LlamaError::Checkpoint {
-            path: self.path.clone(),
-            detail,
-        }
+        LlamaError::checkpoint(&self.path, detail)
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -442,10 +439,7 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn error(&self, detail: String) -> LlamaError {
-        LlamaError::Checkpoint {
-            path: self.path.to_path_buf(),
-            detail,
-        }
+        LlamaError::checkpoint(self.path, detail)
     }
 
     fn bytes<const N: usize>(&mut self) -> Result<[u8; N], LlamaError> {

@@ -8,6 +8,7 @@ use burn_qlora::{FrozenLinear, Projection, QloraConfig, linear_from_torch};
 use burn::tensor::TensorData;
 
 use crate::gguf::{GgufCheckpoint, GgufFile};
+use crate::meta::MetaCheckpoint;
 use crate::{
     Attention, DecoderLayer, Llama, LlamaConfig, LlamaError, LlamaModel, Mlp, RmsNorm, Rope,
     SafetensorsCheckpoint,
@@ -21,6 +22,12 @@ pub trait Checkpoint {
 impl Checkpoint for SafetensorsCheckpoint {
     fn read(&self, name: &str, shape: &[usize]) -> Result<TensorData, LlamaError> {
         SafetensorsCheckpoint::read(self, name, shape)
+    }
+}
+
+impl Checkpoint for MetaCheckpoint {
+    fn read(&self, name: &str, shape: &[usize]) -> Result<TensorData, LlamaError> {
+        MetaCheckpoint::read(self, name, shape)
     }
 }
 
@@ -49,14 +56,17 @@ impl Default for LoadOptions {
 }
 
 impl Llama {
-    /// Loads a Hugging Face checkpoint folder (see [`Llama::from_hf`]) or a `.gguf` file (see
+    /// Loads a Hugging Face checkpoint folder (see [`Llama::from_hf`]), a Meta one (a folder
+    /// with `params.json`, see [`Llama::from_meta`]) or a `.gguf` file (see
     /// [`Llama::from_gguf`]).
     pub fn load(
         path: &Path,
         options: &LoadOptions,
         device: &Device,
     ) -> Result<(Self, LlamaConfig), LlamaError> {
-        if path.is_dir() {
+        if path.is_dir() && path.join("params.json").is_file() {
+            Self::from_meta(path, options, device)
+        } else if path.is_dir() {
             Self::from_hf(path, options, device)
         } else if path.extension().is_some_and(|ext| ext == "gguf") {
             Self::from_gguf(path, options, device)
@@ -65,7 +75,7 @@ impl Llama {
                 path,
                 std::io::Error::new(
                     std::io::ErrorKind::NotFound,
-                    "expected a Hugging Face model folder or a .gguf file",
+                    "expected a Hugging Face or Meta model folder, or a .gguf file",
                 ),
             ))
         }
@@ -81,6 +91,17 @@ impl Llama {
         let file = GgufFile::open(path)?;
         let config = file.llama_config()?;
         let checkpoint = GgufCheckpoint::new(file, &config);
+        Loader::build(&checkpoint, config, options, device)
+    }
+
+    /// Loads Meta's release layout: `params.json` and `consolidated.NN.pth` (one shard per
+    /// model-parallel rank, joined here), tensor by tensor like the other formats.
+    pub fn from_meta(
+        dir: &Path,
+        options: &LoadOptions,
+        device: &Device,
+    ) -> Result<(Self, LlamaConfig), LlamaError> {
+        let (checkpoint, config) = MetaCheckpoint::open(dir)?;
         Loader::build(&checkpoint, config, options, device)
     }
 

@@ -48,7 +48,7 @@ impl SafetensorsCheckpoint {
             let text =
                 std::fs::read(&index_path).map_err(|err| LlamaError::io(&index_path, err))?;
             let index: Index = serde_json::from_slice(&text)
-                .map_err(|err| checkpoint_error(&index_path, err.to_string()))?;
+                .map_err(|err| LlamaError::checkpoint(&index_path, err.to_string()))?;
             let mut shards: Vec<String> = index.weight_map.into_values().collect();
             shards.sort();
             shards.dedup();
@@ -99,13 +99,6 @@ impl SafetensorsCheckpoint {
     }
 }
 
-fn checkpoint_error(path: &Path, detail: String) -> LlamaError {
-    LlamaError::Checkpoint {
-        path: path.to_path_buf(),
-        detail,
-    }
-}
-
 fn read_header(path: &Path, entries: &mut HashMap<String, Entry>) -> Result<(), LlamaError> {
     let mut file = File::open(path).map_err(|err| LlamaError::io(path, err))?;
     let file_len = file
@@ -114,10 +107,10 @@ fn read_header(path: &Path, entries: &mut HashMap<String, Entry>) -> Result<(), 
         .len();
     let mut len = [0u8; 8];
     file.read_exact(&mut len)
-        .map_err(|_| checkpoint_error(path, "shorter than a safetensors header".into()))?;
+        .map_err(|_| LlamaError::checkpoint(path, "shorter than a safetensors header"))?;
     let header_len = u64::from_le_bytes(len);
     if header_len > file_len.saturating_sub(8) || header_len > 100 << 20 {
-        return Err(checkpoint_error(
+        return Err(LlamaError::checkpoint(
             path,
             format!("header length {header_len} does not fit a {file_len}-byte file"),
         ));
@@ -126,12 +119,12 @@ fn read_header(path: &Path, entries: &mut HashMap<String, Entry>) -> Result<(), 
     file.read_exact(&mut header)
         .map_err(|err| LlamaError::io(path, err))?;
     let mut header: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)
-        .map_err(|err| checkpoint_error(path, format!("header: {err}")))?;
+        .map_err(|err| LlamaError::checkpoint(path, format!("header: {err}")))?;
     header.remove("__metadata__");
     let data_start = 8 + header_len;
     for (name, value) in header {
         let entry: HeaderEntry = serde_json::from_value(value)
-            .map_err(|err| checkpoint_error(path, format!("{name}: {err}")))?;
+            .map_err(|err| LlamaError::checkpoint(path, format!("{name}: {err}")))?;
         let dtype = match entry.dtype.as_str() {
             "F32" => DType::F32,
             "F16" => DType::F16,
@@ -146,7 +139,7 @@ fn read_header(path: &Path, entries: &mut HashMap<String, Entry>) -> Result<(), 
         let [start, end] = entry.data_offsets;
         let expected = entry.shape.iter().product::<usize>() as u64 * dtype.size() as u64;
         if end < start || end - start != expected || data_start + end > file_len {
-            return Err(checkpoint_error(
+            return Err(LlamaError::checkpoint(
                 path,
                 format!("{name}: data offsets {start}..{end} do not fit its shape or the file"),
             ));

@@ -125,15 +125,19 @@ impl Tokenizer {
         })
     }
 
-    /// The tokenizer of the model at `model_path`: `tokenizer.json` beside a Hugging Face
-    /// checkpoint, or the metadata of a `.gguf` file.
+    /// The tokenizer of the model at `model_path`: `tokenizer.json` in a Hugging Face or Meta
+    /// checkpoint folder, or the metadata of a `.gguf` file.
     pub fn for_model(model_path: &Path, config: &crate::LlamaConfig) -> Result<Self, LlamaError> {
+        let json = model_path.join("tokenizer.json");
+        if model_path.is_dir() && !json.is_file() && model_path.join("tokenizer.model").is_file() {
+            return Err(LlamaError::Tokenizer(format!(
+                "{}: SentencePiece tokenizer.model is not read; put the Hugging Face \
+                 tokenizer.json of the same model beside it",
+                model_path.display()
+            )));
+        }
         if model_path.is_dir() {
-            Self::from_file(
-                &model_path.join("tokenizer.json"),
-                config.bos_token_id,
-                config.eos_token_id,
-            )
+            Self::from_file(&json, config.bos_token_id, config.eos_token_id)
         } else {
             Self::from_gguf(&GgufFile::open(model_path)?)
         }

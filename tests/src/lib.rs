@@ -1,6 +1,8 @@
 //! Helpers for the tests across the workspace's crates (in `tests/tests/`): where the golden
 //! vectors are, and reading them.
 
+pub mod torch_save;
+
 use std::path::PathBuf;
 
 use burn::tensor::{Device, Tensor, TensorData};

