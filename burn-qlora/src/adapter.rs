@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamGroup, ParamId};
 use burn::tensor::Tensor;
 
 use crate::peft::{PREFIX, tensor_name};
@@ -76,6 +76,17 @@ impl PeftAdapter {
     }
 }
 
+/// The parameters that train in `model`: every `LoraLinear`'s A and B, and the biases `bias`
+/// says train. A training loop's checkpoints need only these (`Module::into_record_group`).
+pub fn trainable_params<M: Module>(model: &M, bias: LoraBias) -> ParamGroup {
+    let mut collector = Collector {
+        bias,
+        ..Collector::default()
+    };
+    model.visit(&mut collector);
+    ParamGroup::from_ids(collector.trainable)
+}
+
 /// Module path segments; enum variants (`Projection::Lora`) are not part of the path.
 #[derive(Default)]
 struct Path(Vec<Option<String>>);
@@ -130,6 +141,8 @@ struct Collector {
     biases: BTreeSet<String>,
     bias: LoraBias,
     trained_biases: BTreeMap<String, Tensor<1>>,
+    /// The ids of the adapter matrices and trained biases.
+    trainable: Vec<ParamId>,
 }
 
 impl ModuleVisitor for Collector {
@@ -151,6 +164,7 @@ impl ModuleVisitor for Collector {
             if trains {
                 let bias = param.val().reshape([param.shape().num_elements()]);
                 self.trained_biases.insert(name.clone(), bias);
+                self.trainable.push(param.id);
             }
             self.biases.insert(name);
             return;
@@ -161,6 +175,7 @@ impl ModuleVisitor for Collector {
         let Ok([rows, cols]) = <[usize; 2]>::try_from(param.shape().to_vec()) else {
             return;
         };
+        self.trainable.push(param.id);
         let weight = param.val().reshape([rows, cols]);
         let pair = self.found.entry(module).or_default();
         match matrix {

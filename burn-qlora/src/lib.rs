@@ -18,6 +18,7 @@ mod lora;
 mod peft;
 mod projection;
 
+pub use adapter::trainable_params;
 pub use error::{AdapterError, ConfigError, MergeError};
 pub use frozen::FrozenLinear;
 pub use kernels_cubecl::{self as kernels, Packed4bit, QuantConfig, QuantError, QuantType};

@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use burn_qlora::{PeftAdapter, QloraConfig};
 use clap::Parser;
-use llama_burn::gguf::GgufFile;
 use llama_burn::{
     ChatTemplate, Llama, LlamaConfig, LoadOptions, Message, Role, SamplingConfig, Tokenizer,
     generate,
@@ -26,6 +25,10 @@ struct Args {
     /// A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to apply.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// A training run folder: its model, template, dtype and final adapter, from the config
+    /// saved there.
+    #[arg(long, conflicts_with_all = ["model", "adapter"])]
+    run: Option<PathBuf>,
     /// Answer this prompt and exit; without it, chat on standard input.
     #[arg(long)]
     prompt: Option<String>,
@@ -55,13 +58,20 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(run) = args.run.clone() {
+        let config = apps::config::TrainConfig::from_run(&run)?;
+        args.model = Some(apps::model_path(&config.model.path)?);
+        args.adapter = Some(run.join(apps::train::ADAPTER_DIR));
+        args.template.get_or_insert(config.model.template);
+        args.dtype = config.model.dtype;
+    }
     let device = apps::device(&args.backend)?;
     let model_path = match &args.model {
         Some(path) => path.clone(),
         None => apps::default_model()?,
     };
-    let template = template(&args, &model_path)?;
+    let template = apps::chat_template(args.template.as_deref().unwrap_or("auto"), &model_path)?;
     let adapter = args
         .adapter
         .as_ref()
@@ -109,28 +119,6 @@ fn main() -> Result<()> {
         let reply = answer(&args, &model, &config, &tokenizer, &template, &messages)?;
         messages.push(Message::new(Role::Assistant, reply));
     }
-}
-
-fn template(args: &Args, model_path: &std::path::Path) -> Result<ChatTemplate> {
-    if let Some(name) = &args.template {
-        return ChatTemplate::from_name(name).with_context(|| {
-            format!("template {name:?}: use chatml, llama2, alpaca or human_response")
-        });
-    }
-    if model_path.is_file() {
-        let file = GgufFile::open(model_path)?;
-        if let Some(jinja) = file
-            .metadata
-            .get("tokenizer.chat_template")
-            .and_then(|value| value.as_str())
-            && let Some(template) = ChatTemplate::from_jinja(jinja)
-        {
-            return Ok(template);
-        }
-    }
-    Ok(ChatTemplate::ChatMl {
-        default_system: None,
-    })
 }
 
 /// Generates the assistant's answer, streaming it to stdout; stops at EOS or a stop string.

@@ -1,0 +1,601 @@
+//! The training job: a LLaMA model with LoRA adapters over 4-bit bases, trained on a chat or
+//! text dataset through burn-train's `Learner`. An "epoch" of the Learner is
+//! `train.checkpoint_every` optimizer steps, so its per-epoch validation and checkpoints come
+//! every N steps; the data position is the epoch number (the batch order is a function of the
+//! seed), so a resumed run continues on the batches it would have seen.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Context, Result, bail};
+use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
+use burn::data::dataset::DatasetError;
+use burn::module::{
+    Devices, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper, ModuleVisitor, ParamGroup,
+};
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::lr_scheduler::LrSchedulerConfig;
+use burn::optim::lr_scheduler::LrSchedulerRecord;
+use burn::optim::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
+use burn::optim::lr_scheduler::linear::LinearLrSchedulerConfig;
+use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
+use burn::optim::lr_scheduler::sequential::SequentialLrSchedulerConfig;
+use burn::optim::{AdamWConfig, OptimizerRecord};
+use burn::store::ModuleRecord;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::train::checkpoint::{Checkpoint, Checkpointer, CheckpointerError, KeepLastNCheckpoints};
+use burn::train::metric::{
+    CpuMemory, IterationSpeedMetric, LearningRateMetric, LossMetric, PerplexityMetric,
+};
+use burn::train::{
+    InferenceStep, Learner, SequenceOutput, SupervisedTraining, TrainOutput, TrainStep,
+};
+use burn_qlora::{PeftAdapter, PeftConfig};
+use llama_burn::{Llama, LoadOptions, Tokenizer};
+
+use crate::config::TrainConfig;
+use crate::data::{self, Encoder, Example};
+
+/// The folder of the run's checkpoints, inside its output folder.
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+/// The final adapter, in PEFT's layout, inside the output folder.
+pub const ADAPTER_DIR: &str = "adapter";
+const RECORDS: [&str; 3] = ["model", "optim", "scheduler"];
+
+/// A micro-batch: inputs, next-token targets, and which targets count in the loss.
+#[derive(Clone, Debug)]
+pub struct LmBatch {
+    pub inputs: Tensor<2, Int>,
+    pub targets: Tensor<2, Int>,
+    /// 1 where the target is trained, 0 on prompt and padding.
+    pub weights: Tensor<2>,
+}
+
+impl LmBatch {
+    /// Pads `examples` to the longest with `pad_id` (never trained) and shifts them by one.
+    pub fn new(examples: &[&Example], pad_id: u32, device: &Device) -> Self {
+        let len = examples.iter().map(|e| e.len()).max().unwrap_or(2).max(2) - 1;
+        let mut inputs = Vec::with_capacity(examples.len() * len);
+        let mut targets = Vec::with_capacity(examples.len() * len);
+        let mut weights = Vec::with_capacity(examples.len() * len);
+        for example in examples {
+            for position in 0..len {
+                let id = |at: usize| example.ids.get(at).copied().unwrap_or(pad_id);
+                inputs.push(id(position) as i64);
+                targets.push(id(position + 1) as i64);
+                let trained = example.trained.get(position + 1).copied().unwrap_or(false);
+                weights.push(if trained { 1.0f32 } else { 0.0 });
+            }
+        }
+        let shape = [examples.len(), len];
+        Self {
+            inputs: Tensor::from_data(TensorData::new(inputs, shape), device),
+            targets: Tensor::from_data(TensorData::new(targets, shape), device),
+            weights: Tensor::from_data(TensorData::new(weights, shape), device),
+        }
+    }
+}
+
+/// The model being trained: a [`Llama`] whose checkpoint record is its trainable parameters
+/// only (the adapters, and biases where `lora.bias` trains them), so checkpoints stay the size
+/// of the adapters; the frozen base comes from the model file again on resume.
+#[derive(Clone, Debug)]
+pub struct CausalLm {
+    pub model: Llama,
+    trainable: ParamGroup,
+    /// Targets that do not count are shown to the perplexity metric as this id.
+    ignored_id: u32,
+    /// 1 / gradient-accumulation steps: accumulated gradients are summed.
+    loss_scale: f64,
+}
+
+impl CausalLm {
+    pub fn new(model: Llama, trainable: ParamGroup, ignored_id: u32, grad_accum: usize) -> Self {
+        Self {
+            model,
+            trainable,
+            ignored_id,
+            loss_scale: 1.0 / grad_accum as f64,
+        }
+    }
+
+    /// Mean next-token cross-entropy over the trained targets, and the logits.
+    pub fn loss(&self, batch: &LmBatch) -> (Tensor<1>, Tensor<3>) {
+        let logits = self.model.forward(batch.inputs.clone(), None);
+        let log_probs = log_softmax(logits.clone().cast(burn::tensor::DType::F32), 2);
+        let picked = log_probs
+            .gather(2, batch.targets.clone().unsqueeze_dim(2))
+            .squeeze_dim::<2>(2);
+        let total = batch.weights.clone().sum().clamp_min(1.0);
+        let loss = -(picked * batch.weights.clone()).sum() / total;
+        (loss, logits)
+    }
+
+    fn output(&self, batch: LmBatch, loss: Tensor<1>, logits: Tensor<3>) -> SequenceOutput {
+        // Prompt and padding targets become the ignored id, which perplexity leaves out.
+        let ignored = batch.weights.clone().equal_elem(0.0);
+        let targets = batch.targets.mask_fill(ignored, self.ignored_id as i64);
+        SequenceOutput::new(loss, logits, None, targets)
+    }
+}
+
+impl TrainStep for CausalLm {
+    type Input = LmBatch;
+    type Output = SequenceOutput;
+
+    fn step(&self, batch: LmBatch) -> TrainOutput<SequenceOutput> {
+        let (loss, logits) = self.loss(&batch);
+        let grads = (loss.clone() * self.loss_scale).backward();
+        TrainOutput::new(self, grads, self.output(batch, loss, logits))
+    }
+}
+
+impl InferenceStep for CausalLm {
+    type Input = LmBatch;
+    type Output = SequenceOutput;
+
+    fn step(&self, batch: LmBatch) -> SequenceOutput {
+        let (loss, logits) = self.loss(&batch);
+        self.output(batch, loss, logits)
+    }
+}
+
+// By hand rather than derived, for `into_record`: the record of the trainable group only.
+impl Module for CausalLm {
+    fn collect_devices(&self, devices: Devices) -> Devices {
+        self.model.collect_devices(devices)
+    }
+
+    fn fork(self, device: &Device) -> Self {
+        Self {
+            model: self.model.fork(device),
+            ..self
+        }
+    }
+
+    fn to_device(self, device: &Device) -> Self {
+        Self {
+            model: self.model.to_device(device),
+            ..self
+        }
+    }
+
+    fn train(self) -> Self {
+        Self {
+            model: self.model.train(),
+            ..self
+        }
+    }
+
+    fn valid(&self) -> Self {
+        Self {
+            model: self.model.valid(),
+            ..self.clone()
+        }
+    }
+
+    fn materialize(self) -> Self {
+        Self {
+            model: self.model.materialize(),
+            ..self
+        }
+    }
+
+    fn visit<V: ModuleVisitor>(&self, visitor: &mut V) {
+        self.model.visit(visitor);
+    }
+
+    fn map<M: ModuleMapper>(self, mapper: &mut M) -> Self {
+        Self {
+            model: self.model.map(mapper),
+            ..self
+        }
+    }
+
+    fn into_record(self) -> ModuleRecord {
+        self.model.into_record_group(self.trainable)
+    }
+
+    fn try_load_record(self, record: ModuleRecord) -> Result<Self, burn::store::RecordError> {
+        Ok(Self {
+            model: self.model.try_load_record(record.allow_partial(true))?,
+            ..self
+        })
+    }
+
+    fn load_record(self, record: ModuleRecord) -> Self {
+        self.try_load_record(record)
+            .expect("checkpoint checked before training")
+    }
+}
+
+impl ModuleDisplayDefault for CausalLm {
+    fn content(&self, content: burn::module::Content) -> Option<burn::module::Content> {
+        self.model.content(content)
+    }
+}
+
+impl ModuleDisplay for CausalLm {}
+
+impl std::fmt::Display for CausalLm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "LLaMA with LoRA adapters, {} parameters outside the 4-bit weights",
+            Module::num_params(self)
+        )
+    }
+}
+
+/// Saves each record with a write to a temporary file and a rename, so a checkpoint is whole
+/// or absent, never half written.
+pub struct AtomicCheckpointer {
+    dir: PathBuf,
+    name: &'static str,
+}
+
+impl AtomicCheckpointer {
+    fn path(&self, epoch: usize) -> PathBuf {
+        record_path(&self.dir, self.name, epoch)
+    }
+}
+
+fn record_path(dir: &Path, name: &str, epoch: usize) -> PathBuf {
+    dir.join(format!("{name}-{epoch}.bpk"))
+}
+
+impl<R: Checkpoint> Checkpointer<R> for AtomicCheckpointer {
+    fn save(&self, epoch: usize, record: R) -> Result<(), CheckpointerError> {
+        let path = self.path(epoch);
+        let temporary = self.dir.join(format!(".{}-{epoch}.bpk.partial", self.name));
+        record.save(temporary.clone())?;
+        std::fs::File::open(&temporary)
+            .and_then(|file| file.sync_all())
+            .and_then(|()| std::fs::rename(&temporary, &path))
+            .map_err(CheckpointerError::IOError)
+    }
+
+    fn delete(&self, epoch: usize) -> Result<(), CheckpointerError> {
+        match std::fs::remove_file(self.path(epoch)) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                Err(CheckpointerError::IOError(err))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn restore(&self, epoch: usize) -> Result<R, CheckpointerError> {
+        R::load(self.path(epoch))
+    }
+}
+
+/// The newest epoch whose model, optimizer and scheduler records are all in `dir`.
+pub fn latest_checkpoint(dir: &Path) -> Option<usize> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    entries
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name().into_string().ok()?;
+            let epoch = name.strip_prefix("model-")?.strip_suffix(".bpk")?;
+            epoch.parse::<usize>().ok()
+        })
+        .filter(|&epoch| {
+            RECORDS
+                .iter()
+                .all(|name| record_path(dir, name, epoch).is_file())
+        })
+        .max()
+}
+
+/// Batches for the Learner. Training: an endless stream (a new length-grouped order every pass
+/// over the data, seeded by the pass) cut into epochs of `per_epoch` batches; each `iter()` is
+/// the next epoch. Validation: every batch, each time.
+#[derive(Clone)]
+struct StepLoader {
+    examples: Arc<Vec<Example>>,
+    batch_size: usize,
+    seed: u64,
+    /// Batches per epoch; `None` for one pass over the data (validation).
+    per_epoch: Option<usize>,
+    next_epoch: Arc<AtomicUsize>,
+    pad_id: u32,
+    device: Device,
+}
+
+impl StepLoader {
+    fn batches_of_epoch(&self, epoch: usize) -> Vec<Vec<usize>> {
+        let Some(per_epoch) = self.per_epoch else {
+            return data::length_grouped_batches(&self.examples, self.batch_size, self.seed);
+        };
+        // Every pass over the data has its own order, seeded by the pass number.
+        let per_pass = self.examples.len().div_ceil(self.batch_size);
+        let mut order = (usize::MAX, Vec::new());
+        let mut batches = Vec::new();
+        for global in epoch * per_epoch..(epoch + 1) * per_epoch {
+            let pass = global / per_pass;
+            if order.0 != pass {
+                let seed = self.seed.wrapping_add(pass as u64);
+                order = (
+                    pass,
+                    data::length_grouped_batches(&self.examples, self.batch_size, seed),
+                );
+            }
+            batches.push(order.1[global % per_pass].clone());
+        }
+        batches
+    }
+}
+
+struct StepIterator<'a> {
+    loader: &'a StepLoader,
+    batches: std::vec::IntoIter<Vec<usize>>,
+    processed: usize,
+    total: usize,
+}
+
+impl Iterator for StepIterator<'_> {
+    type Item = Result<LmBatch, DatasetError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let batch = self.batches.next()?;
+        self.processed += 1;
+        let examples: Vec<&Example> = batch.iter().map(|&i| &self.loader.examples[i]).collect();
+        Some(Ok(LmBatch::new(
+            &examples,
+            self.loader.pad_id,
+            &self.loader.device,
+        )))
+    }
+}
+
+impl DataLoaderIterator<LmBatch> for StepIterator<'_> {
+    fn progress(&self) -> Progress {
+        Progress {
+            items_processed: self.processed,
+            items_total: self.total,
+            unit: Some("batches".into()),
+        }
+    }
+}
+
+impl DataLoader<LmBatch> for StepLoader {
+    fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<LmBatch> + 'a> {
+        let epoch = match self.per_epoch {
+            Some(_) => self.next_epoch.fetch_add(1, Ordering::SeqCst),
+            None => 0,
+        };
+        let batches = self.batches_of_epoch(epoch);
+        Box::new(StepIterator {
+            loader: self,
+            total: batches.len(),
+            batches: batches.into_iter(),
+            processed: 0,
+        })
+    }
+
+    fn num_items(&self) -> usize {
+        match self.per_epoch {
+            Some(per_epoch) => per_epoch,
+            None => self.examples.len().div_ceil(self.batch_size),
+        }
+    }
+
+    fn to_device(&self, device: &Device) -> Arc<dyn DataLoader<LmBatch>> {
+        Arc::new(Self {
+            device: device.clone(),
+            ..self.clone()
+        })
+    }
+
+    fn slice(&self, _start: usize, _end: usize) -> Arc<dyn DataLoader<LmBatch>> {
+        Arc::new(self.clone())
+    }
+}
+
+/// What a finished run reports.
+#[derive(Debug)]
+pub struct RunSummary {
+    pub output_dir: PathBuf,
+    pub adapter_dir: PathBuf,
+    pub train_examples: usize,
+    pub valid_examples: usize,
+}
+
+/// Trains as `config` says; with `resume`, from the newest checkpoint in its output folder.
+pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
+    let output_dir = config.output_dir();
+    let checkpoint_dir = output_dir.join(CHECKPOINT_DIR);
+    let resume_from = if resume {
+        let epoch = latest_checkpoint(&checkpoint_dir).with_context(|| {
+            format!(
+                "--resume: no complete checkpoint in {}",
+                checkpoint_dir.display()
+            )
+        })?;
+        Some(epoch)
+    } else {
+        if latest_checkpoint(&checkpoint_dir).is_some() {
+            bail!(
+                "{} already holds checkpoints: pass --resume to continue that run, or choose \
+                 another train.output_dir",
+                output_dir.display()
+            );
+        }
+        None
+    };
+    std::fs::create_dir_all(&checkpoint_dir)
+        .with_context(|| format!("creating {}", checkpoint_dir.display()))?;
+    config.save_to_run(&output_dir)?;
+
+    let device = crate::device(&config.train.backend)?;
+    device.seed(config.train.seed);
+    let model_path = crate::model_path(&config.model.path)?;
+    let qlora = config.qlora_config()?;
+    let options = LoadOptions {
+        dtype: crate::parse_dtype(&config.model.dtype)?,
+        qlora: Some(qlora.clone()),
+    };
+    eprintln!("loading {}", model_path.display());
+    // Loaded on the autodiff device, so the adapters are tracked parameters from the start.
+    let (model, model_config) = Llama::load(&model_path, &options, &device.clone().autodiff())
+        .with_context(|| format!("loading {}", model_path.display()))?;
+    let tokenizer = match config.model.tokenizer.as_str() {
+        "" => Tokenizer::for_model(&model_path, &model_config)?,
+        path => Tokenizer::from_file(
+            Path::new(path),
+            model_config.bos_token_id,
+            model_config.eos_token_id,
+        )?,
+    };
+    let template = crate::chat_template(&config.model.template, &model_path)?;
+
+    let data_path = crate::data_path(&config.data.path)?;
+    eprintln!("reading {}", data_path.display());
+    let mut records = data::read_records(&data_path, &config.data.format)?;
+    if config.data.max_examples > 0 {
+        records.truncate(config.data.max_examples);
+    }
+    let encoder = Encoder {
+        tokenizer: &tokenizer,
+        template: &template,
+        max_seq_len: config.data.max_seq_len,
+        train_on_prompt: config.data.train_on_prompt,
+    };
+    let examples = records
+        .iter()
+        .map(|record| encoder.encode(record))
+        .collect::<Result<Vec<_>, _>>()?;
+    let examples: Vec<Example> = examples
+        .into_iter()
+        .filter(|example| example.trained.iter().skip(1).any(|&t| t))
+        .collect();
+    if examples.is_empty() {
+        bail!("{}: no example has a trained token", data_path.display());
+    }
+    let split = data::split(examples, config.data.valid_fraction, config.train.seed);
+    let (train_examples, valid_examples) = (split.train.len(), split.valid.len());
+    eprintln!("{train_examples} training and {valid_examples} validation examples");
+
+    let train = &config.train;
+    let steps_per_epoch = train.checkpoint_every.min(train.steps);
+    let epochs = train.steps.div_ceil(steps_per_epoch);
+    let pad_id = tokenizer.pad_id();
+    let train_loader = StepLoader {
+        examples: Arc::new(split.train),
+        batch_size: train.batch_size,
+        seed: train.seed,
+        per_epoch: Some(steps_per_epoch * train.grad_accum),
+        next_epoch: Arc::new(AtomicUsize::new(resume_from.unwrap_or(0))),
+        pad_id,
+        device: device.clone(),
+    };
+    let valid_loader = StepLoader {
+        examples: Arc::new(split.valid),
+        per_epoch: None,
+        ..train_loader.clone()
+    };
+
+    let trainable = burn_qlora::trainable_params(&model, qlora.lora.bias);
+    let model = CausalLm::new(model, trainable, pad_id, train.grad_accum);
+    if let Some(epoch) = resume_from {
+        check_checkpoint(&model, &checkpoint_dir, epoch)?;
+        eprintln!("resuming from checkpoint {epoch} of {epochs}");
+    }
+    let mut optimizer = AdamWConfig::new().with_weight_decay(train.weight_decay as f32);
+    if train.max_grad_norm > 0.0 {
+        optimizer =
+            optimizer.with_grad_clipping(Some(GradientClippingConfig::Norm(train.max_grad_norm)));
+    }
+    let learner = Learner::new(model, optimizer.init(), lr_scheduler(config)?);
+
+    let checkpointer = |name| AtomicCheckpointer {
+        dir: checkpoint_dir.clone(),
+        name,
+    };
+    let mut training =
+        SupervisedTraining::new(&output_dir, Arc::new(train_loader), Arc::new(valid_loader))
+            .metric_train_numeric(LossMetric::new())
+            .metric_valid_numeric(LossMetric::new())
+            .metric_train_numeric(PerplexityMetric::new().with_pad_token(pad_id as usize))
+            .metric_valid_numeric(PerplexityMetric::new().with_pad_token(pad_id as usize))
+            .metric_train_numeric(LearningRateMetric::new())
+            .metric_train_numeric(IterationSpeedMetric::new())
+            .metric_train(CpuMemory::new())
+            .with_custom_checkpointers(
+                checkpointer("model"),
+                checkpointer("optim"),
+                checkpointer("scheduler"),
+            )
+            .with_checkpointing_strategy(KeepLastNCheckpoints::new(train.keep_checkpoints))
+            .num_epochs(epochs)
+            .summary();
+    if train.grad_accum > 1 {
+        training = training.grads_accumulation(train.grad_accum);
+    }
+    if train.activation_checkpointing {
+        training = training.gradient_checkpointing();
+    }
+    if let Some(epoch) = resume_from {
+        training = training.checkpoint(epoch);
+    }
+    let result = training.launch(learner);
+    if let Some(error) = result.error {
+        bail!("training stopped: {error}");
+    }
+
+    let adapter_dir = output_dir.join(ADAPTER_DIR);
+    let peft = PeftConfig::from_lora(&qlora.lora, qlora.targets.clone());
+    PeftAdapter::from_model(&result.model.model, peft)
+        .save(&adapter_dir)
+        .with_context(|| format!("saving the adapter to {}", adapter_dir.display()))?;
+    Ok(RunSummary {
+        output_dir,
+        adapter_dir,
+        train_examples,
+        valid_examples,
+    })
+}
+
+/// Reads the three records of checkpoint `epoch` and applies the model's, so a truncated or
+/// foreign checkpoint is an error naming its file before training starts, not a panic inside it.
+fn check_checkpoint(model: &CausalLm, dir: &Path, epoch: usize) -> Result<()> {
+    let path = |name| record_path(dir, name, epoch);
+    let record = ModuleRecord::load(path("model"))
+        .map_err(|err| anyhow::anyhow!("checkpoint {}: {err}", path("model").display()))?;
+    model
+        .clone()
+        .try_load_record(record)
+        .map_err(|err| anyhow::anyhow!("checkpoint {}: {err}", path("model").display()))?;
+    OptimizerRecord::load(path("optim"))
+        .map_err(|err| anyhow::anyhow!("checkpoint {}: {err}", path("optim").display()))?;
+    LrSchedulerRecord::load(path("scheduler"))
+        .map_err(|err| anyhow::anyhow!("checkpoint {}: {err}", path("scheduler").display()))?;
+    Ok(())
+}
+
+/// Linear warmup from lr / (warmup + 1) to lr, then cosine to zero or constant.
+fn lr_scheduler(config: &TrainConfig) -> Result<ModuleLrScheduler> {
+    let train = &config.train;
+    let after_warmup = train.steps.saturating_sub(train.warmup_steps).max(1);
+    let main = match train.schedule.as_str() {
+        "cosine" => LrSchedulerConfig::Cosine(CosineAnnealingLrSchedulerConfig::new(
+            train.lr,
+            after_warmup,
+        )),
+        _ => LrSchedulerConfig::Constant(train.lr),
+    };
+    let scheduler = if train.warmup_steps == 0 {
+        SequentialLrSchedulerConfig::new(vec![main], vec![])
+    } else {
+        let start = train.lr / (train.warmup_steps + 1) as f64;
+        let warmup = LinearLrSchedulerConfig::new(start, train.lr, train.warmup_steps);
+        SequentialLrSchedulerConfig::new(
+            vec![LrSchedulerConfig::Linear(warmup), main],
+            vec![train.warmup_steps],
+        )
+    };
+    scheduler
+        .init()
+        .map_err(|err| anyhow::anyhow!("config [train] learning-rate schedule: {err}"))
+}

@@ -1,0 +1,318 @@
+//! The training job on the golden tiny LLaMA (`../shared/golden/llama_tiny`) with a word-level
+//! tokenizer made here: the loss goes down, only response tokens count, a resumed run equals an
+//! uninterrupted one, and a damaged checkpoint is refused without touching the run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use apps::config::TrainConfig;
+use apps::data::{Encoder, Record, read_records};
+use apps::train::{CausalLm, LmBatch};
+use burn::tensor::Device;
+use burn_qlora::PeftAdapter;
+use integration_tests::golden_dir;
+use llama_burn::{ChatTemplate, Llama, LoadOptions, Message, Role, Tokenizer};
+
+/// Runs draw the adapters' initial values from the device's seeded generator, which every test
+/// thread shares: the tests that train take turns so each run's draws are its own.
+static DEVICE_RNG: Mutex<()> = Mutex::new(());
+
+fn take_turn() -> MutexGuard<'static, ()> {
+    DEVICE_RNG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+const QUESTIONS: [(&str, &str); 8] = [
+    ("what is one plus one", "two"),
+    ("what is two plus one", "three"),
+    ("what is two plus two", "four"),
+    ("what is three plus two", "five"),
+    ("name a red fruit", "apple"),
+    ("name a yellow fruit", "banana"),
+    ("name a green vegetable", "pea"),
+    ("name an orange vegetable", "carrot"),
+];
+
+/// A scratch folder with the data, and a word-level `tokenizer.json` for the tiny model's
+/// 512-token vocabulary (ids 0-2: unk, BOS, EOS).
+struct Workspace {
+    dir: PathBuf,
+}
+
+impl Workspace {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("train-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut words: Vec<String> = ["<unk>", "<s>", "</s>", "###", "HUMAN", "RESPONSE", ":"]
+            .map(String::from)
+            .to_vec();
+        for (question, answer) in QUESTIONS {
+            for word in question.split(' ').chain([answer]) {
+                if !words.iter().any(|w| w == word) {
+                    words.push(word.to_string());
+                }
+            }
+        }
+        let vocab: BTreeMap<&str, usize> = words
+            .iter()
+            .enumerate()
+            .map(|(id, w)| (w.as_str(), id))
+            .collect();
+        let tokenizer = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+        });
+        std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+        let lines: Vec<String> = QUESTIONS
+            .iter()
+            .map(|(q, a)| {
+                serde_json::json!({"instruction": q, "input": "", "output": a}).to_string()
+            })
+            .collect();
+        std::fs::write(dir.join("data.jsonl"), lines.join("\n")).unwrap();
+        Self { dir }
+    }
+
+    fn config(&self, golden: &Path, run: &str, overrides: &[&str]) -> TrainConfig {
+        let mut all = vec![
+            format!(
+                "model.path={:?}",
+                golden.join("llama_tiny").display().to_string()
+            ),
+            format!(
+                "model.tokenizer={:?}",
+                self.dir.join("tokenizer.json").display().to_string()
+            ),
+            "model.template=human_response".into(),
+            format!(
+                "data.path={:?}",
+                self.dir.join("data.jsonl").display().to_string()
+            ),
+            "data.valid_fraction=0.25".into(),
+            format!(
+                "train.output_dir={:?}",
+                self.dir.join(run).display().to_string()
+            ),
+            "train.backend=flex".into(),
+            "train.batch_size=2".into(),
+            "train.lr=0.01".into(),
+            "train.warmup_steps=0".into(),
+            "train.schedule=constant".into(),
+            "lora.dropout=0.0".into(),
+            "quant.block_size=32".into(),
+        ];
+        all.extend(overrides.iter().map(|o| o.to_string()));
+        TrainConfig::load(None, &all).unwrap()
+    }
+
+    fn tokenizer(&self) -> Tokenizer {
+        Tokenizer::from_file(&self.dir.join("tokenizer.json"), Some(1), Some(2)).unwrap()
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Mean loss of the model (with the adapter of `adapter_dir`, if any) over the data's trained
+/// tokens, all examples in one batch.
+fn mean_loss(ws: &Workspace, config: &TrainConfig, adapter_dir: Option<&Path>) -> f32 {
+    let device = Device::flex();
+    let options = LoadOptions {
+        qlora: Some(config.qlora_config().unwrap()),
+        ..LoadOptions::default()
+    };
+    let (model, _) = Llama::load(Path::new(&config.model.path), &options, &device).unwrap();
+    let model = match adapter_dir {
+        Some(dir) => PeftAdapter::load(dir, &device)
+            .unwrap()
+            .load_into(model)
+            .unwrap(),
+        None => model,
+    };
+    let tokenizer = ws.tokenizer();
+    let template = ChatTemplate::HumanResponse;
+    let encoder = Encoder {
+        tokenizer: &tokenizer,
+        template: &template,
+        max_seq_len: 64,
+        train_on_prompt: false,
+    };
+    let records = read_records(Path::new(&config.data.path), "auto").unwrap();
+    let examples: Vec<_> = records.iter().map(|r| encoder.encode(r).unwrap()).collect();
+    let batch = LmBatch::new(&examples.iter().collect::<Vec<_>>(), 0, &device);
+    let group = burn_qlora::trainable_params(&model, burn_qlora::LoraBias::None);
+    let (loss, _) = CausalLm::new(model, group, 0, 1).loss(&batch);
+    loss.into_scalar::<f32>()
+}
+
+#[test]
+fn only_response_tokens_and_their_eos_count() {
+    let ws = Workspace::new("mask");
+    let tokenizer = ws.tokenizer();
+    let template = ChatTemplate::HumanResponse;
+    let encoder = Encoder {
+        tokenizer: &tokenizer,
+        template: &template,
+        max_seq_len: 64,
+        train_on_prompt: false,
+    };
+    let record = Record::Chat(vec![
+        Message::new(Role::User, "name a red fruit"),
+        Message::new(Role::Assistant, "apple"),
+    ]);
+    let example = encoder.encode(&record).unwrap();
+    let words: Vec<String> = example
+        .ids
+        .iter()
+        .map(|&id| tokenizer.decode(&[id]).unwrap())
+        .collect();
+    // BOS, "### HUMAN :", the question, "### RESPONSE :", then the answer and EOS.
+    let trained: Vec<&str> = words
+        .iter()
+        .zip(&example.trained)
+        .filter(|(_, trained)| **trained)
+        .map(|(word, _)| word.as_str())
+        .collect();
+    assert_eq!(example.ids[0], 1, "BOS first");
+    assert_eq!(*example.ids.last().unwrap(), 2, "EOS after the response");
+    assert_eq!(trained, ["apple", "</s>"], "the answer and EOS");
+    assert_eq!(example.trained.iter().filter(|t| **t).count(), 2);
+    assert_eq!(example.ids.len(), 1 + 3 + 4 + 3 + 1 + 1);
+
+    let everything = Encoder {
+        train_on_prompt: true,
+        ..encoder
+    };
+    assert!(
+        everything.encode(&record).unwrap().trained[1..]
+            .iter()
+            .all(|t| *t)
+    );
+}
+
+#[test]
+fn training_lowers_the_loss_and_writes_an_adapter() {
+    let _turn = take_turn();
+    let Some(golden) = golden_dir() else { return };
+    let ws = Workspace::new("loss");
+    let config = ws.config(
+        &golden,
+        "run",
+        &["train.steps=12", "train.checkpoint_every=6"],
+    );
+    let before = mean_loss(&ws, &config, None);
+    let summary = apps::train::run(&config, false).unwrap();
+    let after = mean_loss(&ws, &config, Some(&summary.adapter_dir));
+    assert!(after < 0.8 * before, "loss {before} -> {after}");
+    // Checkpoints hold the adapters, not the base: a few KiB for this model.
+    let model = summary.output_dir.join("checkpoint/model-2.bpk");
+    let size = std::fs::metadata(&model).unwrap().len();
+    assert!(size < 400_000, "{} is {size} bytes", model.display());
+}
+
+fn adapter_tensors(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let adapter = PeftAdapter::load(dir, &Device::flex()).unwrap();
+    let mut tensors = Vec::new();
+    for (module, (a, b)) in &adapter.weights {
+        tensors.push((
+            format!("{module}.A"),
+            a.to_data().try_to_vec::<f32>().unwrap(),
+        ));
+        tensors.push((
+            format!("{module}.B"),
+            b.to_data().try_to_vec::<f32>().unwrap(),
+        ));
+    }
+    tensors
+}
+
+#[test]
+fn a_resumed_run_equals_an_uninterrupted_one() {
+    let _turn = take_turn();
+    let Some(golden) = golden_dir() else { return };
+    let ws = Workspace::new("resume");
+    let straight = ws.config(
+        &golden,
+        "straight",
+        &["train.steps=4", "train.checkpoint_every=2"],
+    );
+    apps::train::run(&straight, false).unwrap();
+
+    // The same run stopped after its first checkpoint, then resumed for the rest.
+    let first = ws.config(
+        &golden,
+        "resumed",
+        &["train.steps=2", "train.checkpoint_every=2"],
+    );
+    apps::train::run(&first, false).unwrap();
+    let mut rest = TrainConfig::from_run(&first.output_dir()).unwrap();
+    rest.train.steps = 4;
+    apps::train::run(&rest, true).unwrap();
+
+    let expected = adapter_tensors(&straight.output_dir().join("adapter"));
+    let actual = adapter_tensors(&rest.output_dir().join("adapter"));
+    assert_eq!(expected.len(), actual.len());
+    for ((name, want), (_, got)) in expected.iter().zip(&actual) {
+        let error = want
+            .iter()
+            .zip(got)
+            .map(|(w, g)| (w - g).abs())
+            .fold(0.0f32, f32::max);
+        assert!(error <= 1e-5, "{name}: max abs difference {error}");
+    }
+    // The second epoch's training losses are the same too.
+    let losses = |run: &TrainConfig| {
+        std::fs::read_to_string(run.output_dir().join("train/epoch-2/Loss.log")).unwrap()
+    };
+    assert_eq!(losses(&straight), losses(&rest));
+}
+
+#[test]
+fn a_truncated_checkpoint_is_refused_and_nothing_is_overwritten() {
+    let _turn = take_turn();
+    let Some(golden) = golden_dir() else { return };
+    let ws = Workspace::new("corrupt");
+    let config = ws.config(
+        &golden,
+        "run",
+        &["train.steps=2", "train.checkpoint_every=2"],
+    );
+    apps::train::run(&config, false).unwrap();
+    let checkpoint = config.output_dir().join("checkpoint");
+    let model = checkpoint.join("model-1.bpk");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
+    let listing = |dir: &Path| {
+        let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().into_string().unwrap(),
+                    e.metadata().unwrap().len(),
+                )
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let before = listing(&checkpoint);
+
+    let mut more = TrainConfig::from_run(&config.output_dir()).unwrap();
+    more.train.steps = 4;
+    let err = apps::train::run(&more, true).unwrap_err().to_string();
+    assert!(err.contains("model-1.bpk"), "{err}");
+    assert_eq!(listing(&checkpoint), before);
+
+    // Starting over in a folder that holds checkpoints is refused as well.
+    let err = apps::train::run(&config, false).unwrap_err().to_string();
+    assert!(err.contains("--resume"), "{err}");
+}
