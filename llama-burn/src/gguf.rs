@@ -276,9 +276,29 @@ pub(crate) fn gguf_name(hf_name: &str) -> Option<String> {
     Some(format!("blk.{layer}.{part}.weight"))
 }
 
+/// The tensor Hugging Face calls `hf_name` from values in Meta's layout: q and k rows
+/// unpermuted (with `heads` and `kv_heads`), every other tensor as it is.
+pub(crate) fn hf_rotary_layout(
+    hf_name: &str,
+    values: Vec<f32>,
+    shape: &[usize],
+    heads: usize,
+    kv_heads: usize,
+) -> TensorData {
+    let cols = shape.last().copied().unwrap_or(1);
+    let values = if hf_name.ends_with("self_attn.q_proj.weight") {
+        unpermute_rotary(&values, heads, cols)
+    } else if hf_name.ends_with("self_attn.k_proj.weight") {
+        unpermute_rotary(&values, kv_heads, cols)
+    } else {
+        values
+    };
+    TensorData::new(values, shape.to_vec())
+}
+
 /// Rows of a q or k weight (`[heads * head_dim, in]`) from the interleaved rotary layout of
 /// Meta's checkpoints and GGUF (pairs `2i, 2i+1`) to Hugging Face's halves (`i, i + head_dim/2`).
-pub(crate) fn unpermute_rotary(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+fn unpermute_rotary(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
     let rows = values.len() / cols;
     let head_dim = rows / heads;
     let half = head_dim / 2;
@@ -534,14 +554,14 @@ impl GgufCheckpoint {
                 actual,
             });
         }
-        let mut values = self.file.read_f32(&name)?;
-        let cols = shape.last().copied().unwrap_or(1);
-        if hf_name.ends_with("self_attn.q_proj.weight") {
-            values = unpermute_rotary(&values, self.heads, cols);
-        } else if hf_name.ends_with("self_attn.k_proj.weight") {
-            values = unpermute_rotary(&values, self.kv_heads, cols);
-        }
-        Ok(TensorData::new(values, shape.to_vec()))
+        let values = self.file.read_f32(&name)?;
+        Ok(hf_rotary_layout(
+            hf_name,
+            values,
+            shape,
+            self.heads,
+            self.kv_heads,
+        ))
     }
 }
 

@@ -9,7 +9,7 @@ use burn::tensor::{DType, TensorData};
 use pytorch_reader::PytorchReader;
 use serde::Deserialize;
 
-use crate::gguf::unpermute_rotary;
+use crate::gguf::hf_rotary_layout;
 use crate::{LlamaConfig, LlamaError};
 
 const PARAMS: &str = "params.json";
@@ -201,7 +201,7 @@ impl MetaCheckpoint {
                 .map_err(|err| LlamaError::checkpoint(path, format!("{name}: {err:?}")))?;
             parts.push((tensor.shape().to_vec(), values));
         }
-        let (actual, mut values) = join(split, parts).map_err(|detail| {
+        let (actual, values) = join(split, parts).map_err(|detail| {
             LlamaError::checkpoint(&self.shards[0].0, format!("{described}: {detail}"))
         })?;
         if actual != shape {
@@ -211,13 +211,13 @@ impl MetaCheckpoint {
                 actual,
             });
         }
-        let cols = shape.last().copied().unwrap_or(1);
-        if hf_name.ends_with("self_attn.q_proj.weight") {
-            values = unpermute_rotary(&values, self.heads, cols);
-        } else if hf_name.ends_with("self_attn.k_proj.weight") {
-            values = unpermute_rotary(&values, self.kv_heads, cols);
-        }
-        Ok(TensorData::new(values, shape.to_vec()))
+        Ok(hf_rotary_layout(
+            hf_name,
+            values,
+            shape,
+            self.heads,
+            self.kv_heads,
+        ))
     }
 }
 

@@ -5,7 +5,7 @@ pub mod torch_save;
 
 use std::path::PathBuf;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
 
@@ -51,6 +51,21 @@ impl GoldenFile {
             .collect();
         Tensor::from_data(TensorData::new(values, view.shape().to_vec()), device)
     }
+}
+
+/// The `input_ids` (I64) of a golden `expected.safetensors`, as a `[batch, seq]` tensor.
+pub fn golden_input_ids(path: &std::path::Path, device: &Device) -> Tensor<2, Int> {
+    let bytes = std::fs::read(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    let tensors = SafeTensors::deserialize(&bytes).expect("golden safetensors");
+    let view = tensors
+        .tensor("input_ids")
+        .expect("golden tensor input_ids");
+    let ids: Vec<i64> = view
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    Tensor::from_data(TensorData::new(ids, view.shape().to_vec()), device)
 }
 
 /// `‖actual − expected‖ / ‖expected‖`.

@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
 use integration_tests::torch_save::{StateTensor, save_state_dict};
-use integration_tests::{GoldenFile, golden_dir};
+use integration_tests::{GoldenFile, golden_dir, golden_input_ids};
 use llama_burn::{Llama, LoadOptions};
 use safetensors::SafeTensors;
 
@@ -134,18 +134,6 @@ fn write_meta_checkpoint(golden: &Path, ranks: usize, skip: &str) -> PathBuf {
     dir
 }
 
-fn input_ids(golden: &Path, device: &Device) -> Tensor<2, Int> {
-    let bytes = std::fs::read(golden.join("llama_tiny/expected.safetensors")).unwrap();
-    let tensors = SafeTensors::deserialize(&bytes).unwrap();
-    let view = tensors.tensor("input_ids").unwrap();
-    let ids: Vec<i64> = view
-        .data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-        .collect();
-    Tensor::from_data(TensorData::new(ids, view.shape().to_vec()), device)
-}
-
 #[test]
 fn meta_shards_give_transformers_logits() {
     let Some(golden) = golden_dir() else { return };
@@ -164,7 +152,10 @@ fn meta_shards_give_transformers_logits() {
             (512, 352, 4),
             "{ranks} ranks"
         );
-        let logits = model.forward(input_ids(&golden, &device), None);
+        let logits = model.forward(
+            golden_input_ids(&golden.join("llama_tiny/expected.safetensors"), &device),
+            None,
+        );
         let error = (logits - expected.tensor::<3>("logits", &device))
             .abs()
             .max()

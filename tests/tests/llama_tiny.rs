@@ -3,28 +3,15 @@
 //! `llama_tiny_adapter/` a PEFT adapter on all seven projections with the adapted logits.
 
 use std::ops::ControlFlow;
-use std::path::Path;
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use burn_qlora::{PeftAdapter, QloraConfig};
-use integration_tests::{GoldenFile, golden_dir};
+use integration_tests::{GoldenFile, golden_dir, golden_input_ids};
 use llama_burn::{KvCache, Llama, LoadOptions, SamplingConfig, generate};
 use safetensors::SafeTensors;
 
 /// Max absolute error on the logits, f32.
 const TOLERANCE: f32 = 1e-4;
-
-fn input_ids(path: &Path, device: &Device) -> Tensor<2, Int> {
-    let bytes = std::fs::read(path).unwrap();
-    let tensors = SafeTensors::deserialize(&bytes).unwrap();
-    let view = tensors.tensor("input_ids").unwrap();
-    let ids: Vec<i64> = view
-        .data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-        .collect();
-    Tensor::from_data(TensorData::new(ids, view.shape().to_vec()), device)
-}
 
 fn max_abs_error(actual: Tensor<3>, expected: Tensor<3>) -> f32 {
     (actual - expected).abs().max().into_scalar::<f32>()
@@ -38,7 +25,10 @@ fn logits_match_transformers() {
     let (model, config) = Llama::from_hf(&dir, &LoadOptions::default(), &device).unwrap();
     assert_eq!((config.num_attention_heads, config.num_kv_heads()), (8, 4));
     let expected = GoldenFile::open(&dir.join("expected.safetensors"));
-    let logits = model.forward(input_ids(&dir.join("expected.safetensors"), &device), None);
+    let logits = model.forward(
+        golden_input_ids(&dir.join("expected.safetensors"), &device),
+        None,
+    );
     let error = max_abs_error(logits, expected.tensor("logits", &device));
     assert!(error <= TOLERANCE, "max abs error {error}");
 }
@@ -61,7 +51,7 @@ fn adapted_logits_match_peft() {
     let model = adapter.load_into(model).unwrap();
     let expected_path = golden.join("llama_tiny_adapter/expected.safetensors");
     let expected = GoldenFile::open(&expected_path);
-    let logits = model.forward(input_ids(&expected_path, &device), None);
+    let logits = model.forward(golden_input_ids(&expected_path, &device), None);
     let error = max_abs_error(logits, expected.tensor("logits", &device));
     assert!(error <= TOLERANCE, "max abs error {error}");
 }
@@ -72,7 +62,7 @@ fn kv_cache_decoding_equals_the_full_forward() {
     let dir = golden.join("llama_tiny");
     let device = Device::flex();
     let (model, config) = Llama::from_hf(&dir, &LoadOptions::default(), &device).unwrap();
-    let tokens = input_ids(&dir.join("expected.safetensors"), &device);
+    let tokens = golden_input_ids(&dir.join("expected.safetensors"), &device);
     let full = model.forward(tokens.clone(), None);
 
     // A prefix in one call, then one token a call.
@@ -168,7 +158,7 @@ fn a_qlora_model_loads_4bit_and_trains_only_its_adapters() {
         ..LoadOptions::default()
     };
     let (model, _) = Llama::from_hf(&dir, &options, &device).unwrap();
-    let tokens = input_ids(&dir.join("expected.safetensors"), &device);
+    let tokens = golden_input_ids(&dir.join("expected.safetensors"), &device);
     let logits = model.forward(tokens, None);
 
     // The same model with every 4-bit base swapped for its dequantized dense weight computes
@@ -200,7 +190,7 @@ fn a_qlora_model_loads_4bit_and_trains_only_its_adapters() {
         }
     }
     twin.lm_head = twin.lm_head.as_ref().map(dense);
-    let tokens = input_ids(&dir.join("expected.safetensors"), &device);
+    let tokens = golden_input_ids(&dir.join("expected.safetensors"), &device);
     let error = max_abs_error(logits.clone().inner(), twin.forward(tokens, None).inner());
     assert!(
         error <= TOLERANCE,
