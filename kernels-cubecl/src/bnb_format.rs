@@ -172,8 +172,8 @@ pub fn from_tensors(tensors: &SafeTensors, name: &str) -> Result<QuantState, Qua
     Ok(state)
 }
 
-/// Writes quantized weights to a safetensors file, atomically (a temporary file, then a rename).
-pub fn save(path: &Path, weights: &[(&str, &QuantState)]) -> Result<(), QuantError> {
+/// The bytes of a safetensors file holding quantized weights, as transformers writes them.
+pub fn serialize(weights: &[(&str, &QuantState)]) -> Result<Vec<u8>, QuantError> {
     let mut owned = Vec::new();
     for (name, state) in weights {
         owned.extend(to_tensors(name, state)?);
@@ -188,10 +188,7 @@ pub fn save(path: &Path, weights: &[(&str, &QuantState)]) -> Result<(), QuantErr
         })
         .collect::<Result<Vec<_>, QuantError>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let temporary = path.with_extension("safetensors.partial");
-    safetensors::serialize_to_file(views, Some(metadata), &temporary)?;
-    std::fs::rename(&temporary, path)
-        .map_err(|err| format_error(&path.display().to_string(), &err.to_string()))
+    Ok(safetensors::serialize(views, Some(metadata))?)
 }
 
 /// Reads every named quantized weight from a safetensors file.

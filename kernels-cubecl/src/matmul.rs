@@ -48,6 +48,55 @@ impl<B: Backend> Weight4bitPrimitive<B> {
     }
 }
 
+impl AbsmaxPrimitive<Dispatch> {
+    /// The primitives of a packed weight's device absmax.
+    pub(crate) fn new(absmax: &DeviceAbsmax) -> Self {
+        match absmax {
+            DeviceAbsmax::Plain(absmax) => Self::Plain(absmax.clone().into_dispatch()),
+            DeviceAbsmax::Double {
+                codes,
+                nested_absmax,
+                offset,
+                map,
+            } => Self::Double {
+                codes: codes.clone().into_dispatch(),
+                nested_absmax: nested_absmax.clone().into_dispatch(),
+                map: map.clone().into_dispatch(),
+                offset: *offset,
+            },
+        }
+    }
+}
+
+/// The flat dense weight in `dtype` from its packed words, absmax (decoded first when double
+/// quantized) and code book, through the CubeCL kernels.
+#[cfg(feature = "cube")]
+pub(crate) fn dequantize_flat<B: crate::extension::Quant4bitOps>(
+    words: IntTensor<B>,
+    absmax: AbsmaxPrimitive<B>,
+    code: FloatTensor<B>,
+    num_elements: usize,
+    block_size: usize,
+    dtype: burn::tensor::DType,
+) -> FloatTensor<B> {
+    let (absmax, offset) = match absmax {
+        AbsmaxPrimitive::Plain(absmax) => (absmax, 0.0),
+        AbsmaxPrimitive::Double {
+            codes,
+            nested_absmax,
+            map,
+            offset,
+        } => {
+            let blocks = num_elements.div_ceil(block_size);
+            (
+                B::dequantize_absmax(codes, nested_absmax, map, blocks),
+                offset,
+            )
+        }
+    };
+    B::dequantize_4bit(words, absmax, code, offset, num_elements, block_size, dtype)
+}
+
 #[backend_extension(
     Cube: cfg(feature = "cube"),
     Flex: cfg(feature = "flex"),
@@ -94,8 +143,7 @@ mod cube {
     use burn_cubecl::CubeBackend;
     use burn_cubecl::tensor::CubeTensor;
 
-    use super::{AbsmaxPrimitive, Matmul4bitOps, Weight4bitPrimitive, matmul_dense};
-    use crate::extension::Quant4bitOps;
+    use super::{Matmul4bitOps, Weight4bitPrimitive, dequantize_flat, matmul_dense};
 
     impl Matmul4bitOps for CubeBackend {
         fn matmul_4bit(
@@ -104,24 +152,10 @@ mod cube {
             transpose: bool,
         ) -> CubeTensor {
             let num_elements = weight.num_elements();
-            let (absmax, offset) = match weight.absmax {
-                AbsmaxPrimitive::Plain(absmax) => (absmax, 0.0),
-                AbsmaxPrimitive::Double {
-                    codes,
-                    nested_absmax,
-                    map,
-                    offset,
-                } => {
-                    let blocks = num_elements.div_ceil(weight.block_size);
-                    let absmax = Self::dequantize_absmax(codes, nested_absmax, map, blocks);
-                    (absmax, offset)
-                }
-            };
-            let dense = Self::dequantize_4bit(
+            let dense = dequantize_flat::<Self>(
                 weight.words,
-                absmax,
+                weight.absmax,
                 weight.code,
-                offset,
                 num_elements,
                 weight.block_size,
                 lhs.dtype(),
@@ -284,23 +318,9 @@ pub(crate) fn linear<const D: usize>(
             weight.device()
         )));
     }
-    let absmax = match &weight.absmax {
-        DeviceAbsmax::Plain(absmax) => AbsmaxPrimitive::Plain(absmax.clone().into_dispatch()),
-        DeviceAbsmax::Double {
-            codes,
-            nested_absmax,
-            offset,
-            map,
-        } => AbsmaxPrimitive::Double {
-            codes: codes.clone().into_dispatch(),
-            nested_absmax: nested_absmax.clone().into_dispatch(),
-            map: map.clone().into_dispatch(),
-            offset: *offset,
-        },
-    };
     let primitive = Weight4bitPrimitive::<Dispatch> {
         words: weight.words.clone().into_dispatch(),
-        absmax,
+        absmax: AbsmaxPrimitive::new(&weight.absmax),
         code: weight.code.clone().into_dispatch(),
         quant_type: weight.quant_type,
         block_size: weight.block_size,

@@ -249,6 +249,7 @@ mod cube {
     use super::{DeviceAbsmax, Packed4bit, f32_tensor, read_f32, u32_tensor};
     use crate::codebook::{FP4_COUNT_TO_CODE, FP4_THRESHOLDS, NF4_THRESHOLDS, dynamic_map};
     use crate::extension::Quant4bitOps;
+    use crate::matmul::{AbsmaxPrimitive, dequantize_flat};
     use crate::{QuantConfig, QuantError, QuantType, reference};
 
     pub fn runs_cubecl(device: &Device) -> bool {
@@ -259,29 +260,10 @@ mod cube {
     }
 
     pub fn dequantize(packed: &Packed4bit, dtype: DType) -> Tensor<1> {
-        let (absmax, offset) = match &packed.absmax {
-            DeviceAbsmax::Plain(absmax) => (absmax.clone(), 0.0),
-            DeviceAbsmax::Double {
-                codes,
-                nested_absmax,
-                offset,
-                map,
-            } => {
-                let blocks = packed.num_elements().div_ceil(packed.block_size);
-                let decoded = Dispatch::dequantize_absmax(
-                    codes.clone().into_dispatch(),
-                    nested_absmax.clone().into_dispatch(),
-                    map.clone().into_dispatch(),
-                    blocks,
-                );
-                (Tensor::from_dispatch(decoded), *offset)
-            }
-        };
-        Tensor::from_dispatch(Dispatch::dequantize_4bit(
+        Tensor::from_dispatch(dequantize_flat::<Dispatch>(
             packed.words.clone().into_dispatch(),
-            absmax.into_dispatch(),
+            AbsmaxPrimitive::new(&packed.absmax),
             packed.code.clone().into_dispatch(),
-            offset,
             packed.num_elements(),
             packed.block_size,
             dtype,

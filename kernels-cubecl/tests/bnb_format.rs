@@ -4,7 +4,7 @@
 mod common;
 
 use common::golden_cases;
-use kernels_cubecl::bnb_format::{from_tensors, load, save, to_tensors};
+use kernels_cubecl::bnb_format::{from_tensors, load, serialize, to_tensors};
 use safetensors::SafeTensors;
 
 #[test]
@@ -14,7 +14,11 @@ fn golden_states_round_trip_through_safetensors() {
     for case in golden_cases() {
         let state = case.state();
         let path = dir.join("weight.safetensors");
-        save(&path, &[("model.layers.0.mlp.up_proj.weight", &state)]).unwrap();
+        std::fs::write(
+            &path,
+            serialize(&[("model.layers.0.mlp.up_proj.weight", &state)]).unwrap(),
+        )
+        .unwrap();
         let loaded = load(&path, &["model.layers.0.mlp.up_proj.weight"]).unwrap();
         assert_eq!(loaded, vec![state.clone()], "{}", case.name);
 
