@@ -57,6 +57,13 @@ impl FrozenLinear {
         }
     }
 
+    pub fn has_bias(&self) -> bool {
+        match self {
+            Self::Dense(linear) => linear.bias.is_some(),
+            Self::Packed(linear) => linear.bias.is_some(),
+        }
+    }
+
     /// `[d_input, d_output]`.
     pub fn dims(&self) -> [usize; 2] {
         match self {

@@ -9,8 +9,10 @@
 //!   o, gate, up, down, lm_head) with the QLoRA switches.
 //! - [`PeftAdapter`]: adapter-only files in PEFT's layout (`adapter_config.json` +
 //!   `adapter_model.safetensors`), read from and written to any model holding `LoraLinear`s.
+//! - [`write_atomically`]: files written whole or not at all, for adapters and checkpoints.
 
 mod adapter;
+mod atomic;
 mod error;
 mod frozen;
 mod linear4bit;
@@ -19,6 +21,7 @@ mod peft;
 mod projection;
 
 pub use adapter::trainable_params;
+pub use atomic::{write_atomically, write_atomically_with};
 pub use error::{AdapterError, ConfigError, MergeError};
 pub use frozen::FrozenLinear;
 pub use kernels_cubecl::{self as kernels, Packed4bit, QuantConfig, QuantError, QuantType};

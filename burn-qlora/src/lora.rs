@@ -116,10 +116,15 @@ impl LoraLinear {
         if self.merged {
             return self.base.forward(input);
         }
-        let adapter = self
-            .lora_b
-            .forward(self.lora_a.forward(self.dropout.forward(input.clone())));
-        self.base.forward(input) + adapter.mul_scalar(self.scaling)
+        // The adapter keeps its own dtype (f32 over a bf16 model, as PEFT keeps it): the input
+        // is cast to it and the update back to the input's.
+        let dtype = input.dtype();
+        let adapter_input = self.dropout.forward(input.clone());
+        let adapter = self.lora_b.forward(
+            self.lora_a
+                .forward(adapter_input.cast(self.lora_a.weight.dtype())),
+        );
+        self.base.forward(input) + adapter.mul_scalar(self.scaling).cast(dtype)
     }
 
     /// `scaling * B·A` in Burn's `[d_input, d_output]` layout, f32.

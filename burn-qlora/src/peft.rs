@@ -30,6 +30,9 @@ pub struct PeftConfig {
     /// Which biases were trained: `none`, `all` or `lora_only`.
     #[serde(default)]
     pub bias: LoraBias,
+    /// The base model the adapter was trained on, where peft looks for it.
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
 }
 
 /// A LoRA adapter in PEFT's form: its config and, for each adapted module path, the torch-layout
@@ -58,6 +61,15 @@ impl PeftConfig {
             use_rslora,
             target_modules,
             bias: lora.bias,
+            base_model_name_or_path: None,
+        }
+    }
+
+    /// The same config naming the base model (a Hub id or a path).
+    pub fn with_base_model(self, base_model: impl Into<String>) -> Self {
+        Self {
+            base_model_name_or_path: Some(base_model.into()),
+            ..self
         }
     }
 }
@@ -233,13 +245,10 @@ fn read(path: &Path) -> Result<Vec<u8>, AdapterError> {
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
-    let temporary = path.with_extension("partial");
-    std::fs::write(&temporary, bytes)
-        .and_then(|()| std::fs::rename(&temporary, path))
-        .map_err(|source| AdapterError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+    crate::write_atomically(path, bytes).map_err(|source| AdapterError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn read_tensor<const D: usize>(

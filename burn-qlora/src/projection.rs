@@ -127,6 +127,13 @@ impl Projection {
         }
     }
 
+    pub fn has_bias(&self) -> bool {
+        match self {
+            Self::Frozen(linear) => linear.has_bias(),
+            Self::Lora(linear) => linear.base.has_bias(),
+        }
+    }
+
     /// The dense layer with any adapter merged, its weight in `dtype` (never re-quantized).
     pub fn to_merged_linear(&self, dtype: DType) -> Result<Linear, MergeError> {
         match self {

@@ -96,6 +96,38 @@ impl LlamaConfig {
         Ok(config)
     }
 
+    /// Hugging Face's `config.json` for this shape (`LlamaForCausalLM`), weights in `dtype`
+    /// (`float32`, `float16` or `bfloat16`); `attention_bias` and `mlp_bias` say whether those
+    /// projections carry biases.
+    pub fn to_hf_json(
+        &self,
+        dtype: &str,
+        attention_bias: bool,
+        mlp_bias: bool,
+    ) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_kv_heads(),
+            "head_dim": self.head_dim(),
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": attention_bias,
+            "mlp_bias": mlp_bias,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": dtype,
+        })
+    }
+
     /// LLaMA-2 7B: 32 layers, 4096 wide, 32 heads, MLP 11008, vocab 32000.
     pub fn llama2_7b() -> Self {
         Self::new(32000, 4096, 11008, 32, 32)

@@ -16,6 +16,7 @@ mod model;
 mod norm;
 mod rope;
 mod safetensors;
+mod save;
 mod tokenizer;
 
 pub use attention::{Attention, LayerCache};
@@ -30,4 +31,5 @@ pub use model::{DecoderLayer, KvCache, Llama, LlamaModel};
 pub use norm::RmsNorm;
 pub use rope::Rope;
 pub use safetensors::SafetensorsCheckpoint;
+pub use save::SaveOptions;
 pub use tokenizer::Tokenizer;

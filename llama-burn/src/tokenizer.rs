@@ -1,4 +1,4 @@
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -16,7 +16,18 @@ pub struct Tokenizer {
     pub eos_id: Option<u32>,
     pad_id: Option<u32>,
     unk_id: Option<u32>,
+    /// The model's Jinja chat template, when its tokenizer source carries one (GGUF).
+    chat_template: Option<String>,
 }
+
+/// The tokenizer files of a Hugging Face checkpoint, copied as they are when merging.
+const HF_TOKENIZER_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "tokenizer.model",
+];
 
 fn tokenizer_error(err: impl std::fmt::Display) -> LlamaError {
     LlamaError::Tokenizer(err.to_string())
@@ -46,6 +57,7 @@ impl Tokenizer {
             eos_id,
             pad_id: None,
             unk_id,
+            chat_template: None,
         })
     }
 
@@ -122,6 +134,11 @@ impl Tokenizer {
             eos_id: id("eos_token_id"),
             pad_id: id("padding_token_id"),
             unk_id: id("unknown_token_id"),
+            chat_template: file
+                .metadata
+                .get("tokenizer.chat_template")
+                .and_then(GgufValue::as_str)
+                .map(str::to_string),
         })
     }
 
@@ -141,6 +158,46 @@ impl Tokenizer {
         } else {
             Self::from_gguf(&GgufFile::open(model_path)?)
         }
+    }
+
+    /// Writes the tokenizer files of `model_path`'s model to `dir`, for transformers'
+    /// `AutoTokenizer`: a Hugging Face or Meta folder's own files are copied; for a GGUF file,
+    /// `tokenizer.json` and a `tokenizer_config.json` (special tokens, chat template) are written
+    /// from this tokenizer. Returns the files written.
+    pub fn save_hf(
+        &self,
+        model_path: &Path,
+        dir: &Path,
+        max_length: usize,
+    ) -> Result<Vec<PathBuf>, LlamaError> {
+        let mut written = Vec::new();
+        if model_path.is_dir() {
+            for name in HF_TOKENIZER_FILES {
+                let source = model_path.join(name);
+                if source.is_file() {
+                    let bytes =
+                        std::fs::read(&source).map_err(|err| LlamaError::io(&source, err))?;
+                    written.push(write(&dir.join(name), &bytes)?);
+                }
+            }
+            return Ok(written);
+        }
+        let json = self.inner.to_string(false).map_err(tokenizer_error)?;
+        written.push(write(&dir.join("tokenizer.json"), json.as_bytes())?);
+        let token = |id: Option<u32>| id.and_then(|id| self.inner.id_to_token(id));
+        let config = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": token(self.bos_id),
+            "eos_token": token(self.eos_id),
+            "unk_token": token(self.unk_id),
+            "pad_token": token(Some(self.pad_id())),
+            "chat_template": self.chat_template,
+            "model_max_length": max_length,
+            "clean_up_tokenization_spaces": false,
+        });
+        let text = serde_json::to_vec_pretty(&config).expect("JSON serializes");
+        written.push(write(&dir.join("tokenizer_config.json"), &text)?);
+        Ok(written)
     }
 
     /// Token ids of `text`; special tokens written in it (`<|im_start|>`) are recognised. No BOS
@@ -172,4 +229,9 @@ impl Tokenizer {
             .find(|&id| Some(id) != self.eos_id)
             .unwrap_or(if self.eos_id == Some(0) { 1 } else { 0 })
     }
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<PathBuf, LlamaError> {
+    burn_qlora::write_atomically(path, bytes).map_err(|err| LlamaError::io(path, err))?;
+    Ok(path.to_path_buf())
 }

@@ -1,14 +1,18 @@
 //! llama-burn against transformers: `../shared/golden/llama_tiny/` is a random GQA LLaMA in
 //! Hugging Face layout with the logits `LlamaForCausalLM` gives for fixed tokens, and
-//! `llama_tiny_adapter/` a PEFT adapter on all seven projections with the adapted logits.
+//! `llama_tiny_adapter/` a PEFT adapter on all seven projections with the adapted logits; the
+//! adapted model merged and written back in Hugging Face's layout gives them too.
 
 use std::ops::ControlFlow;
 
+use std::path::Path;
+
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use burn_qlora::{PeftAdapter, QloraConfig};
-use integration_tests::{GoldenFile, golden_dir, golden_input_ids};
-use llama_burn::{KvCache, Llama, LoadOptions, SamplingConfig, generate};
+use integration_tests::{GoldenFile, golden_dir, golden_input_ids, relative_error};
+use llama_burn::{KvCache, Llama, LlamaConfig, LoadOptions, SamplingConfig, SaveOptions, generate};
 use safetensors::SafeTensors;
+use safetensors::tensor::Dtype;
 
 /// Max absolute error on the logits, f32.
 const TOLERANCE: f32 = 1e-4;
@@ -33,27 +37,107 @@ fn logits_match_transformers() {
     assert!(error <= TOLERANCE, "max abs error {error}");
 }
 
-#[test]
-fn adapted_logits_match_peft() {
-    let Some(golden) = golden_dir() else { return };
-    let device = Device::flex();
-    let adapter = PeftAdapter::load(&golden.join("llama_tiny_adapter"), &device).unwrap();
+/// The golden tiny LLaMA with the golden PEFT adapter, its bases dense or (`quantize`) NF4.
+fn adapted_model(golden: &Path, quantize: bool, device: &Device) -> (Llama, LlamaConfig) {
+    let adapter = PeftAdapter::load(&golden.join("llama_tiny_adapter"), device).unwrap();
     let qlora = QloraConfig::new()
         .with_lora(adapter.lora_config())
         .with_targets(adapter.config.target_modules.clone())
-        .with_quantize_frozen(false)
-        .with_quantize_lora_base(false);
+        .with_quantize_frozen(quantize)
+        .with_quantize_lora_base(quantize);
     let options = LoadOptions {
         qlora: Some(qlora),
         ..LoadOptions::default()
     };
-    let (model, _) = Llama::from_hf(&golden.join("llama_tiny"), &options, &device).unwrap();
-    let model = adapter.load_into(model).unwrap();
+    let (model, config) = Llama::from_hf(&golden.join("llama_tiny"), &options, device).unwrap();
+    (adapter.load_into(model).unwrap(), config)
+}
+
+#[test]
+fn adapted_logits_match_peft() {
+    let Some(golden) = golden_dir() else { return };
+    let device = Device::flex();
+    let (model, _) = adapted_model(&golden, false, &device);
     let expected_path = golden.join("llama_tiny_adapter/expected.safetensors");
     let expected = GoldenFile::open(&expected_path);
     let logits = model.forward(golden_input_ids(&expected_path, &device), None);
     let error = max_abs_error(logits, expected.tensor("logits", &device));
     assert!(error <= TOLERANCE, "max abs error {error}");
+}
+
+/// A merged checkpoint written in Hugging Face's layout loads as a plain model (no adapter) and
+/// gives peft's adapted logits; sharded, the same numbers; merged over 4-bit bases, the 4-bit
+/// model's numbers; in bf16, bf16 weights.
+#[test]
+fn merged_checkpoints_compute_the_adapted_model() {
+    let Some(golden) = golden_dir() else { return };
+    let device = Device::flex();
+    let dir = std::env::temp_dir().join(format!("llama-merged-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let expected_path = golden.join("llama_tiny_adapter/expected.safetensors");
+    let tokens = golden_input_ids(&expected_path, &device);
+    let f32_options = SaveOptions {
+        dtype: DType::F32,
+        ..SaveOptions::default()
+    };
+    let merged_logits = |out: &Path| {
+        let (model, config) = Llama::from_hf(out, &LoadOptions::default(), &device).unwrap();
+        (model.forward(tokens.clone(), None), config)
+    };
+
+    let (model, config) = adapted_model(&golden, false, &device);
+    let single = dir.join("single");
+    let written = model.save_hf(&config, &single, &f32_options).unwrap();
+    assert_eq!(written.len(), 2, "{written:?}");
+    let (logits, merged_config) = merged_logits(&single);
+    assert_eq!(merged_config, config);
+    let expected = GoldenFile::open(&expected_path).tensor("logits", &device);
+    let error = max_abs_error(logits.clone(), expected);
+    assert!(error <= TOLERANCE, "merged vs peft: max abs error {error}");
+    let bytes = std::fs::read(single.join("model.safetensors")).unwrap();
+    let names = SafeTensors::deserialize(&bytes).unwrap().names().len();
+    assert_eq!(
+        names,
+        3 + 3 * 9,
+        "embedding, norm, head and 9 tensors a layer"
+    );
+
+    // Shards of at most ~300 kB, with transformers' index.
+    let sharded = dir.join("sharded");
+    let options = SaveOptions {
+        max_shard_bytes: 300_000,
+        ..f32_options.clone()
+    };
+    let written = model.save_hf(&config, &sharded, &options).unwrap();
+    assert!(sharded.join("model.safetensors.index.json").is_file());
+    assert!(written.len() > 3, "{written:?}");
+    let (sharded_logits, _) = merged_logits(&sharded);
+    assert_eq!(max_abs_error(sharded_logits, logits), 0.0);
+
+    // Over NF4 bases: the dequantized base plus the update, what the 4-bit model computes.
+    let (model, config) = adapted_model(&golden, true, &device);
+    let quantized = dir.join("quantized");
+    model.save_hf(&config, &quantized, &f32_options).unwrap();
+    let adapted = model.forward(tokens.clone(), None);
+    let error = max_abs_error(merged_logits(&quantized).0, adapted.clone());
+    assert!(error <= TOLERANCE, "merged vs 4-bit: max abs error {error}");
+
+    // bf16 weights, named so in config.json; the logits within bf16's precision.
+    let bf16 = dir.join("bf16");
+    model
+        .save_hf(&config, &bf16, &SaveOptions::default())
+        .unwrap();
+    let bytes = std::fs::read(bf16.join("model.safetensors")).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    assert!(file.iter().all(|(_, view)| view.dtype() == Dtype::BF16));
+    let json = std::fs::read_to_string(bf16.join("config.json")).unwrap();
+    assert!(json.contains("\"torch_dtype\": \"bfloat16\""), "{json}");
+    let error = relative_error(merged_logits(&bf16).0, adapted);
+    assert!(
+        error <= 1e-2,
+        "bf16 merged vs 4-bit: relative error {error}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
