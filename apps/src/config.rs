@@ -160,8 +160,9 @@ pub struct TrainSection {
     pub warmup_steps: usize,
     /// After warmup: cosine (to zero) or constant. Default cosine.
     pub schedule: String,
-    /// Gradient-norm clipping per parameter tensor; 0 disables. Default 1.0.
-    pub max_grad_norm: f32,
+    /// Clipping of the global gradient norm of each optimizer step (as torch's
+    /// `clip_grad_norm_`); 0 disables. Default 1.0.
+    pub max_grad_norm: f64,
     /// Seed of the adapter init, dropout and data order. Default 42.
     pub seed: u64,
     /// Steps between checkpoints and validation passes. Default 10.
@@ -334,7 +335,9 @@ impl TrainConfig {
     /// Saves the config in the run folder (atomically).
     pub fn save_to_run(&self, dir: &Path) -> Result<()> {
         let text = toml::to_string_pretty(self)?;
-        crate::write_atomically(&dir.join(CONFIG_FILE), text.as_bytes())
+        let path = dir.join(CONFIG_FILE);
+        burn_qlora::write_atomically(&path, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))
     }
 }
 

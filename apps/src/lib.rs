@@ -3,7 +3,10 @@
 
 pub mod config;
 pub mod data;
+pub mod grad_norm;
+pub mod metrics;
 pub mod train;
+pub mod trained;
 
 use std::path::{Path, PathBuf};
 
@@ -142,13 +145,4 @@ pub fn chat_template(name: &str, model_path: &Path) -> Result<ChatTemplate> {
     Ok(ChatTemplate::ChatMl {
         default_system: None,
     })
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename: whole or not at all.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let temporary = path.with_extension("partial");
-    std::fs::write(&temporary, bytes)
-        .and_then(|()| std::fs::File::open(&temporary)?.sync_all())
-        .and_then(|()| std::fs::rename(&temporary, path))
-        .with_context(|| format!("writing {}", path.display()))
 }

@@ -14,14 +14,13 @@ use burn::data::dataset::DatasetError;
 use burn::module::{
     Devices, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper, ModuleVisitor, ParamGroup,
 };
-use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::lr_scheduler::LrSchedulerConfig;
 use burn::optim::lr_scheduler::LrSchedulerRecord;
 use burn::optim::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
 use burn::optim::lr_scheduler::linear::LinearLrSchedulerConfig;
-use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
+use burn::optim::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrScheduler};
 use burn::optim::lr_scheduler::sequential::SequentialLrSchedulerConfig;
-use burn::optim::{AdamWConfig, OptimizerRecord};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer, OptimizerRecord};
 use burn::store::ModuleRecord;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -32,11 +31,14 @@ use burn::train::metric::{
 use burn::train::{
     InferenceStep, Learner, SequenceOutput, SupervisedTraining, TrainOutput, TrainStep,
 };
-use burn_qlora::{PeftAdapter, PeftConfig};
-use llama_burn::{Llama, LoadOptions, Tokenizer};
+use burn_qlora::PeftAdapter;
+use llama_burn::Llama;
 
 use crate::config::TrainConfig;
 use crate::data::{self, Encoder, Example};
+use crate::grad_norm::clip_grad_norm;
+use crate::metrics::{DeviceMemory, TokensPerSecond};
+use crate::trained;
 
 /// The folder of the run's checkpoints, inside its output folder.
 pub const CHECKPOINT_DIR: &str = "checkpoint";
@@ -89,6 +91,8 @@ pub struct CausalLm {
     ignored_id: u32,
     /// 1 / gradient-accumulation steps: accumulated gradients are summed.
     loss_scale: f64,
+    /// Global gradient-norm limit for each optimizer step; 0 for none.
+    max_grad_norm: f64,
 }
 
 impl CausalLm {
@@ -98,6 +102,15 @@ impl CausalLm {
             trainable,
             ignored_id,
             loss_scale: 1.0 / grad_accum as f64,
+            max_grad_norm: 0.0,
+        }
+    }
+
+    /// Clips the (accumulated) gradients of each optimizer step to this global norm.
+    pub fn with_max_grad_norm(self, max_grad_norm: f64) -> Self {
+        Self {
+            max_grad_norm,
+            ..self
         }
     }
 
@@ -129,6 +142,19 @@ impl TrainStep for CausalLm {
         let (loss, logits) = self.loss(&batch);
         let grads = (loss.clone() * self.loss_scale).backward();
         TrainOutput::new(self, grads, self.output(batch, loss, logits))
+    }
+
+    // The gradients here are the accumulated ones of a whole optimizer step.
+    fn optimize(
+        self,
+        optim: &mut ModuleOptimizer,
+        lr: ModuleLearningRate,
+        mut grads: GradientsParams,
+    ) -> Self {
+        if self.max_grad_norm > 0.0 {
+            clip_grad_norm(&self, &mut grads, self.max_grad_norm);
+        }
+        optim.step(lr, self, grads)
     }
 }
 
@@ -242,19 +268,19 @@ impl AtomicCheckpointer {
     }
 }
 
-fn record_path(dir: &Path, name: &str, epoch: usize) -> PathBuf {
+/// The file of record `name` (model, optim, scheduler) of checkpoint `epoch`.
+pub fn record_path(dir: &Path, name: &str, epoch: usize) -> PathBuf {
     dir.join(format!("{name}-{epoch}.bpk"))
 }
 
 impl<R: Checkpoint> Checkpointer<R> for AtomicCheckpointer {
     fn save(&self, epoch: usize, record: R) -> Result<(), CheckpointerError> {
-        let path = self.path(epoch);
-        let temporary = self.dir.join(format!(".{}-{epoch}.bpk.partial", self.name));
-        record.save(temporary.clone())?;
-        std::fs::File::open(&temporary)
-            .and_then(|file| file.sync_all())
-            .and_then(|()| std::fs::rename(&temporary, &path))
-            .map_err(CheckpointerError::IOError)
+        burn_qlora::write_atomically_with(&self.path(epoch), |temporary| {
+            record
+                .save(temporary.to_path_buf())
+                .map_err(std::io::Error::other)
+        })
+        .map_err(CheckpointerError::IOError)
     }
 
     fn delete(&self, epoch: usize) -> Result<(), CheckpointerError> {
@@ -430,24 +456,12 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
 
     let device = crate::device(&config.train.backend)?;
     device.seed(config.train.seed);
-    let model_path = crate::model_path(&config.model.path)?;
     let qlora = config.qlora_config()?;
-    let options = LoadOptions {
-        dtype: crate::parse_dtype(&config.model.dtype)?,
-        qlora: Some(qlora.clone()),
-    };
-    eprintln!("loading {}", model_path.display());
     // Loaded on the autodiff device, so the adapters are tracked parameters from the start.
-    let (model, model_config) = Llama::load(&model_path, &options, &device.clone().autodiff())
-        .with_context(|| format!("loading {}", model_path.display()))?;
-    let tokenizer = match config.model.tokenizer.as_str() {
-        "" => Tokenizer::for_model(&model_path, &model_config)?,
-        path => Tokenizer::from_file(
-            Path::new(path),
-            model_config.bos_token_id,
-            model_config.eos_token_id,
-        )?,
-    };
+    let loaded = trained::load_base(config, qlora.clone(), &device.clone().autodiff())?;
+    let tokenizer = trained::tokenizer(config, &loaded)?;
+    let model_path = loaded.model_path.clone();
+    let model = loaded.model;
     let template = crate::chat_template(&config.model.template, &model_path)?;
 
     let data_path = crate::data_path(&config.data.path)?;
@@ -502,11 +516,8 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         check_checkpoint(&model, &checkpoint_dir, epoch)?;
         eprintln!("resuming from checkpoint {epoch} of {epochs}");
     }
-    let mut optimizer = AdamWConfig::new().with_weight_decay(train.weight_decay as f32);
-    if train.max_grad_norm > 0.0 {
-        optimizer =
-            optimizer.with_grad_clipping(Some(GradientClippingConfig::Norm(train.max_grad_norm)));
-    }
+    let model = model.with_max_grad_norm(train.max_grad_norm);
+    let optimizer = AdamWConfig::new().with_weight_decay(train.weight_decay as f32);
     let learner = Learner::new(model, optimizer.init(), lr_scheduler(config)?);
 
     let checkpointer = |name| AtomicCheckpointer {
@@ -520,6 +531,7 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
             .metric_train_numeric(PerplexityMetric::new().with_pad_token(pad_id as usize))
             .metric_valid_numeric(PerplexityMetric::new().with_pad_token(pad_id as usize))
             .metric_train_numeric(LearningRateMetric::new())
+            .metric_train_numeric(TokensPerSecond::new())
             .metric_train_numeric(IterationSpeedMetric::new())
             .metric_train(CpuMemory::new())
             .with_custom_checkpointers(
@@ -530,6 +542,9 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
             .with_checkpointing_strategy(KeepLastNCheckpoints::new(train.keep_checkpoints))
             .num_epochs(epochs)
             .summary();
+    if let Some(memory) = DeviceMemory::new(&device) {
+        training = training.metric_train_numeric(memory);
+    }
     if train.grad_accum > 1 {
         training = training.grads_accumulation(train.grad_accum);
     }
@@ -545,7 +560,7 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
     }
 
     let adapter_dir = output_dir.join(ADAPTER_DIR);
-    let peft = PeftConfig::from_lora(&qlora.lora, qlora.targets.clone());
+    let peft = trained::peft_config(config, &model_path)?;
     PeftAdapter::from_model(&result.model.model, peft)
         .save(&adapter_dir)
         .with_context(|| format!("saving the adapter to {}", adapter_dir.display()))?;
@@ -561,12 +576,7 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
 /// foreign checkpoint is an error naming its file before training starts, not a panic inside it.
 fn check_checkpoint(model: &CausalLm, dir: &Path, epoch: usize) -> Result<()> {
     let path = |name| record_path(dir, name, epoch);
-    let record = ModuleRecord::load(path("model"))
-        .map_err(|err| anyhow::anyhow!("checkpoint {}: {err}", path("model").display()))?;
-    model
-        .clone()
-        .try_load_record(record)
-        .map_err(|err| anyhow::anyhow!("checkpoint {}: {err}", path("model").display()))?;
+    trained::load_checkpoint(model.model.clone(), &path("model"))?;
     OptimizerRecord::load(path("optim"))
         .map_err(|err| anyhow::anyhow!("checkpoint {}: {err}", path("optim").display()))?;
     LrSchedulerRecord::load(path("scheduler"))

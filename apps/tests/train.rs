@@ -121,22 +121,25 @@ impl Drop for Workspace {
     }
 }
 
-/// Mean loss of the model (with the adapter of `adapter_dir`, if any) over the data's trained
-/// tokens, all examples in one batch.
-fn mean_loss(ws: &Workspace, config: &TrainConfig, adapter_dir: Option<&Path>) -> f32 {
+/// The run's model as training built it (4-bit bases), with the adapter of `adapter_dir`.
+fn trained_model(config: &TrainConfig, adapter_dir: Option<&Path>) -> Llama {
     let device = Device::flex();
     let options = LoadOptions {
         qlora: Some(config.qlora_config().unwrap()),
         ..LoadOptions::default()
     };
     let (model, _) = Llama::load(Path::new(&config.model.path), &options, &device).unwrap();
-    let model = match adapter_dir {
+    match adapter_dir {
         Some(dir) => PeftAdapter::load(dir, &device)
             .unwrap()
             .load_into(model)
             .unwrap(),
         None => model,
-    };
+    }
+}
+
+/// Mean loss of `model` over the data's trained tokens, all examples in one batch.
+fn mean_loss(ws: &Workspace, config: &TrainConfig, model: Llama) -> f32 {
     let tokenizer = ws.tokenizer();
     let template = ChatTemplate::HumanResponse;
     let encoder = Encoder {
@@ -147,10 +150,23 @@ fn mean_loss(ws: &Workspace, config: &TrainConfig, adapter_dir: Option<&Path>) -
     };
     let records = read_records(Path::new(&config.data.path), "auto").unwrap();
     let examples: Vec<_> = records.iter().map(|r| encoder.encode(r).unwrap()).collect();
-    let batch = LmBatch::new(&examples.iter().collect::<Vec<_>>(), 0, &device);
+    let batch = LmBatch::new(&examples.iter().collect::<Vec<_>>(), 0, &Device::flex());
     let group = burn_qlora::trainable_params(&model, burn_qlora::LoraBias::None);
     let (loss, _) = CausalLm::new(model, group, 0, 1).loss(&batch);
     loss.into_scalar::<f32>()
+}
+
+/// Runs one of this package's binaries; panics with its output if it fails.
+fn run_binary(path: &str, args: &[&str]) {
+    let output = std::process::Command::new(path)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{path} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]
@@ -208,14 +224,90 @@ fn training_lowers_the_loss_and_writes_an_adapter() {
         "run",
         &["train.steps=12", "train.checkpoint_every=6"],
     );
-    let before = mean_loss(&ws, &config, None);
+    let before = mean_loss(&ws, &config, trained_model(&config, None));
     let summary = apps::train::run(&config, false).unwrap();
-    let after = mean_loss(&ws, &config, Some(&summary.adapter_dir));
+    let after = mean_loss(
+        &ws,
+        &config,
+        trained_model(&config, Some(&summary.adapter_dir)),
+    );
     assert!(after < 0.8 * before, "loss {before} -> {after}");
     // Checkpoints hold the adapters, not the base: a few KiB for this model.
-    let model = summary.output_dir.join("checkpoint/model-2.bpk");
+    let run = &summary.output_dir;
+    let model = run.join("checkpoint/model-2.bpk");
     let size = std::fs::metadata(&model).unwrap().len();
     assert!(size < 400_000, "{} is {size} bytes", model.display());
+    // Throughput is logged for every step after an epoch's first.
+    let rates = std::fs::read_to_string(run.join("train/epoch-2/Tokens_per_Second.log")).unwrap();
+    // `value,count` a step, then `value,final`.
+    let rates: Vec<f64> = rates
+        .lines()
+        .filter_map(|line| line.split_once(','))
+        .filter(|(_, count)| *count != "final")
+        .map(|(value, _)| value.parse().unwrap())
+        .collect();
+    assert_eq!(rates.len(), 6, "one entry a step");
+    assert!(rates[1..].iter().all(|&rate| rate > 0.0), "{rates:?}");
+
+    // export-peft of the last checkpoint is the final adapter; of the first, another.
+    let run_arg = run.display().to_string();
+    for checkpoint in ["1", "2"] {
+        let out = ws.dir.join(format!("exported-{checkpoint}"));
+        let out_arg = out.display().to_string();
+        run_binary(
+            env!("CARGO_BIN_EXE_export-peft"),
+            &[
+                "--run",
+                &run_arg,
+                "--checkpoint",
+                checkpoint,
+                "--output",
+                &out_arg,
+            ],
+        );
+        let same = adapter_tensors(&out) == adapter_tensors(&summary.adapter_dir);
+        assert_eq!(same, checkpoint == "2", "checkpoint {checkpoint}");
+    }
+
+    // The merged dense model computes what the trained one did, and has its tokenizer.
+    let merged = run.join("merged");
+    run_binary(
+        env!("CARGO_BIN_EXE_merge"),
+        &["--run", &run_arg, "--dtype", "f32", "--backend", "flex"],
+    );
+    assert!(merged.join("tokenizer.json").is_file());
+    let (model, _) = Llama::load(&merged, &LoadOptions::default(), &Device::flex()).unwrap();
+    let merged_loss = mean_loss(&ws, &config, model);
+    assert!(
+        (merged_loss - after).abs() <= 1e-4 * after,
+        "merged {merged_loss}, trained {after}"
+    );
+}
+
+/// bf16 weights and compute (`model.dtype=bf16`): the adapters train too. The loss is measured
+/// in f32 on the trained adapter.
+#[test]
+fn bf16_training_lowers_the_loss() {
+    let _turn = take_turn();
+    let Some(golden) = golden_dir() else { return };
+    let ws = Workspace::new("bf16");
+    let config = ws.config(
+        &golden,
+        "run",
+        &[
+            "train.steps=12",
+            "train.checkpoint_every=6",
+            "model.dtype=\"bf16\"",
+        ],
+    );
+    let before = mean_loss(&ws, &config, trained_model(&config, None));
+    let summary = apps::train::run(&config, false).unwrap();
+    let after = mean_loss(
+        &ws,
+        &config,
+        trained_model(&config, Some(&summary.adapter_dir)),
+    );
+    assert!(after < 0.8 * before, "loss {before} -> {after}");
 }
 
 fn adapter_tensors(dir: &Path) -> Vec<(String, Vec<f32>)> {

@@ -7,12 +7,11 @@ use std::io::{BufRead, Write};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
-use burn_qlora::{PeftAdapter, QloraConfig};
+use anyhow::{Result, bail};
+use apps::trained::{Base, load_run, load_with_adapter};
 use clap::Parser;
 use llama_burn::{
-    ChatTemplate, Llama, LlamaConfig, LoadOptions, Message, Role, SamplingConfig, Tokenizer,
-    generate,
+    ChatTemplate, Llama, LlamaConfig, Message, Role, SamplingConfig, Tokenizer, generate,
 };
 
 #[derive(Parser)]
@@ -25,10 +24,13 @@ struct Args {
     /// A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to apply.
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// A training run folder: its model, template, dtype and final adapter, from the config
-    /// saved there.
+    /// A training run folder: its model, template, dtype and final adapter (or newest
+    /// checkpoint), from the config saved there.
     #[arg(long, conflicts_with_all = ["model", "adapter"])]
     run: Option<PathBuf>,
+    /// With --run: the adapter of this checkpoint (a number in `<run>/checkpoint`).
+    #[arg(long, requires = "run")]
+    checkpoint: Option<usize>,
     /// Answer this prompt and exit; without it, chat on standard input.
     #[arg(long)]
     prompt: Option<String>,
@@ -58,45 +60,30 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    let mut args = Args::parse();
-    if let Some(run) = args.run.clone() {
-        let config = apps::config::TrainConfig::from_run(&run)?;
-        args.model = Some(apps::model_path(&config.model.path)?);
-        args.adapter = Some(run.join(apps::train::ADAPTER_DIR));
-        args.template.get_or_insert(config.model.template);
-        args.dtype = config.model.dtype;
-    }
+    let args = Args::parse();
     let device = apps::device(&args.backend)?;
-    let model_path = match &args.model {
-        Some(path) => path.clone(),
-        None => apps::default_model()?,
+    let (loaded, template, tokenizer) = match &args.run {
+        Some(run) => {
+            let (loaded, config) = load_run(run, args.checkpoint, Base::Dense, &device)?;
+            let template = args.template.as_deref().unwrap_or(&config.model.template);
+            let template = apps::chat_template(template, &loaded.model_path)?;
+            let tokenizer = apps::trained::tokenizer(&config, &loaded)?;
+            (loaded, template, tokenizer)
+        }
+        None => {
+            let model_path = match &args.model {
+                Some(path) => path.clone(),
+                None => apps::default_model()?,
+            };
+            let dtype = apps::parse_dtype(&args.dtype)?;
+            let loaded = load_with_adapter(&model_path, args.adapter.as_deref(), dtype, &device)?;
+            let template = args.template.as_deref().unwrap_or("auto");
+            let template = apps::chat_template(template, &model_path)?;
+            let tokenizer = Tokenizer::for_model(&model_path, &loaded.config)?;
+            (loaded, template, tokenizer)
+        }
     };
-    let template = apps::chat_template(args.template.as_deref().unwrap_or("auto"), &model_path)?;
-    let adapter = args
-        .adapter
-        .as_ref()
-        .map(|dir| PeftAdapter::load(dir, &device))
-        .transpose()
-        .context("reading the adapter")?;
-    let options = LoadOptions {
-        dtype: apps::parse_dtype(&args.dtype)?,
-        // The adapter's projections get LoRA layers over dense bases; the rest stays dense.
-        qlora: adapter.as_ref().map(|adapter| {
-            QloraConfig::new()
-                .with_lora(adapter.lora_config())
-                .with_targets(adapter.config.target_modules.clone())
-                .with_quantize_frozen(false)
-                .with_quantize_lora_base(false)
-        }),
-    };
-    eprintln!("loading {}", model_path.display());
-    let (model, config) = Llama::load(&model_path, &options, &device)
-        .with_context(|| format!("loading {}", model_path.display()))?;
-    let model = match &adapter {
-        Some(adapter) => adapter.load_into(model).context("applying the adapter")?,
-        None => model,
-    };
-    let tokenizer = Tokenizer::for_model(&model_path, &config)?;
+    let (model, config) = (loaded.model, loaded.config);
 
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
