@@ -53,3 +53,31 @@ fn smollm2_knows_the_capital_of_france() {
     let answer = tokenizer.decode(&answer).unwrap();
     assert!(answer.contains("Paris"), "answer: {answer:?}");
 }
+
+/// The tokenizer files `merge` writes for a GGUF model: `tokenizer.json` encodes as the GGUF's
+/// tokenizer does, and `tokenizer_config.json` names its special tokens and chat template.
+#[test]
+fn gguf_tokenizer_files_for_transformers() {
+    let Some(path) = smollm2_gguf() else { return };
+    let file = GgufFile::open(&path).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&file).unwrap();
+    let dir = std::env::temp_dir().join(format!("smollm2-tokenizer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    tokenizer.save_hf(&path, &dir, 8192).unwrap();
+
+    let written = Tokenizer::from_file(&dir.join("tokenizer.json"), Some(1), Some(2)).unwrap();
+    let text = "<|im_start|>user\nHow many r's in 'strawberry'? 12345 ünïcode 🦀<|im_end|>\n";
+    assert_eq!(
+        written.encode(text).unwrap(),
+        tokenizer.encode(text).unwrap()
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!(config["bos_token"], "<|im_start|>");
+    assert_eq!(config["eos_token"], "<|im_end|>");
+    assert_eq!(
+        config["chat_template"].as_str(),
+        file.metadata["tokenizer.chat_template"].as_str()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
