@@ -124,25 +124,30 @@ pub fn data_path(path: &str) -> Result<PathBuf> {
 }
 
 /// The chat template by name (chatml, llama2, alpaca, human_response), or for `auto` the
-/// model's own (a GGUF's `tokenizer.chat_template`), else ChatML.
+/// model's own (a GGUF's `tokenizer.chat_template`, or a folder's `tokenizer_config.json`
+/// `chat_template`, as `merge` writes it), else ChatML.
 pub fn chat_template(name: &str, model_path: &Path) -> Result<ChatTemplate> {
     if name != "auto" {
         return ChatTemplate::from_name(name).with_context(|| {
             format!("template {name:?}: use auto, chatml, llama2, alpaca or human_response")
         });
     }
-    if model_path.is_file() {
+    let jinja = if model_path.is_file() {
         let file = GgufFile::open(model_path)?;
-        if let Some(jinja) = file
-            .metadata
+        file.metadata
             .get("tokenizer.chat_template")
             .and_then(|value| value.as_str())
-            && let Some(template) = ChatTemplate::from_jinja(jinja)
-        {
-            return Ok(template);
-        }
-    }
-    Ok(ChatTemplate::ChatMl {
-        default_system: None,
-    })
+            .map(str::to_string)
+    } else {
+        std::fs::read(model_path.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .and_then(|config| config["chat_template"].as_str().map(str::to_string))
+    };
+    Ok(jinja
+        .as_deref()
+        .and_then(ChatTemplate::from_jinja)
+        .unwrap_or(ChatTemplate::ChatMl {
+            default_system: None,
+        }))
 }

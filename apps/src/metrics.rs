@@ -201,3 +201,41 @@ impl Numeric for DeviceMemory {
         self.state.final_value()
     }
 }
+
+#[cfg(all(test, feature = "wgpu"))]
+mod tests {
+    use burn::tensor::{Distribution, Tensor};
+
+    use super::*;
+
+    /// On a CubeCL device the metric reads the allocator: a 64 MiB tensor shows, and stays in
+    /// the peak after it is dropped.
+    #[test]
+    fn device_memory_follows_the_allocator() {
+        let device = crate::device("wgpu").unwrap();
+        let mut metric = DeviceMemory::new(&device).expect("wgpu reports its memory");
+        let read = |metric: &mut DeviceMemory| {
+            let metadata = MetricMetadata {
+                progress: burn::data::dataloader::Progress {
+                    items_processed: 1,
+                    items_total: 1,
+                    unit: None,
+                },
+                iteration: Some(1),
+                lr: None,
+            };
+            metric.update(&(), &metadata).unwrap();
+            metric.value().unwrap().current()
+        };
+        let before = read(&mut metric);
+        let tensor = Tensor::<1>::random([16 << 20], Distribution::Default, &device);
+        let _ = tensor.clone().sum().into_scalar::<f32>();
+        let with_tensor = read(&mut metric);
+        assert!(
+            with_tensor - before >= 0.06,
+            "{before} -> {with_tensor} GiB"
+        );
+        assert!(metric.peak_gib >= with_tensor);
+        drop(tensor);
+    }
+}

@@ -263,6 +263,8 @@ fn training_lowers_the_loss_and_writes_an_adapter() {
                 checkpoint,
                 "--output",
                 &out_arg,
+                "--backend",
+                "flex",
             ],
         );
         let same = adapter_tensors(&out) == adapter_tensors(&summary.adapter_dir);

@@ -32,4 +32,4 @@ pub use norm::RmsNorm;
 pub use rope::Rope;
 pub use safetensors::SafetensorsCheckpoint;
 pub use save::SaveOptions;
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{Tokenizer, save_tokenizer_files};

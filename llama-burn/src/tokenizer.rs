@@ -160,28 +160,10 @@ impl Tokenizer {
         }
     }
 
-    /// Writes the tokenizer files of `model_path`'s model to `dir`, for transformers'
-    /// `AutoTokenizer`: a Hugging Face or Meta folder's own files are copied; for a GGUF file,
-    /// `tokenizer.json` and a `tokenizer_config.json` (special tokens, chat template) are written
-    /// from this tokenizer. Returns the files written.
-    pub fn save_hf(
-        &self,
-        model_path: &Path,
-        dir: &Path,
-        max_length: usize,
-    ) -> Result<Vec<PathBuf>, LlamaError> {
+    /// Writes `tokenizer.json` and a `tokenizer_config.json` (special tokens, chat template)
+    /// to `dir`, for transformers' `AutoTokenizer`. Returns the files written.
+    pub fn save_hf(&self, dir: &Path, max_length: usize) -> Result<Vec<PathBuf>, LlamaError> {
         let mut written = Vec::new();
-        if model_path.is_dir() {
-            for name in HF_TOKENIZER_FILES {
-                let source = model_path.join(name);
-                if source.is_file() {
-                    let bytes =
-                        std::fs::read(&source).map_err(|err| LlamaError::io(&source, err))?;
-                    written.push(write(&dir.join(name), &bytes)?);
-                }
-            }
-            return Ok(written);
-        }
         let json = self.inner.to_string(false).map_err(tokenizer_error)?;
         written.push(write(&dir.join("tokenizer.json"), json.as_bytes())?);
         let token = |id: Option<u32>| id.and_then(|id| self.inner.id_to_token(id));
@@ -229,6 +211,28 @@ impl Tokenizer {
             .find(|&id| Some(id) != self.eos_id)
             .unwrap_or(if self.eos_id == Some(0) { 1 } else { 0 })
     }
+}
+
+/// Writes the tokenizer files of the model at `source` to `dir`: a Hugging Face or Meta
+/// folder's own files are copied (none, for a folder without them); for a GGUF file they are
+/// written from its metadata (see [`Tokenizer::save_hf`]). Returns the files written.
+pub fn save_tokenizer_files(
+    source: &Path,
+    dir: &Path,
+    max_length: usize,
+) -> Result<Vec<PathBuf>, LlamaError> {
+    if !source.is_dir() {
+        return Tokenizer::from_gguf(&GgufFile::open(source)?)?.save_hf(dir, max_length);
+    }
+    let mut written = Vec::new();
+    for name in HF_TOKENIZER_FILES {
+        let file = source.join(name);
+        if file.is_file() {
+            let bytes = std::fs::read(&file).map_err(|err| LlamaError::io(&file, err))?;
+            written.push(write(&dir.join(name), &bytes)?);
+        }
+    }
+    Ok(written)
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<PathBuf, LlamaError> {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use apps::trained::{Base, load_run, load_with_adapter};
 use clap::Parser;
-use llama_burn::{SaveOptions, Tokenizer};
+use llama_burn::{SaveOptions, save_tokenizer_files};
 
 #[derive(Parser)]
 #[command(about = "Merge a LoRA adapter into its base model, as a Hugging Face checkpoint")]
@@ -51,7 +51,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let device = apps::device(&args.backend)?;
     let dtype = apps::parse_dtype(&args.dtype)?;
-    let (loaded, tokenizer, tokenizer_source, output) = match &args.run {
+    let (loaded, tokenizer_source, output) = match &args.run {
         Some(run) => {
             let base = if args.original_base {
                 Base::Dense
@@ -59,14 +59,13 @@ fn main() -> Result<()> {
                 Base::AsTrained
             };
             let (loaded, config) = load_run(run, args.checkpoint, base, &device)?;
-            let tokenizer = apps::trained::tokenizer(&config, &loaded)?;
             // A tokenizer.json set in the config comes with the files beside it.
             let tokenizer_source = match config.model.tokenizer.as_str() {
                 "" => loaded.model_path.clone(),
                 path => Path::new(path).parent().unwrap_or(Path::new(".")).into(),
             };
             let output = args.output.clone().unwrap_or_else(|| run.join("merged"));
-            (loaded, tokenizer, tokenizer_source, output)
+            (loaded, tokenizer_source, output)
         }
         None => {
             let model_path = match &args.model {
@@ -74,9 +73,8 @@ fn main() -> Result<()> {
                 None => apps::default_model()?,
             };
             let loaded = load_with_adapter(&model_path, args.adapter.as_deref(), dtype, &device)?;
-            let tokenizer = Tokenizer::for_model(&model_path, &loaded.config)?;
             let output = args.output.clone().context("--output is required")?;
-            (loaded, tokenizer, model_path, output)
+            (loaded, model_path, output)
         }
     };
     let options = SaveOptions {
@@ -88,11 +86,19 @@ fn main() -> Result<()> {
         .model
         .save_hf(&loaded.config, &output, &options)
         .with_context(|| format!("writing {}", output.display()))?;
-    written.extend(tokenizer.save_hf(
+    let tokenizer_files = save_tokenizer_files(
         &tokenizer_source,
         &output,
         loaded.config.max_position_embeddings,
-    )?);
+    )?;
+    if tokenizer_files.is_empty() {
+        eprintln!(
+            "warning: no tokenizer files in {}; copy the model's tokenizer files to {}",
+            tokenizer_source.display(),
+            output.display()
+        );
+    }
+    written.extend(tokenizer_files);
     for path in &written {
         println!("{}", path.display());
     }
