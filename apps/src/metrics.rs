@@ -1,5 +1,6 @@
 //! Training metrics Burn does not have: tokens per second, and the device memory Burn's
-//! allocator holds (the number a GPU run's batch size is chosen by).
+//! allocator holds (the number a GPU run's batch size is chosen by). Both are a [`Gauge`]: a
+//! number sampled at every step, averaged like Burn's numeric metrics.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,6 +13,104 @@ use burn::train::metric::{
     NumericEntry, SerializedEntry,
 };
 
+/// What a [`Gauge`] reads at each step.
+pub trait Sampler: Clone + Send + Sync {
+    type Input;
+    const NAME: &str;
+    const UNIT: &str;
+    const PRECISION: usize;
+    const HIGHER_IS_BETTER: bool;
+
+    fn sample(&mut self, input: &Self::Input) -> f64;
+
+    /// Called at the end of each epoch.
+    fn clear(&mut self) {}
+
+    /// Shown after the value in the dashboard and the logs.
+    fn note(&self) -> Option<String> {
+        None
+    }
+}
+
+/// A numeric metric of one [`Sampler`].
+#[derive(Clone)]
+pub struct Gauge<S> {
+    name: MetricName,
+    state: NumericMetricState,
+    sampler: S,
+}
+
+impl<S: Sampler> Gauge<S> {
+    pub fn new(sampler: S) -> Self {
+        Self {
+            name: Arc::new(S::NAME.to_string()),
+            state: NumericMetricState::default(),
+            sampler,
+        }
+    }
+
+    fn format(&self) -> FormatOptions {
+        FormatOptions::new(self.name())
+            .unit(S::UNIT)
+            .precision(S::PRECISION)
+    }
+}
+
+impl<S: Sampler> Metric for Gauge<S> {
+    type Input = S::Input;
+
+    fn update(
+        &mut self,
+        item: &S::Input,
+        _metadata: &MetricMetadata,
+    ) -> Result<SerializedEntry, TensorReadError> {
+        let value = self.sampler.sample(item);
+        self.state.update(value, 1);
+        let entry = self.state.compute_update(self.format());
+        Ok(match self.sampler.note() {
+            Some(note) => {
+                SerializedEntry::new(format!("{} ({note})", entry.formatted), entry.serialized)
+            }
+            None => entry,
+        })
+    }
+
+    fn compute(&mut self) -> Result<SerializedEntry, TensorReadError> {
+        Ok(self.state.compute_final(self.format()))
+    }
+
+    fn clear(&mut self) {
+        self.sampler.clear();
+        self.state.reset();
+    }
+
+    fn name(&self) -> MetricName {
+        self.name.clone()
+    }
+
+    fn attributes(&self) -> MetricAttributes {
+        NumericAttributes {
+            unit: Some(S::UNIT.to_string()),
+            higher_is_better: S::HIGHER_IS_BETTER,
+        }
+        .into()
+    }
+}
+
+impl<S: Sampler> Numeric for Gauge<S> {
+    fn value(&self) -> Option<NumericEntry> {
+        Some(self.state.current_value())
+    }
+
+    fn running_value(&self) -> Option<NumericEntry> {
+        Some(self.state.running_value())
+    }
+
+    fn final_value(&self) -> NumericEntry {
+        self.state.final_value()
+    }
+}
+
 /// The token positions of a batch (`batch × sequence`, padding included, as trainers count).
 pub struct TokenCount(pub usize);
 
@@ -23,182 +122,74 @@ impl Adaptor<TokenCount> for SequenceOutput {
 
 /// Tokens a second since the epoch's first batch: throughput that does not depend on the
 /// batch size, so runs of different shapes compare.
-#[derive(Clone)]
-pub struct TokensPerSecond {
-    name: MetricName,
-    state: NumericMetricState,
+#[derive(Clone, Default)]
+pub struct TokenRate {
     /// When the first batch of the epoch was seen, and the tokens since.
     start: Option<(Instant, usize)>,
 }
 
-impl TokensPerSecond {
-    const UNIT: &str = "tokens/s";
-
-    pub fn new() -> Self {
-        Self {
-            name: Arc::new("Tokens per Second".to_string()),
-            state: NumericMetricState::default(),
-            start: None,
-        }
-    }
-
-    fn format(&self) -> FormatOptions {
-        FormatOptions::new(self.name())
-            .unit(Self::UNIT)
-            .precision(0)
-    }
-}
-
-impl Default for TokensPerSecond {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Metric for TokensPerSecond {
+impl Sampler for TokenRate {
     type Input = TokenCount;
+    const NAME: &str = "Tokens per Second";
+    const UNIT: &str = "tokens/s";
+    const PRECISION: usize = 0;
+    const HIGHER_IS_BETTER: bool = true;
 
-    fn update(
-        &mut self,
-        item: &TokenCount,
-        _metadata: &MetricMetadata,
-    ) -> Result<SerializedEntry, TensorReadError> {
+    fn sample(&mut self, tokens: &TokenCount) -> f64 {
         // The clock starts at the first batch, whose own time is unknown: it is not counted.
-        let rate = match &mut self.start {
-            Some((start, tokens)) => {
-                *tokens += item.0;
-                *tokens as f64 / start.elapsed().as_secs_f64()
+        match &mut self.start {
+            Some((start, total)) => {
+                *total += tokens.0;
+                *total as f64 / start.elapsed().as_secs_f64()
             }
             None => {
                 self.start = Some((Instant::now(), 0));
                 0.0
             }
-        };
-        self.state.update(rate, 1);
-        Ok(self.state.compute_update(self.format()))
-    }
-
-    fn compute(&mut self) -> Result<SerializedEntry, TensorReadError> {
-        Ok(self.state.compute_final(self.format()))
+        }
     }
 
     fn clear(&mut self) {
         self.start = None;
-        self.state.reset();
-    }
-
-    fn name(&self) -> MetricName {
-        self.name.clone()
-    }
-
-    fn attributes(&self) -> MetricAttributes {
-        NumericAttributes {
-            unit: Some(Self::UNIT.to_string()),
-            higher_is_better: true,
-        }
-        .into()
     }
 }
 
-impl Numeric for TokensPerSecond {
-    fn value(&self) -> Option<NumericEntry> {
-        Some(self.state.current_value())
-    }
-
-    fn running_value(&self) -> Option<NumericEntry> {
-        Some(self.state.running_value())
-    }
-
-    fn final_value(&self) -> NumericEntry {
-        self.state.final_value()
-    }
-}
-
-/// GiB the device's allocator has reserved (live tensors, and pages kept for reuse), and the
-/// most it has reserved in the run. Only for devices whose allocator reports it (CUDA, wgpu);
-/// see [`DeviceMemory::new`].
+/// GiB the device's allocator has reserved (live tensors, and pages kept for reuse), with the
+/// most it has reserved in the run as a note.
 #[derive(Clone)]
-pub struct DeviceMemory {
-    name: MetricName,
+pub struct PoolMemory {
     device: Device,
-    state: NumericMetricState,
     peak_gib: f64,
 }
 
-impl DeviceMemory {
-    const UNIT: &str = "GiB";
-
-    /// The metric of `device`, or `None` when its backend does not report its memory (Flex).
+impl PoolMemory {
+    /// The sampler of `device`, or `None` when its backend does not report its memory (Flex).
     pub fn new(device: &Device) -> Option<Self> {
         device.memory_pool_usage()?;
         Some(Self {
-            name: Arc::new("Device Memory".to_string()),
             device: device.clone(),
-            state: NumericMetricState::default(),
             peak_gib: 0.0,
         })
     }
-
-    fn format(&self) -> FormatOptions {
-        FormatOptions::new(self.name())
-            .unit(Self::UNIT)
-            .precision(2)
-    }
 }
 
-impl Metric for DeviceMemory {
+impl Sampler for PoolMemory {
     type Input = ();
+    const NAME: &str = "Device Memory";
+    const UNIT: &str = "GiB";
+    const PRECISION: usize = 2;
+    const HIGHER_IS_BETTER: bool = false;
 
-    fn update(
-        &mut self,
-        _item: &(),
-        _metadata: &MetricMetadata,
-    ) -> Result<SerializedEntry, TensorReadError> {
+    fn sample(&mut self, _: &()) -> f64 {
         let reserved = self.device.memory_pool_usage().map_or(0.0, |usage| {
             usage.bytes_reserved as f64 / (1u64 << 30) as f64
         });
         self.peak_gib = self.peak_gib.max(reserved);
-        self.state.update(reserved, 1);
-        let entry = self.state.compute_update(self.format());
-        // The peak beside the current value, in the dashboard and the logs.
-        Ok(SerializedEntry::new(
-            format!("{} (peak {:.2} GiB)", entry.formatted, self.peak_gib),
-            entry.serialized,
-        ))
+        reserved
     }
 
-    fn compute(&mut self) -> Result<SerializedEntry, TensorReadError> {
-        Ok(self.state.compute_final(self.format()))
-    }
-
-    fn clear(&mut self) {
-        self.state.reset();
-    }
-
-    fn name(&self) -> MetricName {
-        self.name.clone()
-    }
-
-    fn attributes(&self) -> MetricAttributes {
-        NumericAttributes {
-            unit: Some(Self::UNIT.to_string()),
-            higher_is_better: false,
-        }
-        .into()
-    }
-}
-
-impl Numeric for DeviceMemory {
-    fn value(&self) -> Option<NumericEntry> {
-        Some(self.state.current_value())
-    }
-
-    fn running_value(&self) -> Option<NumericEntry> {
-        Some(self.state.running_value())
-    }
-
-    fn final_value(&self) -> NumericEntry {
-        self.state.final_value()
+    fn note(&self) -> Option<String> {
+        Some(format!("peak {:.2} GiB", self.peak_gib))
     }
 }
 
@@ -213,8 +204,9 @@ mod tests {
     #[test]
     fn device_memory_follows_the_allocator() {
         let device = crate::device("wgpu").unwrap();
-        let mut metric = DeviceMemory::new(&device).expect("wgpu reports its memory");
-        let read = |metric: &mut DeviceMemory| {
+        let sampler = PoolMemory::new(&device).expect("wgpu reports its memory");
+        let mut metric = Gauge::new(sampler);
+        let read = |metric: &mut Gauge<PoolMemory>| {
             let metadata = MetricMetadata {
                 progress: burn::data::dataloader::Progress {
                     items_processed: 1,
@@ -235,7 +227,7 @@ mod tests {
             with_tensor - before >= 0.06,
             "{before} -> {with_tensor} GiB"
         );
-        assert!(metric.peak_gib >= with_tensor);
+        assert!(metric.sampler.peak_gib >= with_tensor);
         drop(tensor);
     }
 }

@@ -37,7 +37,7 @@ use llama_burn::Llama;
 use crate::config::TrainConfig;
 use crate::data::{self, Encoder, Example};
 use crate::grad_norm::clip_grad_norm;
-use crate::metrics::{DeviceMemory, TokensPerSecond};
+use crate::metrics::{Gauge, PoolMemory, TokenRate};
 use crate::trained;
 
 /// The folder of the run's checkpoints, inside its output folder.
@@ -531,7 +531,7 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
             .metric_train_numeric(PerplexityMetric::new().with_pad_token(pad_id as usize))
             .metric_valid_numeric(PerplexityMetric::new().with_pad_token(pad_id as usize))
             .metric_train_numeric(LearningRateMetric::new())
-            .metric_train_numeric(TokensPerSecond::new())
+            .metric_train_numeric(Gauge::new(TokenRate::default()))
             .metric_train_numeric(IterationSpeedMetric::new())
             .metric_train(CpuMemory::new())
             .with_custom_checkpointers(
@@ -542,8 +542,8 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
             .with_checkpointing_strategy(KeepLastNCheckpoints::new(train.keep_checkpoints))
             .num_epochs(epochs)
             .summary();
-    if let Some(memory) = DeviceMemory::new(&device) {
-        training = training.metric_train_numeric(memory);
+    if let Some(memory) = PoolMemory::new(&device) {
+        training = training.metric_train_numeric(Gauge::new(memory));
     }
     if train.grad_accum > 1 {
         training = training.grads_accumulation(train.grad_accum);

@@ -214,24 +214,30 @@ fn only_response_tokens_and_their_eos_count() {
     );
 }
 
+/// Trains 12 steps (checkpoints every 6) with `overrides`; checks the loss over the data fell
+/// below 0.8 of its start, and returns the run's config, summary and final loss.
+fn train_lowers_the_loss(
+    ws: &Workspace,
+    golden: &Path,
+    overrides: &[&str],
+) -> (TrainConfig, apps::train::RunSummary, f32) {
+    let mut all = vec!["train.steps=12", "train.checkpoint_every=6"];
+    all.extend_from_slice(overrides);
+    let config = ws.config(golden, "run", &all);
+    let before = mean_loss(ws, &config, trained_model(&config, None));
+    let summary = apps::train::run(&config, false).unwrap();
+    let adapter = Some(summary.adapter_dir.as_path());
+    let after = mean_loss(ws, &config, trained_model(&config, adapter));
+    assert!(after < 0.8 * before, "loss {before} -> {after}");
+    (config, summary, after)
+}
+
 #[test]
 fn training_lowers_the_loss_and_writes_an_adapter() {
     let _turn = take_turn();
     let Some(golden) = golden_dir() else { return };
     let ws = Workspace::new("loss");
-    let config = ws.config(
-        &golden,
-        "run",
-        &["train.steps=12", "train.checkpoint_every=6"],
-    );
-    let before = mean_loss(&ws, &config, trained_model(&config, None));
-    let summary = apps::train::run(&config, false).unwrap();
-    let after = mean_loss(
-        &ws,
-        &config,
-        trained_model(&config, Some(&summary.adapter_dir)),
-    );
-    assert!(after < 0.8 * before, "loss {before} -> {after}");
+    let (config, summary, after) = train_lowers_the_loss(&ws, &golden, &[]);
     // Checkpoints hold the adapters, not the base: a few KiB for this model.
     let run = &summary.output_dir;
     let model = run.join("checkpoint/model-2.bpk");
@@ -293,23 +299,7 @@ fn bf16_training_lowers_the_loss() {
     let _turn = take_turn();
     let Some(golden) = golden_dir() else { return };
     let ws = Workspace::new("bf16");
-    let config = ws.config(
-        &golden,
-        "run",
-        &[
-            "train.steps=12",
-            "train.checkpoint_every=6",
-            "model.dtype=\"bf16\"",
-        ],
-    );
-    let before = mean_loss(&ws, &config, trained_model(&config, None));
-    let summary = apps::train::run(&config, false).unwrap();
-    let after = mean_loss(
-        &ws,
-        &config,
-        trained_model(&config, Some(&summary.adapter_dir)),
-    );
-    assert!(after < 0.8 * before, "loss {before} -> {after}");
+    train_lowers_the_loss(&ws, &golden, &["model.dtype=\"bf16\""]);
 }
 
 fn adapter_tensors(dir: &Path) -> Vec<(String, Vec<f32>)> {
