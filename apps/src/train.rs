@@ -457,8 +457,14 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
     let device = crate::device(&config.train.backend)?;
     device.seed(config.train.seed);
     let qlora = config.qlora_config()?;
-    // Loaded on the autodiff device, so the adapters are tracked parameters from the start.
-    let loaded = trained::load_base(config, qlora.clone(), &device.clone().autodiff())?;
+    // Loaded on the autodiff device, so the adapters are tracked parameters from the start; with
+    // activation checkpointing, on the checkpointing one the Learner trains on (frozen tensors
+    // are not moved there, and every tensor of an operation must share its strategy).
+    let mut train_device = device.clone().autodiff();
+    if config.train.activation_checkpointing {
+        train_device = train_device.gradient_checkpointing();
+    }
+    let loaded = trained::load_base(config, qlora.clone(), &train_device)?;
     let tokenizer = trained::tokenizer(config, &loaded)?;
     let model_path = loaded.model_path.clone();
     let model = loaded.model;

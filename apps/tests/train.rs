@@ -359,6 +359,34 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     assert_eq!(losses(&straight), losses(&rest));
 }
 
+/// Activation checkpointing recomputes activations in backward instead of keeping them: it
+/// changes memory, not results.
+#[test]
+fn activation_checkpointing_gives_the_same_adapter() {
+    let _turn = take_turn();
+    let Some(golden) = golden_dir() else { return };
+    let ws = Workspace::new("recompute");
+    let runs = ["kept", "recomputed"].map(|run| {
+        let recompute = format!("train.activation_checkpointing={}", run == "recomputed");
+        let config = ws.config(
+            &golden,
+            run,
+            &["train.steps=4", "train.checkpoint_every=4", &recompute],
+        );
+        apps::train::run(&config, false).unwrap();
+        adapter_tensors(&config.output_dir().join("adapter"))
+    });
+    assert_eq!(runs[0].len(), runs[1].len());
+    for ((name, kept), (_, recomputed)) in runs[0].iter().zip(&runs[1]) {
+        let error = kept
+            .iter()
+            .zip(recomputed)
+            .map(|(k, r)| (k - r).abs())
+            .fold(0.0f32, f32::max);
+        assert!(error <= 1e-5, "{name}: max abs difference {error}");
+    }
+}
+
 #[test]
 fn a_truncated_checkpoint_is_refused_and_nothing_is_overwritten() {
     let _turn = take_turn();

@@ -34,7 +34,8 @@ struct Args {
     /// Answer this prompt and exit; without it, chat on standard input.
     #[arg(long)]
     prompt: Option<String>,
-    /// chatml, llama2, alpaca or human_response. Default: the model's own (GGUF), else chatml.
+    /// chatml, llama2, alpaca or human_response. Default: the model's own (a GGUF's, or a
+    /// folder's tokenizer_config.json), else chatml.
     #[arg(long)]
     template: Option<String>,
     /// A system prompt.
