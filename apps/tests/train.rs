@@ -318,6 +318,21 @@ fn adapter_tensors(dir: &Path) -> Vec<(String, Vec<f32>)> {
     tensors
 }
 
+/// The final adapters of two runs agree within 1e-5 everywhere.
+fn assert_same_adapters(expected: &TrainConfig, actual: &TrainConfig) {
+    let expected = adapter_tensors(&expected.output_dir().join("adapter"));
+    let actual = adapter_tensors(&actual.output_dir().join("adapter"));
+    assert_eq!(expected.len(), actual.len());
+    for ((name, want), (_, got)) in expected.iter().zip(&actual) {
+        let error = want
+            .iter()
+            .zip(got)
+            .map(|(w, g)| (w - g).abs())
+            .fold(0.0f32, f32::max);
+        assert!(error <= 1e-5, "{name}: max abs difference {error}");
+    }
+}
+
 #[test]
 fn a_resumed_run_equals_an_uninterrupted_one() {
     let _turn = take_turn();
@@ -341,17 +356,7 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     rest.train.steps = 4;
     apps::train::run(&rest, true).unwrap();
 
-    let expected = adapter_tensors(&straight.output_dir().join("adapter"));
-    let actual = adapter_tensors(&rest.output_dir().join("adapter"));
-    assert_eq!(expected.len(), actual.len());
-    for ((name, want), (_, got)) in expected.iter().zip(&actual) {
-        let error = want
-            .iter()
-            .zip(got)
-            .map(|(w, g)| (w - g).abs())
-            .fold(0.0f32, f32::max);
-        assert!(error <= 1e-5, "{name}: max abs difference {error}");
-    }
+    assert_same_adapters(&straight, &rest);
     // The second epoch's training losses are the same too.
     let losses = |run: &TrainConfig| {
         std::fs::read_to_string(run.output_dir().join("train/epoch-2/Loss.log")).unwrap()
@@ -366,7 +371,7 @@ fn activation_checkpointing_gives_the_same_adapter() {
     let _turn = take_turn();
     let Some(golden) = golden_dir() else { return };
     let ws = Workspace::new("recompute");
-    let runs = ["kept", "recomputed"].map(|run| {
+    let [kept, recomputed] = ["kept", "recomputed"].map(|run| {
         let recompute = format!("train.activation_checkpointing={}", run == "recomputed");
         let config = ws.config(
             &golden,
@@ -374,17 +379,9 @@ fn activation_checkpointing_gives_the_same_adapter() {
             &["train.steps=4", "train.checkpoint_every=4", &recompute],
         );
         apps::train::run(&config, false).unwrap();
-        adapter_tensors(&config.output_dir().join("adapter"))
+        config
     });
-    assert_eq!(runs[0].len(), runs[1].len());
-    for ((name, kept), (_, recomputed)) in runs[0].iter().zip(&runs[1]) {
-        let error = kept
-            .iter()
-            .zip(recomputed)
-            .map(|(k, r)| (k - r).abs())
-            .fold(0.0f32, f32::max);
-        assert!(error <= 1e-5, "{name}: max abs difference {error}");
-    }
+    assert_same_adapters(&kept, &recomputed);
 }
 
 #[test]
