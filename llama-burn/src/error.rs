@@ -41,6 +41,24 @@ impl LlamaError {
         }
     }
 
+    /// `Ok` when a tensor's `actual` shape is the `expected` one the config needs, else the
+    /// error naming it (`name` is only built then).
+    pub(crate) fn check_shape(
+        actual: &[usize],
+        expected: &[usize],
+        name: impl FnOnce() -> String,
+    ) -> Result<(), Self> {
+        if actual == expected {
+            Ok(())
+        } else {
+            Err(Self::Shape {
+                name: name(),
+                expected: expected.to_vec(),
+                actual: actual.to_vec(),
+            })
+        }
+    }
+
     pub(crate) fn checkpoint(path: &Path, detail: impl Into<String>) -> Self {
         Self::Checkpoint {
             path: path.to_path_buf(),

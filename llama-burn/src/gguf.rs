@@ -541,19 +541,12 @@ impl GgufCheckpoint {
         let name = gguf_name(hf_name).ok_or_else(|| LlamaError::MissingTensor {
             name: hf_name.to_string(),
         })?;
+        let described = || format!("{name} ({hf_name})");
         let actual = self
             .file
             .shape(&name)
-            .ok_or_else(|| LlamaError::MissingTensor {
-                name: format!("{name} ({hf_name})"),
-            })?;
-        if actual != shape {
-            return Err(LlamaError::Shape {
-                name: format!("{name} ({hf_name})"),
-                expected: shape.to_vec(),
-                actual,
-            });
-        }
+            .ok_or_else(|| LlamaError::MissingTensor { name: described() })?;
+        LlamaError::check_shape(&actual, shape, described)?;
         let values = self.file.read_f32(&name)?;
         Ok(hf_rotary_layout(
             hf_name,

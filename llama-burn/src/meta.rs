@@ -204,13 +204,7 @@ impl MetaCheckpoint {
         let (actual, values) = join(split, parts).map_err(|detail| {
             LlamaError::checkpoint(&self.shards[0].0, format!("{described}: {detail}"))
         })?;
-        if actual != shape {
-            return Err(LlamaError::Shape {
-                name: described,
-                expected: shape.to_vec(),
-                actual,
-            });
-        }
+        LlamaError::check_shape(&actual, shape, || described)?;
         Ok(hf_rotary_layout(
             hf_name,
             values,

@@ -79,13 +79,7 @@ impl SafetensorsCheckpoint {
             .ok_or_else(|| LlamaError::MissingTensor {
                 name: name.to_string(),
             })?;
-        if entry.shape != shape {
-            return Err(LlamaError::Shape {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                actual: entry.shape.clone(),
-            });
-        }
+        LlamaError::check_shape(&entry.shape, shape, || name.to_string())?;
         let mut file = File::open(&entry.file).map_err(|err| LlamaError::io(&entry.file, err))?;
         let mut bytes = vec![0u8; (entry.end - entry.start) as usize];
         file.seek(SeekFrom::Start(entry.start))

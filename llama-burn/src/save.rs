@@ -272,6 +272,11 @@ fn write_safetensors(path: &Path, tensors: &[HostTensor], dtype: Dtype) -> Resul
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<PathBuf, LlamaError> {
     let text = serde_json::to_vec_pretty(value).expect("JSON serializes");
-    write_atomically(path, &text).map_err(|source| LlamaError::io(path, source))?;
+    write_file(path, &text)
+}
+
+/// Writes `bytes` to `path` atomically; returns the path.
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<PathBuf, LlamaError> {
+    write_atomically(path, bytes).map_err(|source| LlamaError::io(path, source))?;
     Ok(path.to_path_buf())
 }

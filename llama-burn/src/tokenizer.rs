@@ -8,6 +8,7 @@ use tokenizers::{AddedToken, PreTokenizerWrapper};
 
 use crate::LlamaError;
 use crate::gguf::{GgufFile, GgufValue};
+use crate::save::write_file;
 
 /// Text to token ids and back, through the `tokenizers` crate, with the model's special ids.
 pub struct Tokenizer {
@@ -165,7 +166,7 @@ impl Tokenizer {
     pub fn save_hf(&self, dir: &Path, max_length: usize) -> Result<Vec<PathBuf>, LlamaError> {
         let mut written = Vec::new();
         let json = self.inner.to_string(false).map_err(tokenizer_error)?;
-        written.push(write(&dir.join("tokenizer.json"), json.as_bytes())?);
+        written.push(write_file(&dir.join("tokenizer.json"), json.as_bytes())?);
         let token = |id: Option<u32>| id.and_then(|id| self.inner.id_to_token(id));
         let config = serde_json::json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -178,7 +179,7 @@ impl Tokenizer {
             "clean_up_tokenization_spaces": false,
         });
         let text = serde_json::to_vec_pretty(&config).expect("JSON serializes");
-        written.push(write(&dir.join("tokenizer_config.json"), &text)?);
+        written.push(write_file(&dir.join("tokenizer_config.json"), &text)?);
         Ok(written)
     }
 
@@ -229,13 +230,8 @@ pub fn save_tokenizer_files(
         let file = source.join(name);
         if file.is_file() {
             let bytes = std::fs::read(&file).map_err(|err| LlamaError::io(&file, err))?;
-            written.push(write(&dir.join(name), &bytes)?);
+            written.push(write_file(&dir.join(name), &bytes)?);
         }
     }
     Ok(written)
-}
-
-fn write(path: &Path, bytes: &[u8]) -> Result<PathBuf, LlamaError> {
-    burn_qlora::write_atomically(path, bytes).map_err(|err| LlamaError::io(path, err))?;
-    Ok(path.to_path_buf())
 }
