@@ -169,6 +169,7 @@ impl Quant4bitOps for CubeBackend {
         let absmax = empty_like(&input, blocks, DType::F32);
         let (cube_count, cube_dim) = launch_dims(&input, blocks);
         let dtype = input.dtype;
+        let num_thresholds = thresholds.meta.shape().num_elements();
         // SAFETY: one unit per block; it reads its block and writes its absmax and the words
         // that start inside it.
         unsafe {
@@ -184,6 +185,7 @@ impl Quant4bitOps for CubeBackend {
                 num_elements,
                 block_size,
                 signed_magnitude,
+                num_thresholds,
                 dtype_to_storage_type(dtype),
             );
         }

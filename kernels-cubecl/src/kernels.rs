@@ -115,6 +115,7 @@ pub fn quantize_4bit_kernel<F: Float>(
     num_elements: usize,
     #[comptime] block_size: usize,
     #[comptime] signed_magnitude: bool,
+    #[comptime] num_thresholds: usize,
     #[define(F)] _dtype: ElemType,
 ) {
     let block = ABSOLUTE_POS;
@@ -144,8 +145,13 @@ pub fn quantize_4bit_kernel<F: Float>(
                 if index < num_elements {
                     value = f32::cast_from(input[index]);
                 }
-                let nibble =
-                    quantize_4bit_value(value * inverse, thresholds, remap, signed_magnitude);
+                let nibble = quantize_4bit_value(
+                    value * inverse,
+                    thresholds,
+                    remap,
+                    signed_magnitude,
+                    num_thresholds,
+                );
                 let shift = (e / 2) * 8 + select(e % 2 == 0, 4, 0);
                 word |= nibble << shift as u32;
             }
@@ -164,6 +170,7 @@ fn quantize_4bit_value(
     thresholds: &[f32],
     remap: &[u32],
     #[comptime] signed_magnitude: bool,
+    #[comptime] num_thresholds: usize,
 ) -> u32 {
     let mut sign = 0u32;
     let mut magnitude = x;
@@ -172,7 +179,9 @@ fn quantize_4bit_value(
         magnitude = f32::abs(x);
     }
     let mut count = 0u32;
-    for t in 0..thresholds.len() {
+    // The count comes from the host: a buffer's `len()` is its allocation's, which CUDA pads.
+    #[unroll]
+    for t in 0..num_thresholds {
         count += select(magnitude > thresholds[t], 1u32, 0u32);
     }
     remap[count as usize] + sign

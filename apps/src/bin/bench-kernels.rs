@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use burn::tensor::{DType, Device, Distribution, Tensor, TimingMethod};
 use clap::Parser;
-use kernels_cubecl::{Packed4bit, QuantConfig, QuantType, reference};
+use kernels_cubecl::{Absmax, Packed4bit, QuantConfig, QuantState, QuantType, reference};
 
 #[derive(Parser)]
 #[command(about = "Time the NF4 quantize/dequantize kernels")]
@@ -99,9 +99,11 @@ fn check(device: &Device, shape: [usize; 2], dtype: DType, config: QuantConfig) 
     let weight = Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.02), device).cast(dtype);
     let expected = reference::quantize(&weight.clone().into_data(), config)?;
     let packed = Packed4bit::quantize(weight, config)?;
+    let state = packed.to_state()?;
     ensure!(
-        packed.to_state()? == expected,
-        "{shape:?} {config:?}: quantized state differs from the reference"
+        state == expected,
+        "{shape:?} {config:?}: quantized state differs from the reference: {}",
+        first_difference(&state, &expected)
     );
     let dequantized = packed.dequantize::<2>()?.into_data().convert::<f32>();
     let reference = reference::dequantize(&expected)?.convert::<f32>();
@@ -110,6 +112,36 @@ fn check(device: &Device, shape: [usize; 2], dtype: DType, config: QuantConfig) 
         "{shape:?} {config:?}: dequantized values differ from the reference"
     );
     Ok(())
+}
+
+/// Where two quantized states first differ, for the error message.
+fn first_difference(ours: &QuantState, reference: &QuantState) -> String {
+    fn first<T: PartialEq + std::fmt::Debug>(
+        name: &str,
+        ours: &[T],
+        reference: &[T],
+    ) -> Option<String> {
+        let index = ours.iter().zip(reference).position(|(a, b)| a != b)?;
+        Some(format!(
+            "{name}[{index}] is {:?}, the reference has {:?} ({} of {} differ)",
+            ours[index],
+            reference[index],
+            ours.iter().zip(reference).filter(|(a, b)| a != b).count(),
+            ours.len()
+        ))
+    }
+    let absmax = match (&ours.absmax, &reference.absmax) {
+        (Absmax::Plain(a), Absmax::Plain(b)) => first("absmax", a, b),
+        (Absmax::Double(a), Absmax::Double(b)) if a.offset != b.offset => {
+            Some(format!("offset {} against {}", a.offset, b.offset))
+        }
+        (Absmax::Double(a), Absmax::Double(b)) => first("absmax codes", &a.codes, &b.codes)
+            .or_else(|| first("nested absmax", &a.nested_absmax, &b.nested_absmax)),
+        _ => Some("one absmax is double-quantized, the other not".into()),
+    };
+    absmax
+        .or_else(|| first("packed byte", &ours.packed, &reference.packed))
+        .unwrap_or_else(|| "in their metadata".into())
 }
 
 fn main() -> Result<()> {
