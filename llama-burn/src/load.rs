@@ -2,7 +2,7 @@ use std::path::Path;
 
 use burn::module::Param;
 use burn::nn::Embedding;
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{DType, Device, Distribution, Tensor};
 use burn_qlora::{FrozenLinear, Projection, QloraConfig, linear_from_torch};
 
 use burn::tensor::TensorData;
@@ -91,7 +91,7 @@ impl Llama {
         let file = GgufFile::open(path)?;
         let config = file.llama_config()?;
         let checkpoint = GgufCheckpoint::new(file, &config);
-        Loader::build(&checkpoint, config, options, device)
+        Loader::build(Source::Checkpoint(&checkpoint), config, options, device)
     }
 
     /// Loads Meta's release layout: `params.json` and `consolidated.NN.pth` (one shard per
@@ -102,7 +102,7 @@ impl Llama {
         device: &Device,
     ) -> Result<(Self, LlamaConfig), LlamaError> {
         let (checkpoint, config) = MetaCheckpoint::open(dir)?;
-        Loader::build(&checkpoint, config, options, device)
+        Loader::build(Source::Checkpoint(&checkpoint), config, options, device)
     }
 
     /// Loads a Hugging Face checkpoint folder (`config.json` and `model.safetensors`, or its
@@ -115,12 +115,37 @@ impl Llama {
     ) -> Result<(Self, LlamaConfig), LlamaError> {
         let config = LlamaConfig::from_hf_json(&dir.join("config.json"))?;
         let checkpoint = SafetensorsCheckpoint::open(dir)?;
-        Loader::build(&checkpoint, config, options, device)
+        Loader::build(Source::Checkpoint(&checkpoint), config, options, device)
+    }
+
+    /// A model of `config` with random weights, drawn on the device from N(0, `std`²) (Hugging
+    /// Face initialises LLaMA with 0.02) and norms at 1: for benchmarks at real shapes. Built
+    /// tensor by tensor like a loaded checkpoint, so with 4-bit options the dense weights never
+    /// exist all at once.
+    pub fn random(
+        config: LlamaConfig,
+        std: f64,
+        options: &LoadOptions,
+        device: &Device,
+    ) -> Result<Self, LlamaError> {
+        config.validate()?;
+        let (model, _) = Loader::build(Source::Random { std }, config, options, device)?;
+        Ok(model)
     }
 }
 
+/// Where [`Loader`] takes the tensors from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Checkpoint(&'a dyn Checkpoint),
+    /// Weights drawn on the device from N(0, std²), norms at 1.
+    Random {
+        std: f64,
+    },
+}
+
 struct Loader<'a> {
-    checkpoint: &'a dyn Checkpoint,
+    source: Source<'a>,
     config: &'a LlamaConfig,
     options: &'a LoadOptions,
     device: &'a Device,
@@ -128,13 +153,13 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn build(
-        checkpoint: &dyn Checkpoint,
+        source: Source,
         config: LlamaConfig,
         options: &LoadOptions,
         device: &Device,
     ) -> Result<(Llama, LlamaConfig), LlamaError> {
         let loader = Loader {
-            checkpoint,
+            source,
             config: &config,
             options,
             device,
@@ -219,8 +244,20 @@ impl Loader<'_> {
         name: &str,
         shape: [usize; D],
     ) -> Result<Tensor<D>, LlamaError> {
-        let data = self.checkpoint.read(name, &shape)?;
-        Ok(Tensor::from_data(data, (self.device, self.options.dtype)))
+        let on_device = (self.device, self.options.dtype);
+        match self.source {
+            Source::Checkpoint(checkpoint) => {
+                Ok(Tensor::from_data(checkpoint.read(name, &shape)?, on_device))
+            }
+            Source::Random { .. } if name.ends_with("norm.weight") => {
+                Ok(Tensor::ones(shape, on_device))
+            }
+            Source::Random { std } => Ok(Tensor::random(
+                shape,
+                Distribution::Normal(0.0, std),
+                on_device,
+            )),
+        }
     }
 
     fn norm(&self, name: &str) -> Result<RmsNorm, LlamaError> {

@@ -293,3 +293,50 @@ fn a_qlora_model_loads_4bit_and_trains_only_its_adapters() {
         "the embedding is frozen"
     );
 }
+
+#[test]
+fn a_random_model_has_the_config_shapes_and_the_asked_spread() {
+    // Needs no golden files: the benchmarks' model, at a small size.
+    let device = Device::flex();
+    device.seed(7);
+    let config = LlamaConfig::new(512, 256, 688, 2, 4).with_num_key_value_heads(Some(2));
+    let options = LoadOptions {
+        qlora: Some(QloraConfig::new().with_quantize_frozen(false)),
+        ..LoadOptions::default()
+    };
+    let model = Llama::random(config, 0.02, &options, &device).unwrap();
+
+    let layer = &model.model.layers[1];
+    let burn_qlora::Projection::Lora(k) = &layer.self_attn.k_proj else {
+        panic!("k_proj has an adapter")
+    };
+    assert!(matches!(k.base, burn_qlora::FrozenLinear::Packed(_)));
+    assert_eq!(k.base.dims(), [256, 2 * 64], "k_proj: 2 KV heads of 64");
+    let Some(burn_qlora::Projection::Frozen(head)) = &model.lm_head else {
+        panic!("the head is frozen")
+    };
+    assert!(
+        matches!(head, burn_qlora::FrozenLinear::Dense(_)),
+        "head kept dense"
+    );
+
+    // N(0, 0.02): the sample standard deviation of 512 x 256 draws is within 2% of it.
+    let embedding = model.model.embed_tokens.weight.val();
+    let std = embedding
+        .clone()
+        .powi_scalar(2)
+        .mean()
+        .sqrt()
+        .into_scalar::<f32>();
+    assert!((std - 0.02).abs() < 0.02 * 0.02, "embedding std {std}");
+    let norm = layer.input_layernorm.weight.val();
+    assert_eq!(
+        norm.clone().min().into_scalar::<f32>(),
+        1.0,
+        "norms start at 1"
+    );
+    assert_eq!(norm.max().into_scalar::<f32>(), 1.0, "norms start at 1");
+
+    let tokens = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 5, 9], [1, 3]), &device);
+    assert_eq!(model.forward(tokens, None).dims(), [1, 3, 512]);
+}
