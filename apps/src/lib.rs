@@ -1,6 +1,7 @@
 //! What the binaries share: the device a run uses, dtypes, the default model and dataset, the
 //! chat template, the training config and the training job itself.
 
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod grad_norm;

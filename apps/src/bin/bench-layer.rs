@@ -13,6 +13,7 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use apps::bench::{median, memory_in_use, mib, peak_reserved};
 use burn::module::{Lora, Module, QLora, Quantizer};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::quantization::{Calibration, QuantValue};
@@ -85,11 +86,11 @@ fn main() -> Result<()> {
     )
     .require_grad();
     device.sync()?;
-    let before = in_use(&device)?;
+    let before = memory_in_use(&device)?;
 
     let loss = forward(&layer, &x, args.calls);
     device.sync()?;
-    let held = in_use(&device)?.saturating_sub(before);
+    let held = memory_in_use(&device)?.saturating_sub(before);
     let grads = loss.backward();
     let grad_x = x.grad(&grads).context("the input has no gradient")?;
     device.sync()?;
@@ -131,11 +132,6 @@ fn forward(layer: &Layer, x: &Tensor<3>, calls: usize) -> Tensor<1> {
         .map(|_| layer.forward(x.clone()).sum())
         .reduce(|a, b| a + b)
         .expect("at least one call")
-}
-
-fn median(mut times: Vec<f64>) -> f64 {
-    times.sort_by(f64::total_cmp);
-    times.get(times.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn build(args: &Args, device: &Device, dtype: DType) -> Result<Layer> {
@@ -183,23 +179,4 @@ fn build(args: &Args, device: &Device, dtype: DType) -> Result<Layer> {
         }
         other => bail!("variant {other:?}: use ours, naive, dense or burn"),
     })
-}
-
-fn in_use(device: &Device) -> Result<u64> {
-    Ok(device
-        .memory_pool_usage()
-        .context("the device reports no memory pools")?
-        .bytes_in_use)
-}
-
-/// The most bytes the device's pools ever held.
-fn peak_reserved(device: &Device) -> Result<u64> {
-    let pools = device
-        .memory_pool_report()
-        .context("the device reports no memory pools")?;
-    Ok(pools.iter().map(|p| p.page_size * p.pages_peak).sum())
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
 }

@@ -1,0 +1,35 @@
+//! What the GPU benchmarks share: medians and the device allocator's numbers.
+
+use anyhow::{Context, Result};
+use burn::tensor::Device;
+
+/// The median of `samples` (NaN for none).
+pub fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples.get(samples.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Bytes the device's pools hand out now.
+pub fn memory_in_use(device: &Device) -> Result<u64> {
+    Ok(device
+        .memory_pool_usage()
+        .context("the device reports no memory pools")?
+        .bytes_in_use)
+}
+
+/// The most bytes the device's pools ever reserved (whole pages, as torch's
+/// `max_memory_reserved` counts them).
+pub fn peak_reserved(device: &Device) -> Result<u64> {
+    let pools = device
+        .memory_pool_report()
+        .context("the device reports no memory pools")?;
+    Ok(pools.iter().map(|p| p.page_size * p.pages_peak).sum())
+}
+
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+pub fn gib(bytes: u64) -> f64 {
+    mib(bytes) / 1024.0
+}

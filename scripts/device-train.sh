@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine (device tool), from the repository root, with the release binaries
+# built here with `--features cuda` (bench-kernels, bench-layer, bench-train, bench-decode),
+# xz-compressed in .bin/ (carried, git-ignored). NVRTC comes from the machine's CUDA toolkit.
+# `kernels`: the CUDA kernels' check against the reference and their timings, and one LoRA layer;
+# `train`: QLoRA training at LLaMA-2-7B shapes with activation checkpointing on and off;
+# `decode`: batch-1 decoding, 4-bit and bf16. Logs go to $OUT (or ./bench-logs).
+set -u -o pipefail
+out=${OUT:-bench-logs}
+mkdir -p "$out"
+cuda_lib=$(dirname "$(find /usr/local -name 'libnvrtc.so*' -path '*cuda*' | head -1)")
+export LD_LIBRARY_PATH="$cuda_lib:${LD_LIBRARY_PATH:-}"
+for f in .bin/*.xz; do xz -dkf "$f" && chmod +x "${f%.xz}"; done
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+# Each run bounded, so one hang cannot take the whole call.
+run() {
+  local log="$out/$1.log"; shift
+  echo "\$ $*" | tee -a "$log"
+  timeout "${BENCH_TIMEOUT:-300}" "$@" >>"$log" 2>&1
+  echo "exit $?" >>"$log"
+  grep -v '^step [0-9]*:' "$log" | tail -4
+}
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(kernels train decode)
+for part in "${parts[@]}"; do
+  case "$part" in
+    kernels)
+      run kernels ./.bin/bench-kernels --backend cuda --dtype bf16 --samples 51
+      for variant in ours naive dense burn; do
+        run layer ./.bin/bench-layer --backend cuda --dtype bf16 --variant "$variant"
+      done ;;
+    train)
+      run train-ckpt ./.bin/bench-train --backend cuda --activation-checkpointing
+      run train ./.bin/bench-train --backend cuda ;;
+    decode)
+      run decode ./.bin/bench-decode --backend cuda --weights qlora
+      run decode ./.bin/bench-decode --backend cuda --weights bf16 ;;
+  esac
+done
