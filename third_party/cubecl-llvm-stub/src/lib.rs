@@ -5,8 +5,8 @@
 use core::fmt;
 
 use cubecl_core::Compiler;
-use cubecl_core::ir::nvidia::SmArch;
 use cubecl_core::ir::DeviceProperties;
+use cubecl_core::ir::nvidia::SmArch;
 use cubecl_core::prelude::KernelDefinition;
 use cubecl_runtime::compiler::CompilationError;
 use cubecl_runtime::kernel::BufferIOAttr;
@@ -91,12 +91,8 @@ pub mod nvptx {
         impl PtxVersion {
             /// The newest version a CUDA driver (`12080` for 12.8) loads, as clang maps them.
             pub fn for_driver(driver: i32) -> Option<Self> {
-                const DRIVER_PTX: &[(i32, u32)] = &[
-                    (13000, 90),
-                    (12080, 87),
-                    (12000, 80),
-                    (11000, 70),
-                ];
+                const DRIVER_PTX: &[(i32, u32)] =
+                    &[(13000, 90), (12080, 87), (12000, 80), (11000, 70)];
                 DRIVER_PTX
                     .iter()
                     .find(|(first_driver, _)| driver >= *first_driver)
