@@ -112,11 +112,13 @@ pub trait Matmul4bitOps: Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// `lhs · W` (or `Wᵀ`) over `lhs`' last dimension, for a dense `[rows, cols]` weight.
+/// `lhs · W` (or `Wᵀ`) over `lhs`' last dimension, for a dense `[rows, cols]` weight, with
+/// `product` doing the 2-D matmul of the flattened `lhs` and the (transposed) weight.
 fn matmul_dense<B: Backend>(
     lhs: FloatTensor<B>,
     dense: FloatTensor<B>,
     transpose: bool,
+    product: impl FnOnce(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
 ) -> FloatTensor<B> {
     let mut dims = lhs.shape().to_vec();
     let inner = dims
@@ -130,7 +132,7 @@ fn matmul_dense<B: Backend>(
     };
     let out_features = rhs.shape()[1];
     let lhs = B::float_reshape(lhs, Shape::new([rows, inner]));
-    let out = B::float_matmul(lhs, rhs);
+    let out = product(lhs, rhs);
     dims.push(out_features);
     B::float_reshape(out, Shape::from(dims))
 }
@@ -168,10 +170,9 @@ mod cube {
                 lhs.dtype(),
             );
             let dense = Self::float_reshape(dense, Shape::new(weight.shape));
-            if let Some(out) = matmul_tma(lhs.clone(), dense.clone(), transpose) {
-                return out;
-            }
-            matmul_dense::<Self>(lhs, dense, transpose)
+            matmul_dense::<Self>(lhs, dense, transpose, |lhs, rhs| {
+                matmul_tma(&lhs, &rhs).unwrap_or_else(|| Self::float_matmul(lhs, rhs))
+            })
         }
     }
 
@@ -186,28 +187,19 @@ mod cube {
     /// a routine only through autotune (which crashes on CUDA here) and otherwise takes the simple
     /// cyclic CMMA one; on an H100 at 2048 x 4096 x 11008 this one halves the forward (4.3 ms to
     /// 2.2) and makes 7B QLoRA training 1.5x faster (BENCHMARKS.md).
-    fn matmul_tma(lhs: CubeTensor, dense: CubeTensor, transpose: bool) -> Option<CubeTensor> {
+    fn matmul_tma(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> {
         // Measured in bf16 only; f16 shares its tiles, f32 is left to Burn.
         let half = matches!(lhs.dtype(), DType::BF16 | DType::F16);
         if !half || !lhs.client.properties().features.tma.contains(Tma::Base) {
             return None;
         }
-        let mut dims = lhs.shape().to_vec();
-        let inner = dims.pop()?;
-        let rows = dims.iter().product::<usize>();
-        let rhs = if transpose {
-            CubeBackend::float_transpose(dense)
-        } else {
-            dense
-        };
-        let out_features = rhs.shape()[1];
         let fits = |dim: usize| dim >= TMA_MIN_DIM && dim.is_multiple_of(TMA_DIM_MULTIPLE);
-        if !(fits(rows) && fits(inner) && fits(out_features)) {
+        let [rows, inner] = lhs.shape().dims();
+        if !(fits(rows) && fits(inner) && fits(rhs.shape()[1])) {
             return None;
         }
-        let lhs = CubeBackend::float_reshape(lhs, Shape::new([rows, inner]));
         let dtype = lhs.dtype();
-        let out = init_matmul_output(&lhs, &rhs, dtype);
+        let out = init_matmul_output(lhs, rhs, dtype);
         let storage = dtype_to_storage_type(dtype);
         let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems {
             lhs: storage,
@@ -218,14 +210,13 @@ mod cube {
         cubek::matmul::launch::launch_ref(
             &strategy.into(),
             &out.client.clone(),
-            InputBinding::new(lhs.binding(), storage),
-            InputBinding::new(rhs.binding(), storage),
+            InputBinding::new(lhs.clone().binding(), storage),
+            InputBinding::new(rhs.clone().binding(), storage),
             out.clone().binding(),
             &mut dtypes,
         )
         .ok()?;
-        dims.push(out_features);
-        Some(CubeBackend::float_reshape(out, Shape::from(dims)))
+        Some(out)
     }
 }
 
@@ -233,6 +224,7 @@ mod cube {
 mod flex {
     use burn::backend::Flex;
     use burn::backend::flex::FlexTensor;
+    use burn::backend::ops::FloatTensorOps;
 
     use super::{AbsmaxPrimitive, Matmul4bitOps, Weight4bitPrimitive, matmul_dense};
     use crate::packed::words_to_bytes;
@@ -246,7 +238,8 @@ mod flex {
         ) -> FlexTensor {
             let state = host_state(weight, lhs.dtype());
             let dense = reference::dequantize(&state).expect("the weight's state was validated");
-            matmul_dense::<Self>(lhs, FlexTensor::from_data(dense), transpose)
+            let dense = FlexTensor::from_data(dense);
+            matmul_dense::<Self>(lhs, dense, transpose, Self::float_matmul)
         }
     }
 

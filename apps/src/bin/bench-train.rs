@@ -72,6 +72,7 @@ fn main() -> Result<()> {
         dtype: apps::parse_dtype(&args.dtype)?,
         qlora: Some(qlora),
     };
+    let vocab = config.vocab_size;
     let start = Instant::now();
     let model = Llama::random(config, 0.02, &options, &train_device)?;
     device.sync()?;
@@ -86,7 +87,7 @@ fn main() -> Result<()> {
     let trainable = burn_qlora::trainable_params(&model, LoraBias::None);
     let mut model = CausalLm::new(model, trainable, 0, 1);
     let mut optimizer = AdamWConfig::new().init();
-    let batch = random_batch(&args, &train_device);
+    let batch = random_batch(&args, vocab, &train_device);
     let tokens = (args.batch * args.seq_len) as f64;
 
     let mut step_seconds = Vec::with_capacity(args.steps);
@@ -130,12 +131,11 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Uniform random tokens, every target trained.
-fn random_batch(args: &Args, device: &Device) -> LmBatch {
-    let vocab = LlamaConfig::llama2_7b().vocab_size as f64;
+/// Uniform random tokens of the model's vocabulary, every target trained.
+fn random_batch(args: &Args, vocab: usize, device: &Device) -> LmBatch {
     let tokens = Tensor::<2, Int>::random(
         [args.batch, args.seq_len + 1],
-        Distribution::Uniform(0.0, vocab),
+        Distribution::Uniform(0.0, vocab as f64),
         device,
     );
     LmBatch {
