@@ -4,7 +4,9 @@
 # xz-compressed in .bin/ (carried, git-ignored). NVRTC comes from the machine's CUDA toolkit.
 # `kernels`: the CUDA kernels' check against the reference and their timings, and one LoRA layer;
 # `train`: QLoRA training at LLaMA-2-7B shapes with activation checkpointing on and off;
-# `decode`: batch-1 decoding, 4-bit and bf16. Logs go to $OUT (or ./bench-logs).
+# `decode`: batch-1 decoding, 4-bit and bf16, and transformers' bf16 decoding beside it;
+# `matvec`: the kernels' timings alone (no check) and torch's dense matrix-vector products.
+# Logs go to $OUT (or ./bench-logs).
 set -u -o pipefail
 out=${OUT:-bench-logs}
 mkdir -p "$out"
@@ -34,6 +36,10 @@ for part in "${parts[@]}"; do
       run train ./.bin/bench-train --backend cuda ;;
     decode)
       run decode ./.bin/bench-decode --backend cuda --weights qlora
-      run decode ./.bin/bench-decode --backend cuda --weights bf16 ;;
+      run decode ./.bin/bench-decode --backend cuda --weights bf16
+      run decode python3 scripts/peer-decode.py ;;
+    matvec)
+      run matvec ./.bin/bench-kernels --backend cuda --dtype bf16 --skip-check --samples 51
+      run matvec python3 scripts/peer-matvec.py ;;
   esac
 done

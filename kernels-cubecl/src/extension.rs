@@ -9,10 +9,11 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::{CubeDim, calculate_cube_count_elemwise};
+use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
 use crate::kernels::{
-    WORD_ELEMENTS, dequantize_4bit_kernel, dequantize_4bit_vector_kernel, dequantize_absmax_kernel,
+    MATVEC_FEATURES_PER_CUBE, MATVEC_LANES, WORD_ELEMENTS, dequantize_4bit_kernel,
+    dequantize_4bit_vector_kernel, dequantize_absmax_kernel, matvec_4bit_kernel,
     quantize_4bit_kernel, quantize_absmax_kernel,
 };
 
@@ -28,6 +29,18 @@ pub trait Quant4bitOps: Backend {
         num_elements: usize,
         block_size: usize,
         dtype: DType,
+    ) -> FloatTensor<Self>;
+
+    /// `input · Wᵀ` for a `[rows, cols]` input and a packed `[features, cols]` weight (`cols` a
+    /// multiple of 8), dequantizing inside the product: decoding's matrix-vector products.
+    fn matvec_4bit(
+        input: FloatTensor<Self>,
+        packed: IntTensor<Self>,
+        absmax: FloatTensor<Self>,
+        code: FloatTensor<Self>,
+        offset: f32,
+        features: usize,
+        block_size: usize,
     ) -> FloatTensor<Self>;
 
     /// The nested absmax decoded, without the offset: `map[code] * nested_absmax[i / 256]`.
@@ -126,6 +139,54 @@ impl Quant4bitOps for CubeBackend {
                 offset,
                 num_elements,
                 block_shift,
+                dtype_to_storage_type(dtype),
+            );
+        }
+        output
+    }
+
+    fn matvec_4bit(
+        input: CubeTensor,
+        packed: CubeTensor,
+        absmax: CubeTensor,
+        code: CubeTensor,
+        offset: f32,
+        features: usize,
+        block_size: usize,
+    ) -> CubeTensor {
+        let [rows, cols] = input.meta.shape().dims();
+        assert!(
+            cols.is_multiple_of(WORD_ELEMENTS),
+            "matvec_4bit needs whole words per row, got {cols} columns"
+        );
+        let dtype = input.dtype;
+        let output = empty_device_dtype(
+            input.client.clone(),
+            input.device.clone(),
+            Shape::new([rows, features]),
+            dtype,
+        );
+        let cube_count = CubeCount::new_2d(
+            features.div_ceil(MATVEC_FEATURES_PER_CUBE as usize) as u32,
+            rows as u32,
+        );
+        let cube_dim = CubeDim::new_2d(MATVEC_LANES, MATVEC_FEATURES_PER_CUBE);
+        // SAFETY: each cube reads one input row and the packed rows of its features (guarded by
+        // `features`), and writes those features' outputs in that row.
+        unsafe {
+            matvec_4bit_kernel::launch_unchecked(
+                &output.client,
+                cube_count,
+                cube_dim,
+                into_contiguous(input).into_buffer_arg(),
+                into_contiguous(packed).into_buffer_arg(),
+                into_contiguous(absmax).into_buffer_arg(),
+                into_contiguous(code).into_buffer_arg(),
+                output.clone().into_buffer_arg(),
+                offset,
+                features,
+                cols,
+                block_size.trailing_zeros(),
                 dtype_to_storage_type(dtype),
             );
         }

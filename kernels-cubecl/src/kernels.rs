@@ -83,6 +83,77 @@ pub fn dequantize_4bit_vector_kernel<F: Float, N: Size>(
     }
 }
 
+/// Units that share one output value of [`matvec_4bit_kernel`], and output values per cube.
+pub const MATVEC_LANES: u32 = 32;
+pub const MATVEC_FEATURES_PER_CUBE: u32 = 8;
+
+/// `output[row, feature] = Σ input[row, col] · W[feature, col]` with `W` read packed: the
+/// dequantization fused into a matrix-vector product, for decoding's few rows, where the
+/// product is bound by reading the weight and a dense copy would cost four times its bytes.
+///
+/// A cube is `MATVEC_LANES x MATVEC_FEATURES_PER_CUBE` units; the `MATVEC_LANES` units of one
+/// feature stride over its packed row a word at a time (coalesced loads), sum in f32, and meet in
+/// shared memory. `cols` is a multiple of 8, so a row starts on a word; `absmax` and `offset` are
+/// as in [`dequantize_4bit_kernel`]. The cube's `y` position is the row.
+#[cube(launch_unchecked)]
+pub fn matvec_4bit_kernel<F: Float>(
+    input: &[F],
+    packed: &[u32],
+    absmax: &[f32],
+    code: &[f32],
+    output: &mut [F],
+    offset: f32,
+    features: usize,
+    cols: usize,
+    #[comptime] block_shift: u32,
+    #[define(F)] _dtype: ElemType,
+) {
+    let lane = UNIT_POS_X as usize;
+    let feature = (CUBE_POS_X * MATVEC_FEATURES_PER_CUBE + UNIT_POS_Y) as usize;
+    let row = CUBE_POS_Y as usize;
+    let words_per_row = cols / WORD_ELEMENTS;
+    let mut sum = f32::new(0.0);
+    // No unit leaves early: every one must reach the barriers below.
+    if feature < features {
+        let first_word = feature * words_per_row;
+        let mut word_in_row = lane;
+        while word_in_row < words_per_row {
+            let word_index = first_word + word_in_row;
+            let word = packed[word_index];
+            let scale = absmax[(word_index * WORD_ELEMENTS) >> block_shift as usize] + offset;
+            let x_first = row * cols + word_in_row * WORD_ELEMENTS;
+            let mut word_sum = f32::new(0.0);
+            #[unroll]
+            for e in 0..WORD_ELEMENTS {
+                // Element e sits in byte e / 2, in the high nibble when e is even.
+                let shift = comptime![(e / 2 * 8 + if e % 2 == 0 { 4 } else { 0 }) as u32];
+                let nibble = (word >> shift) & 0x0F;
+                word_sum += code[nibble as usize] * f32::cast_from(input[x_first + e]);
+            }
+            sum += word_sum * scale;
+            word_in_row += MATVEC_LANES as usize;
+        }
+    }
+    let mut partial = Shared::<[f32]>::new_slice(comptime!(
+        (MATVEC_LANES * MATVEC_FEATURES_PER_CUBE) as usize
+    ));
+    let slot = UNIT_POS_Y as usize * MATVEC_LANES as usize + lane;
+    partial[slot] = sum;
+    sync_cube();
+    // Shared memory rather than plane sums: WGSL gets subgroups only behind a feature.
+    #[unroll]
+    for step in 0..comptime!(MATVEC_LANES.trailing_zeros()) {
+        let stride = comptime![(MATVEC_LANES >> (step + 1)) as usize];
+        if lane < stride {
+            partial[slot] += partial[slot + stride];
+        }
+        sync_cube();
+    }
+    if lane == 0 && feature < features {
+        output[row * features + feature] = F::cast_from(partial[slot]);
+    }
+}
+
 /// Decodes the 8-bit absmax codes (four a word) without the offset: `map[code] * nested[i / 256]`.
 #[cube(launch_unchecked)]
 pub fn dequantize_absmax_kernel(

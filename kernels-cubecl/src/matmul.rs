@@ -68,18 +68,14 @@ impl AbsmaxPrimitive<Dispatch> {
     }
 }
 
-/// The flat dense weight in `dtype` from its packed words, absmax (decoded first when double
-/// quantized) and code book, through the CubeCL kernels.
+/// The absmax as f32 values and the offset still to add: double-quantized absmax decoded first.
 #[cfg(feature = "cube")]
-pub(crate) fn dequantize_flat<B: crate::extension::Quant4bitOps>(
-    words: IntTensor<B>,
+fn decoded_absmax<B: crate::extension::Quant4bitOps>(
     absmax: AbsmaxPrimitive<B>,
-    code: FloatTensor<B>,
     num_elements: usize,
     block_size: usize,
-    dtype: burn::tensor::DType,
-) -> FloatTensor<B> {
-    let (absmax, offset) = match absmax {
+) -> (FloatTensor<B>, f32) {
+    match absmax {
         AbsmaxPrimitive::Plain(absmax) => (absmax, 0.0),
         AbsmaxPrimitive::Double {
             codes,
@@ -93,7 +89,21 @@ pub(crate) fn dequantize_flat<B: crate::extension::Quant4bitOps>(
                 offset,
             )
         }
-    };
+    }
+}
+
+/// The flat dense weight in `dtype` from its packed words, absmax and code book, through the
+/// CubeCL kernels.
+#[cfg(feature = "cube")]
+pub(crate) fn dequantize_flat<B: crate::extension::Quant4bitOps>(
+    words: IntTensor<B>,
+    absmax: AbsmaxPrimitive<B>,
+    code: FloatTensor<B>,
+    num_elements: usize,
+    block_size: usize,
+    dtype: burn::tensor::DType,
+) -> FloatTensor<B> {
+    let (absmax, offset) = decoded_absmax(absmax, num_elements, block_size);
     B::dequantize_4bit(words, absmax, code, offset, num_elements, block_size, dtype)
 }
 
@@ -152,7 +162,11 @@ mod cube {
     use cubek::matmul::routine::BlueprintStrategy;
     use cubek::std::InputBinding;
 
-    use super::{Matmul4bitOps, Weight4bitPrimitive, dequantize_flat, matmul_dense};
+    use super::{
+        Matmul4bitOps, Weight4bitPrimitive, decoded_absmax, dequantize_flat, matmul_dense,
+    };
+    use crate::extension::Quant4bitOps;
+    use crate::kernels::WORD_ELEMENTS;
 
     impl Matmul4bitOps for CubeBackend {
         fn matmul_4bit(
@@ -161,6 +175,27 @@ mod cube {
             transpose: bool,
         ) -> CubeTensor {
             let num_elements = weight.num_elements();
+            let [features, cols] = weight.shape;
+            let rows = lhs.shape().num_elements() / cols;
+            if transpose && rows <= MATVEC_MAX_ROWS && cols.is_multiple_of(WORD_ELEMENTS) {
+                let (absmax, offset) =
+                    decoded_absmax::<Self>(weight.absmax, num_elements, weight.block_size);
+                let mut dims = lhs.shape().to_vec();
+                let lhs = Self::float_reshape(lhs, Shape::new([rows, cols]));
+                let out = Self::matvec_4bit(
+                    lhs,
+                    weight.words,
+                    absmax,
+                    weight.code,
+                    offset,
+                    features,
+                    weight.block_size,
+                );
+                *dims
+                    .last_mut()
+                    .expect("a matmul input has a last dimension") = features;
+                return Self::float_reshape(out, Shape::from(dims));
+            }
             let dense = dequantize_flat::<Self>(
                 weight.words,
                 weight.absmax,
@@ -175,6 +210,10 @@ mod cube {
             })
         }
     }
+
+    /// Up to this many rows (decoding: one per sequence of the batch), a linear layer's forward
+    /// reads the packed weight inside a matrix-vector kernel instead of dequantizing it whole.
+    const MATVEC_MAX_ROWS: usize = 4;
 
     /// Smallest dimension, and the multiple every dimension must be, for the TMA routine: smaller
     /// or ragged products (decoding's one row, odd model widths) stay on Burn's matmul, where

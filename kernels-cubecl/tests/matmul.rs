@@ -5,8 +5,8 @@
 
 mod common;
 
-use burn::tensor::{DType, Distribution, Tensor};
-use common::devices;
+use burn::tensor::{DType, Distribution, Tensor, TensorData};
+use common::{devices, golden_cases};
 use integration_tests::relative_error;
 use kernels_cubecl::{Packed4bit, QuantConfig, QuantType};
 
@@ -44,6 +44,66 @@ fn matmul_4bit_equals_the_dense_product_forward_and_backward() {
             assert!(error < TOLERANCE, "{what}: y relative error {error}");
             let error = relative_error(grad, grad_dense);
             assert!(error < TOLERANCE, "{what}: grad x relative error {error}");
+        }
+    }
+}
+
+/// Decoding's products (up to four rows, whole words per row) take the fused matrix-vector
+/// kernel on CubeCL devices: it must give the product with the dequantized weight, blocks
+/// straddling rows included (136 columns: whole words, not whole blocks).
+#[test]
+fn matmul_4bit_with_few_rows_equals_the_dense_product() {
+    for (name, device) in devices() {
+        for config in [
+            QuantConfig::default(),
+            QuantConfig::new(QuantType::Fp4, 32, false),
+        ] {
+            let weight = Tensor::<2>::random([72, 136], Distribution::Default, &device);
+            let packed = Packed4bit::quantize(weight, config).unwrap();
+            let dense = packed.dequantize::<2>().unwrap();
+            for rows in 1..=4 {
+                let x = Tensor::<3>::random([1, rows, 136], Distribution::Default, &device);
+                let y = packed.linear(x.clone()).unwrap();
+                let y_dense = x.matmul(dense.clone().transpose().unsqueeze());
+                let error = relative_error(y, y_dense);
+                assert!(
+                    error < TOLERANCE,
+                    "{name} {config:?} {rows} rows: relative error {error}"
+                );
+            }
+        }
+    }
+}
+
+/// A decoding step's product against bitsandbytes' own dequantized weights: for every 2-D golden
+/// state (f32 input, NF4 and FP4, with and without double quantization), one row times the
+/// state's weight equals that row times bitsandbytes' `dequant` values.
+#[test]
+fn matvec_with_golden_states_equals_bitsandbytes_dequantized_product() {
+    let cases: Vec<_> = golden_cases()
+        .into_iter()
+        .filter(|case| case.shape.len() == 2 && case.input_dtype == DType::F32)
+        .collect();
+    if cases.is_empty() {
+        println!("skipped: no golden folder");
+        return;
+    }
+    for (name, device) in devices() {
+        for case in &cases {
+            let [features, cols] = [case.shape[0], case.shape[1]];
+            let packed = Packed4bit::from_state(&case.state(), &device).unwrap();
+            let theirs = Tensor::<2>::from_data(
+                TensorData::new(case.dequant.clone(), [features, cols]),
+                &device,
+            );
+            let x = Tensor::<2>::random([1, cols], Distribution::Default, &device);
+            let y = packed.linear(x.clone()).unwrap();
+            let error = relative_error(y, x.matmul(theirs.transpose()));
+            assert!(
+                error < TOLERANCE,
+                "{name} {}: relative error {error}",
+                case.name
+            );
         }
     }
 }

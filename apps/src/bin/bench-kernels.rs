@@ -1,6 +1,7 @@
 //! Benchmarks the 4-bit kernels on a device: first checks them against the reference on the
 //! benchmark shapes, then times dequantization (to bf16 by default, plain and double-quantized
-//! absmax) and quantization, printing time and effective bandwidth.
+//! absmax) and quantization, printing time and effective bandwidth, and the fused 4-bit
+//! matrix-vector product of decoding beside the dense one.
 //!
 //! `cargo run --release -p apps --features vulkan --bin bench-kernels -- --backend vulkan`
 
@@ -111,7 +112,27 @@ fn check(device: &Device, shape: [usize; 2], dtype: DType, config: QuantConfig) 
         dequantized == reference,
         "{shape:?} {config:?}: dequantized values differ from the reference"
     );
+    // The fused matrix-vector product against the product with the dequantized weight, both
+    // rounded to `dtype` once at the end: a few units of its last place apart at most.
+    let x = Tensor::<2>::random([1, shape[1]], Distribution::Default, device).cast(dtype);
+    let fused = packed.linear(x.clone())?.cast(DType::F32);
+    let dense = x
+        .cast(DType::F32)
+        .matmul(packed.dequantize::<2>()?.cast(DType::F32).transpose());
+    let error = relative_error(fused, dense);
+    let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+    ensure!(
+        error < tolerance,
+        "{shape:?} {config:?}: the 4-bit matrix-vector product is {error} (relative) from the \
+         dense one, over {tolerance}"
+    );
     Ok(())
+}
+
+/// `‖actual - expected‖ / ‖expected‖`.
+fn relative_error(actual: Tensor<2>, expected: Tensor<2>) -> f32 {
+    let norm = |t: Tensor<2>| t.powi_scalar(2).sum().sqrt().into_scalar::<f32>();
+    norm(actual - expected.clone()) / norm(expected)
 }
 
 /// Where two quantized states first differ, for the error message.
@@ -168,7 +189,8 @@ fn main() -> Result<()> {
             }
         }
         println!(
-            "check: kernels equal the reference bit for bit on {} shapes (nf4/fp4, dq on/off)",
+            "check: kernels equal the reference bit for bit on {} shapes (nf4/fp4, dq on/off), \
+             the 4-bit matrix-vector product the dense one",
             shapes.len()
         );
     }
@@ -201,6 +223,34 @@ fn main() -> Result<()> {
                 if double_quant { "double" } else { "plain" }
             );
         }
+    }
+    println!();
+    println!(
+        "| shape | 4-bit matvec ms (device) | packed TB/s | 4-bit matvec ms (wall) | dense matvec ms (wall) |"
+    );
+    println!("|---|---|---|---|---|");
+    for &shape in &shapes {
+        let elements = (shape[0] * shape[1]) as f64;
+        let weight =
+            Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.02), &device).cast(dtype);
+        let packed = Packed4bit::quantize(weight.clone(), QuantConfig::default())?;
+        let x = Tensor::<2>::random([1, shape[1]], Distribution::Default, &device).cast(dtype);
+        let matvec = || {
+            let _ = packed.linear(x.clone()).expect("4-bit matvec");
+        };
+        let (device_ms, method) = device_time_ms(&device, args.samples, &matvec)?;
+        let wall_ms = wall_time_ms(&device, args.calls, args.samples, matvec)?;
+        let weight_t = weight.transpose();
+        let dense_ms = wall_time_ms(&device, args.calls, args.samples, || {
+            let _ = x.clone().matmul(weight_t.clone());
+        })?;
+        // What must be read: half a byte of codes per element and one absmax code per block.
+        let bytes = elements * (0.5 + 1.0 / 64.0);
+        let bandwidth = bytes / (device_ms * 1e-3) / 1e12;
+        println!(
+            "| {}x{} | {device_ms:.4} ({method:?}) | {bandwidth:.2} | {wall_ms:.4} | {dense_ms:.4} |",
+            shape[0], shape[1]
+        );
     }
     Ok(())
 }

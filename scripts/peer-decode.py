@@ -1,0 +1,63 @@
+"""The peer of `bench-decode --weights bf16`: transformers' LLaMA at LLaMA-2-7B shapes, random
+N(0, 0.02) weights in bf16 on the GPU, batch 1, a 128-token random prompt through the KV cache,
+then one token at a time, greedy, each token read back to the host as `bench-decode` does.
+
+Runs on the lent GPU machine (torch and transformers are installed there):
+`python3 scripts/peer-decode.py [--new-tokens 129] [--prompt-tokens 128] [--layers 32]`
+"""
+
+import argparse
+import time
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=129)
+    args = parser.parse_args()
+
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=args.layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        initializer_range=0.02,
+    )
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).eval()
+    torch.cuda.synchronize()
+    resident = torch.cuda.memory_allocated() / 2**30
+
+    prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), device="cuda")
+    times = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        cache = transformers.DynamicCache()
+        tokens = prompt
+        for _ in range(args.new_tokens):
+            out = model(input_ids=tokens, past_key_values=cache, use_cache=True)
+            token = int(out.logits[0, -1].float().argmax())
+            times.append(time.perf_counter() - start)
+            tokens = torch.tensor([[token]], device="cuda")
+    decoded = len(times) - 1
+    per_token = (times[-1] - times[0]) / decoded
+    print(
+        f"transformers {transformers.__version__}, torch {torch.__version__}, bf16 eager, "
+        f"{args.layers} layers, batch 1: prefill of {args.prompt_tokens} tokens + first token "
+        f"{times[0] * 1e3:.0f} ms, decode {1 / per_token:.1f} tokens/s "
+        f"({per_token * 1e3:.2f} ms/token over {decoded} tokens), model {resident:.2f} GiB"
+    )
+
+
+if __name__ == "__main__":
+    main()
