@@ -169,7 +169,9 @@ pub struct TrainSection {
     pub checkpoint_every: usize,
     /// Checkpoints kept. Default 2.
     pub keep_checkpoints: usize,
-    /// Recompute activations in the backward pass (Burn's autodiff checkpointing). Default false.
+    /// Activation checkpointing: keep only each decoder layer's input and recompute the layer in
+    /// the backward pass, the head and loss taken an eighth of the positions at a time. Default
+    /// false.
     pub activation_checkpointing: bool,
     /// auto (best compiled in: cuda, then wgpu, then CPU), cuda, vulkan, wgpu or flex.
     /// Default auto.

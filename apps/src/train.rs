@@ -78,6 +78,25 @@ impl LmBatch {
             weights: Tensor::from_data(TensorData::new(weights, shape), device),
         }
     }
+
+    /// Trained targets, at least 1: what the loss is the mean over.
+    fn trained_count(&self) -> Tensor<1> {
+        self.weights.clone().sum().clamp_min(1.0)
+    }
+}
+
+/// `Σ -log p(target) · weight / count` over the positions of `logits`, in f32.
+fn weighted_nll(
+    logits: Tensor<3>,
+    targets: Tensor<2, Int>,
+    weights: Tensor<2>,
+    count: Tensor<1>,
+) -> Tensor<1> {
+    let log_probs = log_softmax(logits.cast(burn::tensor::DType::F32), 2);
+    let picked = log_probs
+        .gather(2, targets.unsqueeze_dim(2))
+        .squeeze_dim::<2>(2);
+    -(picked * weights).sum() / count
 }
 
 /// The model being trained: a [`Llama`] whose checkpoint record is its trainable parameters
@@ -93,7 +112,13 @@ pub struct CausalLm {
     loss_scale: f64,
     /// Global gradient-norm limit for each optimizer step; 0 for none.
     max_grad_norm: f64,
+    /// Activation checkpointing per decoder layer, the head and loss a chunk at a time.
+    checkpoint_layers: bool,
 }
+
+/// Chunks of positions the checkpointed step computes the head and loss in, as torchtune's
+/// chunked cross-entropy: the f32 logits of one chunk exist at a time.
+const OUTPUT_CHUNKS: usize = 8;
 
 impl CausalLm {
     pub fn new(model: Llama, trainable: ParamGroup, ignored_id: u32, grad_accum: usize) -> Self {
@@ -103,6 +128,17 @@ impl CausalLm {
             ignored_id,
             loss_scale: 1.0 / grad_accum as f64,
             max_grad_norm: 0.0,
+            checkpoint_layers: false,
+        }
+    }
+
+    /// Trains with activation checkpointing per decoder layer
+    /// ([`Llama::checkpointed_backward`]): the same gradients for a second forward's time, with
+    /// one layer's activations alive at a time.
+    pub fn with_activation_checkpointing(self, checkpoint_layers: bool) -> Self {
+        Self {
+            checkpoint_layers,
+            ..self
         }
     }
 
@@ -117,12 +153,12 @@ impl CausalLm {
     /// Mean next-token cross-entropy over the trained targets, and the logits.
     pub fn loss(&self, batch: &LmBatch) -> (Tensor<1>, Tensor<3>) {
         let logits = self.model.forward(batch.inputs.clone(), None);
-        let log_probs = log_softmax(logits.clone().cast(burn::tensor::DType::F32), 2);
-        let picked = log_probs
-            .gather(2, batch.targets.clone().unsqueeze_dim(2))
-            .squeeze_dim::<2>(2);
-        let total = batch.weights.clone().sum().clamp_min(1.0);
-        let loss = -(picked * batch.weights.clone()).sum() / total;
+        let loss = weighted_nll(
+            logits.clone(),
+            batch.targets.clone(),
+            batch.weights.clone(),
+            batch.trained_count(),
+        );
         (loss, logits)
     }
 
@@ -139,6 +175,29 @@ impl TrainStep for CausalLm {
     type Output = SequenceOutput;
 
     fn step(&self, batch: LmBatch) -> TrainOutput<SequenceOutput> {
+        if self.checkpoint_layers {
+            let count = batch.trained_count();
+            let chunk_positions = batch.targets.dims()[1].div_ceil(OUTPUT_CHUNKS);
+            let step = self.model.checkpointed_backward(
+                batch.inputs.clone(),
+                chunk_positions,
+                self.loss_scale,
+                |logits, positions| {
+                    let (start, len) = (positions.start, positions.len());
+                    weighted_nll(
+                        logits,
+                        batch.targets.clone().narrow(1, start, len),
+                        batch.weights.clone().narrow(1, start, len),
+                        count.clone(),
+                    )
+                },
+            );
+            let item = self.output(batch, step.loss, step.logits);
+            return TrainOutput {
+                grads: step.grads,
+                item,
+            };
+        }
         let (loss, logits) = self.loss(&batch);
         let grads = (loss.clone() * self.loss_scale).backward();
         TrainOutput::new(self, grads, self.output(batch, loss, logits))
@@ -457,13 +516,8 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
     let device = crate::device(&config.train.backend)?;
     device.seed(config.train.seed);
     let qlora = config.qlora_config()?;
-    // Loaded on the autodiff device, so the adapters are tracked parameters from the start; with
-    // activation checkpointing, on the checkpointing one the Learner trains on (frozen tensors
-    // are not moved there, and every tensor of an operation must share its strategy).
-    let mut train_device = device.clone().autodiff();
-    if config.train.activation_checkpointing {
-        train_device = train_device.gradient_checkpointing();
-    }
+    // Loaded on the autodiff device, so the adapters are tracked parameters from the start.
+    let train_device = device.clone().autodiff();
     let loaded = trained::load_base(config, qlora.clone(), &train_device)?;
     let tokenizer = trained::tokenizer(config, &loaded)?;
     let model_path = loaded.model_path.clone();
@@ -522,7 +576,9 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         check_checkpoint(&model, &checkpoint_dir, epoch)?;
         eprintln!("resuming from checkpoint {epoch} of {epochs}");
     }
-    let model = model.with_max_grad_norm(train.max_grad_norm);
+    let model = model
+        .with_max_grad_norm(train.max_grad_norm)
+        .with_activation_checkpointing(train.activation_checkpointing);
     let optimizer = AdamWConfig::new().with_weight_decay(train.weight_decay as f32);
     let learner = Learner::new(model, optimizer.init(), lr_scheduler(config)?);
 
@@ -553,9 +609,6 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
     }
     if train.grad_accum > 1 {
         training = training.grads_accumulation(train.grad_accum);
-    }
-    if train.activation_checkpointing {
-        training = training.gradient_checkpointing();
     }
     if let Some(epoch) = resume_from {
         training = training.checkpoint(epoch);

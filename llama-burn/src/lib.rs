@@ -5,6 +5,7 @@
 
 mod attention;
 mod chat;
+mod checkpoint;
 mod config;
 mod error;
 mod generate;
@@ -21,6 +22,7 @@ mod tokenizer;
 
 pub use attention::{Attention, LayerCache};
 pub use chat::{ChatTemplate, Message, Role};
+pub use checkpoint::CheckpointedStep;
 pub use config::LlamaConfig;
 pub use error::LlamaError;
 pub use generate::{Sampler, SamplingConfig, generate};

@@ -56,7 +56,8 @@ impl KvCache {
 }
 
 impl DecoderLayer {
-    fn forward(&self, x: Tensor<3>, rope: &Rope, cache: Option<&mut LayerCache>) -> Tensor<3> {
+    /// `x` `[batch, seq, hidden]` through the layer; with a cache, `x` continues the cached tokens.
+    pub fn forward(&self, x: Tensor<3>, rope: &Rope, cache: Option<&mut LayerCache>) -> Tensor<3> {
         let h = x.clone()
             + self
                 .self_attn

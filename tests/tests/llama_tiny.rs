@@ -17,12 +17,23 @@ use safetensors::tensor::Dtype;
 /// Max absolute error on the logits, f32.
 const TOLERANCE: f32 = 1e-4;
 
+/// Held by every test here: Flex has one random generator for the process, tests run on
+/// parallel threads, and the dropout test seeds it between draws that must repeat.
+static DEVICE_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn take_rng() -> std::sync::MutexGuard<'static, ()> {
+    DEVICE_RNG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn max_abs_error(actual: Tensor<3>, expected: Tensor<3>) -> f32 {
     (actual - expected).abs().max().into_scalar::<f32>()
 }
 
 #[test]
 fn logits_match_transformers() {
+    let _rng = take_rng();
     let Some(golden) = golden_dir() else { return };
     let dir = golden.join("llama_tiny");
     let device = Device::flex();
@@ -55,6 +66,7 @@ fn adapted_model(golden: &Path, quantize: bool, device: &Device) -> (Llama, Llam
 
 #[test]
 fn adapted_logits_match_peft() {
+    let _rng = take_rng();
     let Some(golden) = golden_dir() else { return };
     let device = Device::flex();
     let (model, _) = adapted_model(&golden, false, &device);
@@ -70,6 +82,7 @@ fn adapted_logits_match_peft() {
 /// model's numbers; in bf16, bf16 weights.
 #[test]
 fn merged_checkpoints_compute_the_adapted_model() {
+    let _rng = take_rng();
     let Some(golden) = golden_dir() else { return };
     let device = Device::flex();
     let dir = std::env::temp_dir().join(format!("llama-merged-{}", std::process::id()));
@@ -142,6 +155,7 @@ fn merged_checkpoints_compute_the_adapted_model() {
 
 #[test]
 fn kv_cache_decoding_equals_the_full_forward() {
+    let _rng = take_rng();
     let Some(golden) = golden_dir() else { return };
     let dir = golden.join("llama_tiny");
     let device = Device::flex();
@@ -179,6 +193,7 @@ fn kv_cache_decoding_equals_the_full_forward() {
 
 #[test]
 fn a_checkpoint_that_does_not_fit_names_the_tensor() {
+    let _rng = take_rng();
     let Some(golden) = golden_dir() else { return };
     let source = golden.join("llama_tiny");
     let device = Device::flex();
@@ -234,6 +249,7 @@ fn a_checkpoint_that_does_not_fit_names_the_tensor() {
 
 #[test]
 fn a_qlora_model_loads_4bit_and_trains_only_its_adapters() {
+    let _rng = take_rng();
     let Some(golden) = golden_dir() else { return };
     let dir = golden.join("llama_tiny");
     let device = Device::flex().autodiff();
@@ -296,6 +312,7 @@ fn a_qlora_model_loads_4bit_and_trains_only_its_adapters() {
 
 #[test]
 fn a_random_model_has_the_config_shapes_and_the_asked_spread() {
+    let _rng = take_rng();
     // Needs no golden files: the benchmarks' model, at a small size.
     let device = Device::flex();
     device.seed(7);
@@ -339,4 +356,128 @@ fn a_random_model_has_the_config_shapes_and_the_asked_spread() {
 
     let tokens = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 5, 9], [1, 3]), &device);
     assert_eq!(model.forward(tokens, None).dims(), [1, 3, 512]);
+}
+
+/// Activation checkpointing per layer (`Llama::checkpointed_backward`) runs the backward in
+/// stages (the head and loss in chunks of positions, then each layer from its input) and must
+/// give the loss and adapter gradients of one backward through the whole model: the golden tiny
+/// LLaMA with the golden adapter on 4-bit bases, chunks of positions not dividing the length.
+#[test]
+fn checkpointed_backward_gives_the_full_backward_gradients() {
+    let _rng = take_rng();
+    let Some(golden) = golden_dir() else { return };
+    let device = Device::flex().autodiff();
+    let (model, config) = adapted_model(&golden, true, &device);
+    let tokens = golden_input_ids(&golden.join("llama_tiny/expected.safetensors"), &device);
+    let [batch, seq] = tokens.dims();
+    let chunk = (2..seq)
+        .find(|c| seq % c != 0)
+        .expect("a chunk not dividing the length");
+    let targets = Tensor::<2, Int>::random(
+        [batch, seq],
+        burn::tensor::Distribution::Uniform(0.0, config.vocab_size as f64),
+        &device,
+    );
+    // Mean negative log-likelihood of the targets, over `positions`' share of them.
+    let nll = |logits: Tensor<3>, positions: std::ops::Range<usize>| {
+        let picked = burn::tensor::activation::log_softmax(logits, 2)
+            .gather(
+                2,
+                targets
+                    .clone()
+                    .narrow(1, positions.start, positions.len())
+                    .unsqueeze_dim(2),
+            )
+            .sum();
+        -picked / (batch * seq) as f64
+    };
+    let scale = 0.5;
+
+    let loss = nll(model.forward(tokens.clone(), None), 0..seq);
+    let full = (loss.clone() * scale).backward();
+    let step = model.checkpointed_backward(tokens, chunk, scale, nll);
+
+    let loss_error = (step.loss.inner() - loss.inner())
+        .abs()
+        .into_scalar::<f32>();
+    assert!(loss_error < 1e-5, "loss differs by {loss_error}");
+    let mut compared = 0;
+    for layer in &model.model.layers {
+        let attn = &layer.self_attn;
+        let mlp = &layer.mlp;
+        for projection in [
+            &attn.q_proj,
+            &attn.k_proj,
+            &attn.v_proj,
+            &attn.o_proj,
+            &mlp.gate_proj,
+            &mlp.up_proj,
+            &mlp.down_proj,
+        ] {
+            let burn_qlora::Projection::Lora(lora) = projection else {
+                panic!("every projection has an adapter")
+            };
+            for weight in [&lora.lora_a.weight, &lora.lora_b.weight] {
+                let expected = weight.val().grad(&full).expect("a full-backward gradient");
+                let actual = step
+                    .grads
+                    .get::<2>(weight.id)
+                    .expect("a checkpointed gradient");
+                let error = relative_error(actual.unsqueeze::<3>(), expected.unsqueeze::<3>());
+                assert!(error < 1e-5, "{:?}: relative error {error}", weight.id);
+                compared += 1;
+            }
+        }
+    }
+    assert_eq!(compared, 14 * config.num_hidden_layers);
+    assert_eq!(step.logits.dims(), [batch, seq, config.vocab_size]);
+}
+
+/// With LoRA dropout, the recomputation of each layer must draw the masks its first forward
+/// drew: the checkpointed gradients equal those of a whole-model backward whose forward seeds
+/// the device as `checkpointed_backward` does (one draw from the device, plus the layer index).
+#[test]
+fn checkpointed_backward_recomputes_the_same_dropout_masks() {
+    let _rng = take_rng();
+    let Some(golden) = golden_dir() else { return };
+    let device = Device::flex().autodiff();
+    let adapter = PeftAdapter::load(&golden.join("llama_tiny_adapter"), &device).unwrap();
+    let qlora = QloraConfig::new()
+        .with_lora(adapter.lora_config().with_dropout(0.5))
+        .with_targets(adapter.config.target_modules.clone());
+    let options = LoadOptions {
+        qlora: Some(qlora),
+        ..LoadOptions::default()
+    };
+    let (model, _) = Llama::from_hf(&golden.join("llama_tiny"), &options, &device).unwrap();
+    let model = adapter.load_into(model).unwrap();
+    let tokens = golden_input_ids(&golden.join("llama_tiny/expected.safetensors"), &device);
+    let sum = |logits: Tensor<3>, _: std::ops::Range<usize>| logits.sum();
+
+    device.seed(11);
+    let step = model.checkpointed_backward(tokens.clone(), 4, 1.0, sum);
+
+    device.seed(11);
+    let seed = Tensor::<1, Int>::random([1], burn::tensor::Distribution::Uniform(0.0, 1e9), &device)
+        .into_scalar::<i64>() as u64;
+    let inner = &model.model;
+    let mut hidden = inner.embed_tokens.forward(tokens);
+    for (index, layer) in inner.layers.iter().enumerate() {
+        device.seed(seed + index as u64);
+        hidden = layer.forward(hidden, &inner.rope, None);
+    }
+    let full = model.logits(inner.norm.forward(hidden)).sum().backward();
+
+    let burn_qlora::Projection::Lora(lora) = &inner.layers[1].mlp.down_proj else {
+        panic!("down_proj has an adapter")
+    };
+    for weight in [&lora.lora_a.weight, &lora.lora_b.weight] {
+        let expected = weight.val().grad(&full).expect("a full-backward gradient");
+        let actual = step
+            .grads
+            .get::<2>(weight.id)
+            .expect("a checkpointed gradient");
+        let error = relative_error(actual.unsqueeze::<3>(), expected.unsqueeze::<3>());
+        assert!(error < 1e-5, "relative error {error}");
+    }
 }

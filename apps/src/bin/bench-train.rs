@@ -56,10 +56,7 @@ fn main() -> Result<()> {
     ensure!(args.steps > 0, "--steps must be at least 1");
     let device = apps::device(&args.backend)?;
     device.seed(0);
-    let mut train_device = device.clone().autodiff();
-    if args.activation_checkpointing {
-        train_device = train_device.gradient_checkpointing();
-    }
+    let train_device = device.clone().autodiff();
 
     let config = LlamaConfig {
         num_hidden_layers: args.layers,
@@ -85,7 +82,8 @@ fn main() -> Result<()> {
     );
 
     let trainable = burn_qlora::trainable_params(&model, LoraBias::None);
-    let mut model = CausalLm::new(model, trainable, 0, 1);
+    let mut model = CausalLm::new(model, trainable, 0, 1)
+        .with_activation_checkpointing(args.activation_checkpointing);
     let mut optimizer = AdamWConfig::new().init();
     let batch = random_batch(&args, vocab, &train_device);
     let tokens = (args.batch * args.seq_len) as f64;

@@ -1,0 +1,147 @@
+//! Activation checkpointing per decoder layer, as torch's `checkpoint` around each block, with
+//! the head and loss taken a chunk of positions at a time.
+//!
+//! A backward through the whole model keeps every layer's activations (attention scores, MLP
+//! intermediates) until it runs, and the f32 logits of every position with them. Here the
+//! forward runs without a graph and keeps only each layer's input; the backward then runs in
+//! stages, each its own small graph freed before the next: the head and loss for one chunk of
+//! positions at a time (so the f32 logits never exist whole), then each layer again from its
+//! input, last to first, handing the gradient of its input to the layer before. Parameters are
+//! leaves shared by the stages, so their gradients are collected from each stage's backward.
+
+use std::ops::Range;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Distribution, Gradients, Int, Tensor};
+
+use crate::Llama;
+
+/// The loss and parameter gradients of one checkpointed step.
+pub struct CheckpointedStep {
+    /// The loss, the sum of the chunks' (no graph).
+    pub loss: Tensor<1>,
+    /// The logits `[batch, seq, vocab]` in the compute dtype (no graph), for metrics.
+    pub logits: Tensor<3>,
+    /// The gradient of every parameter that requires one.
+    pub grads: GradientsParams,
+}
+
+impl Llama {
+    /// Runs a training step's forward and backward with activation checkpointing per decoder
+    /// layer. `chunk_loss(logits, positions)` gives the loss of the logits `[batch, chunk,
+    /// vocab]` of `positions`; the step's loss is the sum over chunks of `chunk_positions`
+    /// positions, and its gradients are those of `grad_scale` times that loss (gradient
+    /// accumulation's 1 / steps). The gradients equal those of one backward through the whole
+    /// model, up to rounding; LoRA dropout draws the same masks in the forward and in the
+    /// recomputation, the device being seeded alike before each layer.
+    pub fn checkpointed_backward(
+        &self,
+        tokens: Tensor<2, Int>,
+        chunk_positions: usize,
+        grad_scale: f64,
+        chunk_loss: impl Fn(Tensor<3>, Range<usize>) -> Tensor<1>,
+    ) -> CheckpointedStep {
+        let model = &self.model;
+        let device = tokens.device();
+        // One draw from the device's generator seeds every layer, so the step stays a function
+        // of the device's seed.
+        let seed = Tensor::<1, Int>::random([1], Distribution::Uniform(0.0, 1e9), &device)
+            .into_scalar::<i64>() as u64;
+        let layer_seed = |layer: usize| seed.wrapping_add(layer as u64);
+
+        // The forward, without a graph: `no_grad` copies keep dropout active but record nothing.
+        let embedded = model.embed_tokens.clone().no_grad().forward(tokens.clone());
+        let mut inputs = Vec::with_capacity(model.layers.len());
+        let mut hidden = embedded;
+        for (index, layer) in model.layers.iter().enumerate() {
+            inputs.push(hidden.clone());
+            device.seed(layer_seed(index));
+            hidden = layer.clone().no_grad().forward(hidden, &model.rope, None);
+        }
+
+        // The head and the loss, a chunk of positions at a time.
+        let mut grads = GradientsParams::new();
+        let [_, seq, _] = hidden.dims();
+        let mut losses = Vec::new();
+        let mut logits = Vec::new();
+        let mut hidden_grads = Vec::new();
+        for start in (0..seq).step_by(chunk_positions.max(1)) {
+            let positions = start..seq.min(start + chunk_positions.max(1));
+            let chunk = hidden
+                .clone()
+                .narrow(1, start, positions.len())
+                .detach()
+                .require_grad();
+            let chunk_logits = self.logits(model.norm.forward(chunk.clone()));
+            let loss = chunk_loss(chunk_logits.clone(), positions);
+            let mut stage = (loss.clone() * grad_scale).backward();
+            hidden_grads.push(take_grad(&chunk, &mut stage));
+            collect_grads(&model.norm, &mut stage, &mut grads);
+            if let Some(head) = &self.lm_head {
+                collect_grads(head, &mut stage, &mut grads);
+            } else {
+                collect_grads(&model.embed_tokens, &mut stage, &mut grads);
+            }
+            losses.push(loss.detach());
+            logits.push(chunk_logits.detach());
+        }
+        let mut grad = Tensor::cat(hidden_grads, 1);
+
+        // Each layer again from its input, last to first.
+        for (index, layer) in model.layers.iter().enumerate().rev() {
+            let input = inputs
+                .pop()
+                .expect("one input kept per layer")
+                .detach()
+                .require_grad();
+            device.seed(layer_seed(index));
+            let output = layer.forward(input.clone(), &model.rope, None);
+            let mut stage = (output * grad).sum().backward();
+            collect_grads(layer, &mut stage, &mut grads);
+            grad = take_grad(&input, &mut stage);
+        }
+        if model.embed_tokens.weight.is_require_grad() {
+            let embedded = model.embed_tokens.forward(tokens);
+            let mut stage = (embedded * grad).sum().backward();
+            collect_grads(&model.embed_tokens, &mut stage, &mut grads);
+        }
+        CheckpointedStep {
+            loss: Tensor::cat(losses, 0).sum(),
+            logits: Tensor::cat(logits, 1),
+            grads,
+        }
+    }
+}
+
+/// The gradient a stage's backward left for its input leaf.
+fn take_grad(input: &Tensor<3>, stage: &mut Gradients) -> Tensor<3> {
+    input
+        .grad_remove(stage)
+        .expect("a stage's input leaf receives a gradient")
+}
+
+/// Moves the gradients of `module`'s parameters out of a stage's backward into `into`, adding
+/// to what earlier stages gave the same parameter (a head tied to the embedding).
+fn collect_grads<M: Module>(module: &M, stage: &mut Gradients, into: &mut GradientsParams) {
+    struct Collector<'a> {
+        stage: &'a mut Gradients,
+        into: &'a mut GradientsParams,
+    }
+    impl ModuleVisitor for Collector<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if !param.is_require_grad() {
+                return;
+            }
+            let Some(grad) = param.val().grad_remove(self.stage) else {
+                return;
+            };
+            let grad = match self.into.remove::<D>(param.id) {
+                Some(earlier) => earlier + grad,
+                None => grad,
+            };
+            self.into.register(param.id, grad);
+        }
+    }
+    module.visit(&mut Collector { stage, into });
+}
