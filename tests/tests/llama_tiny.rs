@@ -401,34 +401,7 @@ fn checkpointed_backward_gives_the_full_backward_gradients() {
         .abs()
         .into_scalar::<f32>();
     assert!(loss_error < 1e-5, "loss differs by {loss_error}");
-    let mut compared = 0;
-    for layer in &model.model.layers {
-        let attn = &layer.self_attn;
-        let mlp = &layer.mlp;
-        for projection in [
-            &attn.q_proj,
-            &attn.k_proj,
-            &attn.v_proj,
-            &attn.o_proj,
-            &mlp.gate_proj,
-            &mlp.up_proj,
-            &mlp.down_proj,
-        ] {
-            let burn_qlora::Projection::Lora(lora) = projection else {
-                panic!("every projection has an adapter")
-            };
-            for weight in [&lora.lora_a.weight, &lora.lora_b.weight] {
-                let expected = weight.val().grad(&full).expect("a full-backward gradient");
-                let actual = step
-                    .grads
-                    .get::<2>(weight.id)
-                    .expect("a checkpointed gradient");
-                let error = relative_error(actual.unsqueeze::<3>(), expected.unsqueeze::<3>());
-                assert!(error < 1e-5, "{:?}: relative error {error}", weight.id);
-                compared += 1;
-            }
-        }
-    }
+    let compared = assert_same_adapter_grads(&model, &full, &step.grads);
     assert_eq!(compared, 14 * config.num_hidden_layers);
     assert_eq!(step.logits.dims(), [batch, seq, config.vocab_size]);
 }
@@ -468,16 +441,41 @@ fn checkpointed_backward_recomputes_the_same_dropout_masks() {
     }
     let full = model.logits(inner.norm.forward(hidden)).sum().backward();
 
-    let burn_qlora::Projection::Lora(lora) = &inner.layers[1].mlp.down_proj else {
-        panic!("down_proj has an adapter")
-    };
-    for weight in [&lora.lora_a.weight, &lora.lora_b.weight] {
-        let expected = weight.val().grad(&full).expect("a full-backward gradient");
-        let actual = step
-            .grads
-            .get::<2>(weight.id)
-            .expect("a checkpointed gradient");
-        let error = relative_error(actual.unsqueeze::<3>(), expected.unsqueeze::<3>());
-        assert!(error < 1e-5, "relative error {error}");
+    assert_same_adapter_grads(&model, &full, &step.grads);
+}
+
+/// Asserts that every adapter weight's checkpointed gradient equals its whole-model backward
+/// one (relative 1e-5, f32: the same products in another grouping); returns how many it compared.
+fn assert_same_adapter_grads(
+    model: &Llama,
+    full: &burn::tensor::Gradients,
+    checkpointed: &burn::optim::GradientsParams,
+) -> usize {
+    let mut compared = 0;
+    for layer in &model.model.layers {
+        let (attn, mlp) = (&layer.self_attn, &layer.mlp);
+        for projection in [
+            &attn.q_proj,
+            &attn.k_proj,
+            &attn.v_proj,
+            &attn.o_proj,
+            &mlp.gate_proj,
+            &mlp.up_proj,
+            &mlp.down_proj,
+        ] {
+            let burn_qlora::Projection::Lora(lora) = projection else {
+                panic!("every projection has an adapter")
+            };
+            for weight in [&lora.lora_a.weight, &lora.lora_b.weight] {
+                let expected = weight.val().grad(full).expect("a full-backward gradient");
+                let actual = checkpointed
+                    .get::<2>(weight.id)
+                    .expect("a checkpointed gradient");
+                let error = relative_error(actual.unsqueeze::<3>(), expected.unsqueeze::<3>());
+                assert!(error < 1e-5, "{:?}: relative error {error}", weight.id);
+                compared += 1;
+            }
+        }
     }
+    compared
 }
