@@ -42,10 +42,11 @@ def main():
     times = []
     start = time.perf_counter()
     with torch.inference_mode():
-        cache = transformers.DynamicCache()
+        cache = None  # the model starts its own KV cache on the first call
         tokens = prompt
         for _ in range(args.new_tokens):
             out = model(input_ids=tokens, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
             token = int(out.logits[0, -1].float().argmax())
             times.append(time.perf_counter() - start)
             tokens = torch.tensor([[token]], device="cuda")
