@@ -122,6 +122,22 @@ pub trait Matmul4bitOps: Backend {
     ) -> FloatTensor<Self>;
 }
 
+/// `product` of `lhs` flattened to `[rows, last dimension]`, its `[rows, n]` result given
+/// `lhs`' leading dimensions back.
+fn over_rows<B: Backend>(
+    lhs: FloatTensor<B>,
+    product: impl FnOnce(FloatTensor<B>) -> FloatTensor<B>,
+) -> FloatTensor<B> {
+    let mut dims = lhs.shape().to_vec();
+    let inner = dims
+        .pop()
+        .expect("a matmul input has at least one dimension");
+    let rows = dims.iter().product::<usize>();
+    let out = product(B::float_reshape(lhs, Shape::new([rows, inner])));
+    dims.push(out.shape()[1]);
+    B::float_reshape(out, Shape::from(dims))
+}
+
 /// `lhs · W` (or `Wᵀ`) over `lhs`' last dimension, for a dense `[rows, cols]` weight, with
 /// `product` doing the 2-D matmul of the flattened `lhs` and the (transposed) weight.
 fn matmul_dense<B: Backend>(
@@ -130,21 +146,12 @@ fn matmul_dense<B: Backend>(
     transpose: bool,
     product: impl FnOnce(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
 ) -> FloatTensor<B> {
-    let mut dims = lhs.shape().to_vec();
-    let inner = dims
-        .pop()
-        .expect("a matmul input has at least one dimension");
-    let rows = dims.iter().product::<usize>();
     let rhs = if transpose {
         B::float_transpose(dense)
     } else {
         dense
     };
-    let out_features = rhs.shape()[1];
-    let lhs = B::float_reshape(lhs, Shape::new([rows, inner]));
-    let out = product(lhs, rhs);
-    dims.push(out_features);
-    B::float_reshape(out, Shape::from(dims))
+    over_rows::<B>(lhs, |lhs| product(lhs, rhs))
 }
 
 #[cfg(feature = "cube")]
@@ -164,6 +171,7 @@ mod cube {
 
     use super::{
         Matmul4bitOps, Weight4bitPrimitive, decoded_absmax, dequantize_flat, matmul_dense,
+        over_rows,
     };
     use crate::extension::Quant4bitOps;
     use crate::kernels::WORD_ELEMENTS;
@@ -180,21 +188,17 @@ mod cube {
             if transpose && rows <= MATVEC_MAX_ROWS && cols.is_multiple_of(WORD_ELEMENTS) {
                 let (absmax, offset) =
                     decoded_absmax::<Self>(weight.absmax, num_elements, weight.block_size);
-                let mut dims = lhs.shape().to_vec();
-                let lhs = Self::float_reshape(lhs, Shape::new([rows, cols]));
-                let out = Self::matvec_4bit(
-                    lhs,
-                    weight.words,
-                    absmax,
-                    weight.code,
-                    offset,
-                    features,
-                    weight.block_size,
-                );
-                *dims
-                    .last_mut()
-                    .expect("a matmul input has a last dimension") = features;
-                return Self::float_reshape(out, Shape::from(dims));
+                return over_rows::<Self>(lhs, |lhs| {
+                    Self::matvec_4bit(
+                        lhs,
+                        weight.words,
+                        absmax,
+                        weight.code,
+                        offset,
+                        features,
+                        weight.block_size,
+                    )
+                });
             }
             let dense = dequantize_flat::<Self>(
                 weight.words,

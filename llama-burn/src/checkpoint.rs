@@ -51,9 +51,8 @@ impl Llama {
         let layer_seed = |layer: usize| seed.wrapping_add(layer as u64);
 
         // The forward, without a graph: `no_grad` copies keep dropout active but record nothing.
-        let embedded = model.embed_tokens.clone().no_grad().forward(tokens.clone());
+        let mut hidden = model.embed_tokens.clone().no_grad().forward(tokens.clone());
         let mut inputs = Vec::with_capacity(model.layers.len());
-        let mut hidden = embedded;
         for (index, layer) in model.layers.iter().enumerate() {
             inputs.push(hidden.clone());
             device.seed(layer_seed(index));
@@ -63,11 +62,12 @@ impl Llama {
         // The head and the loss, a chunk of positions at a time.
         let mut grads = GradientsParams::new();
         let [_, seq, _] = hidden.dims();
+        let chunk_positions = chunk_positions.max(1);
         let mut losses = Vec::new();
         let mut logits = Vec::new();
         let mut hidden_grads = Vec::new();
-        for start in (0..seq).step_by(chunk_positions.max(1)) {
-            let positions = start..seq.min(start + chunk_positions.max(1));
+        for start in (0..seq).step_by(chunk_positions) {
+            let positions = start..seq.min(start + chunk_positions);
             let chunk = hidden
                 .clone()
                 .narrow(1, start, positions.len())

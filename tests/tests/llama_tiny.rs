@@ -48,11 +48,21 @@ fn logits_match_transformers() {
     assert!(error <= TOLERANCE, "max abs error {error}");
 }
 
-/// The golden tiny LLaMA with the golden PEFT adapter, its bases dense or (`quantize`) NF4.
-fn adapted_model(golden: &Path, quantize: bool, device: &Device) -> (Llama, LlamaConfig) {
+/// The golden tiny LLaMA with the golden PEFT adapter, its bases dense or (`quantize`) NF4, its
+/// LoRA dropout the adapter's unless `dropout` says otherwise.
+fn adapted_model(
+    golden: &Path,
+    quantize: bool,
+    dropout: Option<f64>,
+    device: &Device,
+) -> (Llama, LlamaConfig) {
     let adapter = PeftAdapter::load(&golden.join("llama_tiny_adapter"), device).unwrap();
+    let mut lora = adapter.lora_config();
+    if let Some(dropout) = dropout {
+        lora = lora.with_dropout(dropout);
+    }
     let qlora = QloraConfig::new()
-        .with_lora(adapter.lora_config())
+        .with_lora(lora)
         .with_targets(adapter.config.target_modules.clone())
         .with_quantize_frozen(quantize)
         .with_quantize_lora_base(quantize);
@@ -69,7 +79,7 @@ fn adapted_logits_match_peft() {
     let _rng = take_rng();
     let Some(golden) = golden_dir() else { return };
     let device = Device::flex();
-    let (model, _) = adapted_model(&golden, false, &device);
+    let (model, _) = adapted_model(&golden, false, None, &device);
     let expected_path = golden.join("llama_tiny_adapter/expected.safetensors");
     let expected = GoldenFile::open(&expected_path);
     let logits = model.forward(golden_input_ids(&expected_path, &device), None);
@@ -98,7 +108,7 @@ fn merged_checkpoints_compute_the_adapted_model() {
         (model.forward(tokens.clone(), None), config)
     };
 
-    let (model, config) = adapted_model(&golden, false, &device);
+    let (model, config) = adapted_model(&golden, false, None, &device);
     let single = dir.join("single");
     let written = model.save_hf(&config, &single, &f32_options).unwrap();
     assert_eq!(written.len(), 2, "{written:?}");
@@ -128,7 +138,7 @@ fn merged_checkpoints_compute_the_adapted_model() {
     assert_eq!(max_abs_error(sharded_logits, logits), 0.0);
 
     // Over NF4 bases: the dequantized base plus the update, what the 4-bit model computes.
-    let (model, config) = adapted_model(&golden, true, &device);
+    let (model, config) = adapted_model(&golden, true, None, &device);
     let quantized = dir.join("quantized");
     model.save_hf(&config, &quantized, &f32_options).unwrap();
     let adapted = model.forward(tokens.clone(), None);
@@ -367,7 +377,7 @@ fn checkpointed_backward_gives_the_full_backward_gradients() {
     let _rng = take_rng();
     let Some(golden) = golden_dir() else { return };
     let device = Device::flex().autodiff();
-    let (model, config) = adapted_model(&golden, true, &device);
+    let (model, config) = adapted_model(&golden, true, None, &device);
     let tokens = golden_input_ids(&golden.join("llama_tiny/expected.safetensors"), &device);
     let [batch, seq] = tokens.dims();
     let chunk = (2..seq)
@@ -414,16 +424,7 @@ fn checkpointed_backward_recomputes_the_same_dropout_masks() {
     let _rng = take_rng();
     let Some(golden) = golden_dir() else { return };
     let device = Device::flex().autodiff();
-    let adapter = PeftAdapter::load(&golden.join("llama_tiny_adapter"), &device).unwrap();
-    let qlora = QloraConfig::new()
-        .with_lora(adapter.lora_config().with_dropout(0.5))
-        .with_targets(adapter.config.target_modules.clone());
-    let options = LoadOptions {
-        qlora: Some(qlora),
-        ..LoadOptions::default()
-    };
-    let (model, _) = Llama::from_hf(&golden.join("llama_tiny"), &options, &device).unwrap();
-    let model = adapter.load_into(model).unwrap();
+    let (model, _) = adapted_model(&golden, true, Some(0.5), &device);
     let tokens = golden_input_ids(&golden.join("llama_tiny/expected.safetensors"), &device);
     let sum = |logits: Tensor<3>, _: std::ops::Range<usize>| logits.sum();
 
