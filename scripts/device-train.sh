@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (device tool), from the repository root, with the release binaries
 # built here with `--features cuda` (bench-kernels, bench-layer, bench-train, bench-decode),
-# xz-compressed in .bin/ (carried, git-ignored). NVRTC comes from the machine's CUDA toolkit.
+# xz-compressed in .bin/ (carried, git-ignored), and the same built with `--features cuda,fusion`
+# in .bin/fusion/. NVRTC comes from the machine's CUDA toolkit.
 # `kernels`: the CUDA kernels' check against the reference and their timings, and one LoRA layer;
 # `train`: QLoRA training at LLaMA-2-7B shapes with activation checkpointing on and off;
+# `fusion`: the same training and decoding with Burn's kernel fusion (.bin/fusion/);
 # `decode`: batch-1 decoding, 4-bit and bf16, and transformers' bf16 decoding beside it;
 # `matvec`: the kernels' timings alone (no check) and torch's dense matrix-vector products.
 # Logs go to $OUT (or ./bench-logs).
@@ -12,7 +14,7 @@ out=${OUT:-bench-logs}
 mkdir -p "$out"
 cuda_lib=$(dirname "$(find /usr/local -name 'libnvrtc.so*' -path '*cuda*' | head -1)")
 export LD_LIBRARY_PATH="$cuda_lib:${LD_LIBRARY_PATH:-}"
-for f in .bin/*.xz; do xz -dkf "$f" && chmod +x "${f%.xz}"; done
+for f in .bin/*.xz .bin/fusion/*.xz; do [ -e "$f" ] || continue; xz -dkf "$f" && chmod +x "${f%.xz}"; done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 # Each run bounded, so one hang cannot take the whole call.
 run() {
@@ -34,6 +36,10 @@ for part in "${parts[@]}"; do
     train)
       run train-ckpt ./.bin/bench-train --backend cuda --activation-checkpointing
       run train ./.bin/bench-train --backend cuda ;;
+    fusion)
+      run train-fusion-ckpt ./.bin/fusion/bench-train --backend cuda --activation-checkpointing
+      run train-fusion ./.bin/fusion/bench-train --backend cuda
+      run decode-fusion ./.bin/fusion/bench-decode --backend cuda --weights qlora ;;
     decode)
       run decode ./.bin/bench-decode --backend cuda --weights qlora
       run decode ./.bin/bench-decode --backend cuda --weights bf16

@@ -3,6 +3,13 @@
 use anyhow::{Context, Result};
 use burn::tensor::Device;
 
+/// Whether this build has Burn's kernel fusion (feature `fusion`), for the benchmarks' reports.
+pub const FUSION: &str = if cfg!(feature = "fusion") {
+    "on"
+} else {
+    "off"
+};
+
 /// The median of `samples` (NaN for none).
 pub fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(f64::total_cmp);

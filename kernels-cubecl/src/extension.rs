@@ -17,10 +17,14 @@ use crate::kernels::{
     quantize_4bit_kernel, quantize_absmax_kernel,
 };
 
-#[backend_extension(Cube: cfg(feature = "cube"))]
+#[backend_extension(
+    Cube: cfg(feature = "cube"),
+    Fusion: cfg(all(feature = "cube", feature = "fusion"))
+)]
 pub trait Quant4bitOps: Backend {
     /// `code[nibble] * (absmax[block] + offset)` for `num_elements` values, as `dtype`.
     #[allow(clippy::too_many_arguments)]
+    #[fusion(meta = |_, _, _, _, num_elements, _, dtype| spec([*num_elements], *dtype))]
     fn dequantize_4bit(
         packed: IntTensor<Self>,
         absmax: FloatTensor<Self>,
@@ -33,6 +37,7 @@ pub trait Quant4bitOps: Backend {
 
     /// `input · Wᵀ` for a `[rows, cols]` input and a packed `[features, cols]` weight (`cols` a
     /// multiple of 8), dequantizing inside the product: decoding's matrix-vector products.
+    #[fusion(meta = |input, _, _, _, _, features, _| spec([input.shape[0], *features], input.dtype))]
     fn matvec_4bit(
         input: FloatTensor<Self>,
         packed: IntTensor<Self>,
@@ -44,6 +49,7 @@ pub trait Quant4bitOps: Backend {
     ) -> FloatTensor<Self>;
 
     /// The nested absmax decoded, without the offset: `map[code] * nested_absmax[i / 256]`.
+    #[fusion(meta = |_, _, _, num_blocks| spec([*num_blocks], DType::F32))]
     fn dequantize_absmax(
         codes: IntTensor<Self>,
         nested_absmax: FloatTensor<Self>,
@@ -52,6 +58,10 @@ pub trait Quant4bitOps: Backend {
     ) -> FloatTensor<Self>;
 
     /// Packed words and absmax of a flat tensor.
+    #[fusion(meta = |input, _, _, block_size, _| {
+        let n = input.shape.num_elements();
+        (spec([n.div_ceil(WORD_ELEMENTS)], DType::U32), spec([n.div_ceil(*block_size)], DType::F32))
+    })]
     fn quantize_4bit(
         input: FloatTensor<Self>,
         thresholds: FloatTensor<Self>,
@@ -61,11 +71,25 @@ pub trait Quant4bitOps: Backend {
     ) -> (IntTensor<Self>, FloatTensor<Self>);
 
     /// Packed 8-bit codes and nested absmax of `absmax - offset`.
+    #[fusion(meta = |absmax, _, _| {
+        let n = absmax.shape.num_elements();
+        (spec([n.div_ceil(4)], DType::U32), spec([n.div_ceil(256)], DType::F32))
+    })]
     fn quantize_absmax(
         absmax: FloatTensor<Self>,
         map: FloatTensor<Self>,
         offset: f32,
     ) -> (IntTensor<Self>, FloatTensor<Self>);
+}
+
+/// The shape and dtype of an operation's output, for Burn's fusion, which records the operation
+/// before running it.
+#[cfg(feature = "fusion")]
+fn spec<const D: usize>(
+    dims: [usize; D],
+    dtype: DType,
+) -> burn::backend::fusion::custom::TensorSpec {
+    burn::backend::fusion::custom::TensorSpec::new(Shape::new(dims), dtype)
 }
 
 fn empty_like(reference: &CubeTensor, len: usize, dtype: DType) -> CubeTensor {

@@ -15,6 +15,7 @@ use crate::{DeviceAbsmax, Packed4bit, QuantError, QuantType};
 
 /// The device state of a `[rows, cols]` 4-bit weight, as backend primitives.
 #[derive(ExtensionType, Clone, Debug)]
+#[extension_type(fusion: cfg(all(feature = "cube", feature = "fusion")))]
 pub struct Weight4bitPrimitive<B: Backend> {
     /// Packed codes, eight to a `u32` word, first element in the high nibble of each byte.
     pub words: IntTensor<B>,
@@ -30,6 +31,7 @@ pub struct Weight4bitPrimitive<B: Backend> {
 
 /// Plain f32 absmax, or bitsandbytes' double-quantized form.
 #[derive(ExtensionType, Clone, Debug)]
+#[extension_type(fusion: cfg(all(feature = "cube", feature = "fusion")))]
 pub enum AbsmaxPrimitive<B: Backend> {
     Plain(FloatTensor<B>),
     Double {
@@ -109,12 +111,19 @@ pub(crate) fn dequantize_flat<B: crate::extension::Quant4bitOps>(
 
 #[backend_extension(
     Cube: cfg(feature = "cube"),
+    Fusion: cfg(all(feature = "cube", feature = "fusion")),
     Flex: cfg(feature = "flex"),
     Autodiff
 )]
 pub trait Matmul4bitOps: Backend {
     /// `lhs · Wᵀ` when `transpose` (a linear layer's forward, `lhs` `[.., cols]`), else `lhs · W`
     /// (its input gradient, `lhs` `[.., rows]`), in `lhs`' dtype.
+    #[fusion(meta = |lhs, weight, transpose| {
+        let mut spec = lhs.clone();
+        let last = spec.shape.len() - 1;
+        spec.shape[last] = weight.shape[usize::from(!*transpose)];
+        spec
+    })]
     fn matmul_4bit(
         lhs: FloatTensor<Self>,
         #[extension_type] weight: Weight4bitPrimitive<Self>,

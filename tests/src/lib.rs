@@ -26,6 +26,18 @@ pub fn golden_dir() -> Option<PathBuf> {
     }
 }
 
+/// The devices the model tests run on: Flex always, and with the `wgpu` feature the default wgpu
+/// adapter (lavapipe in CI), where the 4-bit products run the CubeCL kernels.
+pub fn model_devices() -> Vec<(&'static str, Device)> {
+    let mut devices = vec![("flex", Device::flex())];
+    #[cfg(feature = "wgpu")]
+    devices.push((
+        "wgpu",
+        Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+    ));
+    devices
+}
+
 /// The f32 tensors of one golden safetensors file.
 pub struct GoldenFile {
     bytes: Vec<u8>,

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use burn_qlora::{PeftAdapter, QloraConfig};
-use integration_tests::{GoldenFile, golden_dir, golden_input_ids, relative_error};
+use integration_tests::{GoldenFile, golden_dir, golden_input_ids, model_devices, relative_error};
 use llama_burn::{KvCache, Llama, LlamaConfig, LoadOptions, SamplingConfig, SaveOptions, generate};
 use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
@@ -36,16 +36,17 @@ fn logits_match_transformers() {
     let _rng = take_rng();
     let Some(golden) = golden_dir() else { return };
     let dir = golden.join("llama_tiny");
-    let device = Device::flex();
-    let (model, config) = Llama::from_hf(&dir, &LoadOptions::default(), &device).unwrap();
-    assert_eq!((config.num_attention_heads, config.num_kv_heads()), (8, 4));
-    let expected = GoldenFile::open(&dir.join("expected.safetensors"));
-    let logits = model.forward(
-        golden_input_ids(&dir.join("expected.safetensors"), &device),
-        None,
-    );
-    let error = max_abs_error(logits, expected.tensor("logits", &device));
-    assert!(error <= TOLERANCE, "max abs error {error}");
+    for (name, device) in model_devices() {
+        let (model, config) = Llama::from_hf(&dir, &LoadOptions::default(), &device).unwrap();
+        assert_eq!((config.num_attention_heads, config.num_kv_heads()), (8, 4));
+        let expected = GoldenFile::open(&dir.join("expected.safetensors"));
+        let logits = model.forward(
+            golden_input_ids(&dir.join("expected.safetensors"), &device),
+            None,
+        );
+        let error = max_abs_error(logits, expected.tensor("logits", &device));
+        assert!(error <= TOLERANCE, "{name}: max abs error {error}");
+    }
 }
 
 /// The golden tiny LLaMA with the golden PEFT adapter, its bases dense or (`quantize`) NF4, its
@@ -74,17 +75,29 @@ fn adapted_model(
     (adapter.load_into(model).unwrap(), config)
 }
 
+/// peft's adapted logits, over dense bases; on CubeCL devices also over NF4 bases (the 4-bit
+/// matmul's kernels), against the same model on Flex.
 #[test]
 fn adapted_logits_match_peft() {
     let _rng = take_rng();
     let Some(golden) = golden_dir() else { return };
-    let device = Device::flex();
-    let (model, _) = adapted_model(&golden, false, None, &device);
     let expected_path = golden.join("llama_tiny_adapter/expected.safetensors");
     let expected = GoldenFile::open(&expected_path);
-    let logits = model.forward(golden_input_ids(&expected_path, &device), None);
-    let error = max_abs_error(logits, expected.tensor("logits", &device));
-    assert!(error <= TOLERANCE, "max abs error {error}");
+    let flex = Device::flex();
+    let (quantized, _) = adapted_model(&golden, true, None, &flex);
+    let quantized_logits = quantized.forward(golden_input_ids(&expected_path, &flex), None);
+    for (name, device) in model_devices() {
+        let tokens = golden_input_ids(&expected_path, &device);
+        let (model, _) = adapted_model(&golden, false, None, &device);
+        let logits = model.forward(tokens.clone(), None);
+        let error = max_abs_error(logits, expected.tensor("logits", &device));
+        assert!(error <= TOLERANCE, "{name}: max abs error {error}");
+
+        let (model, _) = adapted_model(&golden, true, None, &device);
+        let logits = model.forward(tokens, None).to_device(&flex);
+        let error = max_abs_error(logits, quantized_logits.clone());
+        assert!(error <= TOLERANCE, "{name} NF4: max abs error {error}");
+    }
 }
 
 /// A merged checkpoint written in Hugging Face's layout loads as a plain model (no adapter) and
@@ -371,49 +384,52 @@ fn a_random_model_has_the_config_shapes_and_the_asked_spread() {
 /// Activation checkpointing per layer (`Llama::checkpointed_backward`) runs the backward in
 /// stages (the head and loss in chunks of positions, then each layer from its input) and must
 /// give the loss and adapter gradients of one backward through the whole model: the golden tiny
-/// LLaMA with the golden adapter on 4-bit bases, chunks of positions not dividing the length.
+/// LLaMA with the golden adapter on 4-bit bases, chunks of positions not dividing the length; on
+/// every test device.
 #[test]
 fn checkpointed_backward_gives_the_full_backward_gradients() {
     let _rng = take_rng();
     let Some(golden) = golden_dir() else { return };
-    let device = Device::flex().autodiff();
-    let (model, config) = adapted_model(&golden, true, None, &device);
-    let tokens = golden_input_ids(&golden.join("llama_tiny/expected.safetensors"), &device);
-    let [batch, seq] = tokens.dims();
-    let chunk = (2..seq)
-        .find(|c| seq % c != 0)
-        .expect("a chunk not dividing the length");
-    let targets = Tensor::<2, Int>::random(
-        [batch, seq],
-        burn::tensor::Distribution::Uniform(0.0, config.vocab_size as f64),
-        &device,
-    );
-    // Mean negative log-likelihood of the targets, over `positions`' share of them.
-    let nll = |logits: Tensor<3>, positions: std::ops::Range<usize>| {
-        let picked = burn::tensor::activation::log_softmax(logits, 2)
-            .gather(
-                2,
-                targets
-                    .clone()
-                    .narrow(1, positions.start, positions.len())
-                    .unsqueeze_dim(2),
-            )
-            .sum();
-        -picked / (batch * seq) as f64
-    };
-    let scale = 0.5;
+    for (name, device) in model_devices() {
+        let device = device.autodiff();
+        let (model, config) = adapted_model(&golden, true, None, &device);
+        let tokens = golden_input_ids(&golden.join("llama_tiny/expected.safetensors"), &device);
+        let [batch, seq] = tokens.dims();
+        let chunk = (2..seq)
+            .find(|c| seq % c != 0)
+            .expect("a chunk not dividing the length");
+        let targets = Tensor::<2, Int>::random(
+            [batch, seq],
+            burn::tensor::Distribution::Uniform(0.0, config.vocab_size as f64),
+            &device,
+        );
+        // Mean negative log-likelihood of the targets, over `positions`' share of them.
+        let nll = |logits: Tensor<3>, positions: std::ops::Range<usize>| {
+            let picked = burn::tensor::activation::log_softmax(logits, 2)
+                .gather(
+                    2,
+                    targets
+                        .clone()
+                        .narrow(1, positions.start, positions.len())
+                        .unsqueeze_dim(2),
+                )
+                .sum();
+            -picked / (batch * seq) as f64
+        };
+        let scale = 0.5;
 
-    let loss = nll(model.forward(tokens.clone(), None), 0..seq);
-    let full = (loss.clone() * scale).backward();
-    let step = model.checkpointed_backward(tokens, chunk, scale, nll);
+        let loss = nll(model.forward(tokens.clone(), None), 0..seq);
+        let full = (loss.clone() * scale).backward();
+        let step = model.checkpointed_backward(tokens, chunk, scale, nll);
 
-    let loss_error = (step.loss.inner() - loss.inner())
-        .abs()
-        .into_scalar::<f32>();
-    assert!(loss_error < 1e-5, "loss differs by {loss_error}");
-    let compared = assert_same_adapter_grads(&model, &full, &step.grads);
-    assert_eq!(compared, 14 * config.num_hidden_layers);
-    assert_eq!(step.logits.dims(), [batch, seq, config.vocab_size]);
+        let loss_error = (step.loss.inner() - loss.inner())
+            .abs()
+            .into_scalar::<f32>();
+        assert!(loss_error < 1e-5, "{name}: loss differs by {loss_error}");
+        let compared = assert_same_adapter_grads(&model, &full, &step.grads);
+        assert_eq!(compared, 14 * config.num_hidden_layers);
+        assert_eq!(step.logits.dims(), [batch, seq, config.vocab_size]);
+    }
 }
 
 /// With LoRA dropout, the recomputation of each layer must draw the masks its first forward

@@ -9,7 +9,7 @@ use std::ops::ControlFlow;
 use std::time::Instant;
 
 use anyhow::{Result, bail, ensure};
-use apps::bench::{gib, memory_in_use};
+use apps::bench::{FUSION, gib, memory_in_use};
 use burn_qlora::QloraConfig;
 use clap::Parser;
 use llama_burn::{Llama, LlamaConfig, LoadOptions, SamplingConfig, generate};
@@ -75,11 +75,12 @@ fn main() -> Result<()> {
     let (first, last) = (token_times[0], token_times[token_times.len() - 1]);
     let decoded = (token_times.len() - 1) as f64;
     println!(
-        "{} weights, {} layers, {:?}, batch 1: prefill of {} tokens + first token {:.0} ms, \
+        "{} weights, {} layers, {:?}, fusion {}, batch 1: prefill of {} tokens + first token {:.0} ms, \
          decode {:.1} tokens/s ({:.2} ms/token over {} tokens), model {:.2} GiB",
         args.weights,
         args.layers,
         options.dtype,
+        FUSION,
         args.prompt_tokens,
         first * 1e3,
         decoded / (last - first),

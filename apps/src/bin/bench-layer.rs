@@ -13,7 +13,7 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use apps::bench::{median, memory_in_use, mib, peak_reserved};
+use apps::bench::{FUSION, median, memory_in_use, mib, peak_reserved};
 use burn::module::{Lora, Module, QLora, Quantizer};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::quantization::{Calibration, QuantValue};
@@ -110,7 +110,7 @@ fn main() -> Result<()> {
         drop(grads);
     }
     println!(
-        "{} {}x{} {} tokens {:?} x{} calls: held for backward {:.1} MiB, peak reserved {:.1} MiB, \
+        "{} {}x{} {} tokens {:?} x{} calls, fusion {}: held for backward {:.1} MiB, peak reserved {:.1} MiB, \
          forward {:.2} ms, backward {:.2} ms",
         args.variant,
         args.d_input,
@@ -118,6 +118,7 @@ fn main() -> Result<()> {
         args.tokens,
         dtype,
         args.calls,
+        FUSION,
         mib(held),
         mib(peak),
         median(forward_ms),

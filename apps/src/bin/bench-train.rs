@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use anyhow::{Result, ensure};
-use apps::bench::{gib, median, memory_in_use, peak_reserved};
+use apps::bench::{FUSION, gib, median, memory_in_use, peak_reserved};
 use apps::train::{CausalLm, LmBatch};
 use burn::optim::AdamWConfig;
 use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
@@ -109,8 +109,8 @@ fn main() -> Result<()> {
     }
     let seconds = median(step_seconds);
     println!(
-        "{} layers, batch {} x {}, {:?}, activation checkpointing {}: {:.0} tokens/s \
-         ({:.0} ms/step, median of {}), peak reserved {:.2} GiB, model {:.2} GiB",
+        "{} layers, batch {} x {}, {:?}, activation checkpointing {}, fusion {}: {:.0} \
+         tokens/s ({:.0} ms/step, median of {}), peak reserved {:.2} GiB, model {:.2} GiB",
         args.layers,
         args.batch,
         args.seq_len,
@@ -120,6 +120,7 @@ fn main() -> Result<()> {
         } else {
             "off"
         },
+        FUSION,
         tokens / seconds,
         seconds * 1e3,
         args.steps,
