@@ -1,6 +1,7 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig};
+use burn::tensor::module::linear;
 use burn::tensor::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -116,15 +117,20 @@ impl LoraLinear {
         if self.merged {
             return self.base.forward(input);
         }
-        // The adapter keeps its own dtype (f32 over a bf16 model, as PEFT keeps it): the input
-        // is cast to it and the update back to the input's.
+        // The adapter's weights keep their own dtype (f32 master weights over a bf16 model, as
+        // PEFT keeps them) and are cast to the input's for the products, as torch's autocast
+        // does: casting two rank-r matrices is free, casting the activations would copy every
+        // input in f32 and keep that copy for the backward. The scaling goes into B likewise.
         let dtype = input.dtype();
-        let adapter_input = self.dropout.forward(input.clone());
-        let adapter = self.lora_b.forward(
-            self.lora_a
-                .forward(adapter_input.cast(self.lora_a.weight.dtype())),
-        );
-        self.base.forward(input) + adapter.mul_scalar(self.scaling).cast(dtype)
+        let lora_a = self.lora_a.weight.val().cast(dtype);
+        let lora_b = self
+            .lora_b
+            .weight
+            .val()
+            .mul_scalar(self.scaling)
+            .cast(dtype);
+        let hidden = linear(self.dropout.forward(input.clone()), lora_a, None);
+        self.base.forward(input) + linear(hidden, lora_b, None)
     }
 
     /// `scaling * B·A` in Burn's `[d_input, d_output]` layout, f32.

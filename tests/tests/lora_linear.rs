@@ -2,7 +2,7 @@
 //! layer (r 8, alpha 16) on a bias-free Linear 96 -> 80, an input, its output and the gradients
 //! of `sum(y * loss_weights)` with respect to lora_A and lora_B. Ours must agree to 1e-5, relative.
 
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{DType, Device, Distribution, Tensor};
 use burn_qlora::{FrozenLinear, LoraConfig, PeftAdapter, linear_from_torch as torch_linear};
 use integration_tests::{GoldenFile, golden_dir, relative_error};
 
@@ -54,6 +54,43 @@ fn lora_linear_matches_peft() {
         base.weight.grad(&grads).is_none(),
         "the base weight is frozen and gets no gradient"
     );
+}
+
+/// A bf16 layer (`model.dtype = "bf16"`): the adapters stay f32 and are cast to bf16 for the
+/// products (torch's autocast), so the output is bf16 and the adapters' gradients f32, both
+/// peft's f32 numbers to bf16's precision (relative 1e-2: 8 bits of mantissa, sums of 96 and 8).
+#[test]
+fn a_bf16_layer_keeps_f32_adapters_and_gives_peft_numbers() {
+    let Some(dir) = golden_dir() else { return };
+    let golden = GoldenFile::open(&dir.join("lora_linear.safetensors"));
+    let device = Device::flex().autodiff();
+    let bf16 = |tensor: Tensor<2>| tensor.cast(DType::BF16);
+    let layer = LoraConfig::new(8).with_alpha(16.0).with_adapter(
+        torch_linear(bf16(golden.tensor("base_weight", &device))),
+        torch_linear(golden.tensor("lora_A", &device)),
+        torch_linear(golden.tensor("lora_B", &device)),
+    );
+
+    let y = layer.forward(bf16(golden.tensor("x", &device)));
+    assert_eq!(y.dtype(), DType::BF16);
+    let error = relative_error(
+        y.clone().inner().cast(DType::F32),
+        golden.tensor("y", &Device::flex()),
+    );
+    assert!(error < 1e-2, "y: relative error {error}");
+
+    let loss_weights = golden.tensor::<1>("loss_weights", &device).unsqueeze::<2>();
+    let grads = (y.cast(DType::F32) * loss_weights).sum().backward();
+    for (name, weight) in [
+        ("lora_A", &layer.lora_a.weight),
+        ("lora_B", &layer.lora_b.weight),
+    ] {
+        let grad = weight.grad(&grads).expect("the adapter has a gradient");
+        assert_eq!(grad.dtype(), DType::F32, "{name}: gradient dtype");
+        let expected = golden.tensor(&format!("grad_{name}"), &Device::flex());
+        let error = relative_error(grad.transpose(), expected);
+        assert!(error < 1e-2, "grad {name}: relative error {error}");
+    }
 }
 
 #[test]
