@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (device tool), from the repository root, with the release binaries
-# built here with `--features cuda` (bench-kernels, bench-layer, bench-train, bench-decode),
-# xz-compressed in .bin/ (carried, git-ignored), and the same built with `--features cuda,fusion`
-# in .bin/fusion/. NVRTC comes from the machine's CUDA toolkit.
+# built here by scripts/build-device-bins.sh: `--features cuda` (bench-kernels, bench-layer,
+# bench-train, bench-decode) xz-compressed in .bin/ (carried, git-ignored), and bench-train and
+# bench-decode built with `--features cuda,fusion` in .bin/fusion/. NVRTC comes from the
+# machine's CUDA toolkit.
 # `kernels`: the CUDA kernels' check against the reference and their timings, and one LoRA layer;
 # `train`: QLoRA training at LLaMA-2-7B shapes with activation checkpointing on and off;
 # `fusion`: the same training and decoding with Burn's kernel fusion (.bin/fusion/);

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Builds the benchmark binaries for the device machine (x86-64, CUDA kernels through NVRTC) and
+# packs them, stripped and xz-compressed, where `device-train.sh` looks: `.bin/` built with
+# `--features cuda`, `.bin/fusion/` (training and decoding only: `carry` takes 64 MiB in all) with
+# `--features cuda,fusion`. `.bin/` must be ignored (.git/info/exclude) and named in `carry`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pack() {
+  local dir=$1 features=$2; shift 2
+  local args=()
+  for bin in "$@"; do args+=(--bin "$bin"); done
+  CUDARC_CUDA_VERSION=13000 cargo build --release -p apps --features "$features" "${args[@]}"
+  mkdir -p "$dir"
+  for bin in "$@"; do
+    strip -o "$dir/$bin" "target/release/$bin"
+    xz -f -T0 "$dir/$bin"
+  done
+}
+pack .bin cuda bench-kernels bench-layer bench-train bench-decode
+pack .bin/fusion cuda,fusion bench-train bench-decode
+du -sh .bin
