@@ -11,6 +11,7 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
+use crate::NESTED_BLOCK_SIZE;
 use crate::kernels::{
     MATVEC_FEATURES_PER_CUBE, MATVEC_LANES, WORD_ELEMENTS, dequantize_4bit_kernel,
     dequantize_4bit_vector_kernel, dequantize_absmax_kernel, matvec_4bit_kernel,
@@ -59,8 +60,8 @@ pub trait Quant4bitOps: Backend {
 
     /// Packed words and absmax of a flat tensor.
     #[fusion(meta = |input, _, _, block_size, _| {
-        let n = input.shape.num_elements();
-        (spec([n.div_ceil(WORD_ELEMENTS)], DType::U32), spec([n.div_ceil(*block_size)], DType::F32))
+        let (words, blocks) = quantized_lens(input.shape.num_elements(), *block_size);
+        (spec([words], DType::U32), spec([blocks], DType::F32))
     })]
     fn quantize_4bit(
         input: FloatTensor<Self>,
@@ -72,14 +73,32 @@ pub trait Quant4bitOps: Backend {
 
     /// Packed 8-bit codes and nested absmax of `absmax - offset`.
     #[fusion(meta = |absmax, _, _| {
-        let n = absmax.shape.num_elements();
-        (spec([n.div_ceil(4)], DType::U32), spec([n.div_ceil(256)], DType::F32))
+        let (code_words, nested_blocks) = double_quantized_lens(absmax.shape.num_elements());
+        (spec([code_words], DType::U32), spec([nested_blocks], DType::F32))
     })]
     fn quantize_absmax(
         absmax: FloatTensor<Self>,
         map: FloatTensor<Self>,
         offset: f32,
     ) -> (IntTensor<Self>, FloatTensor<Self>);
+}
+
+/// Packed words and absmax blocks of `num_elements` values quantized in blocks of `block_size`:
+/// the lengths `quantize_4bit` returns (and tells fusion before running).
+fn quantized_lens(num_elements: usize, block_size: usize) -> (usize, usize) {
+    (
+        num_elements.div_ceil(WORD_ELEMENTS),
+        num_elements.div_ceil(block_size),
+    )
+}
+
+/// Code words (four 8-bit codes each) and nested absmax of `num_blocks` double-quantized absmax:
+/// the lengths `quantize_absmax` returns.
+fn double_quantized_lens(num_blocks: usize) -> (usize, usize) {
+    (
+        num_blocks.div_ceil(4),
+        num_blocks.div_ceil(NESTED_BLOCK_SIZE),
+    )
 }
 
 /// The shape and dtype of an operation's output, for Burn's fusion, which records the operation
@@ -249,8 +268,8 @@ impl Quant4bitOps for CubeBackend {
         signed_magnitude: bool,
     ) -> (CubeTensor, CubeTensor) {
         let num_elements = input.meta.shape().num_elements();
-        let blocks = num_elements.div_ceil(block_size);
-        let packed = empty_like(&input, num_elements.div_ceil(WORD_ELEMENTS), DType::U32);
+        let (words, blocks) = quantized_lens(num_elements, block_size);
+        let packed = empty_like(&input, words, DType::U32);
         let absmax = empty_like(&input, blocks, DType::F32);
         let (cube_count, cube_dim) = launch_dims(&input, blocks);
         let dtype = input.dtype;
@@ -283,8 +302,8 @@ impl Quant4bitOps for CubeBackend {
         offset: f32,
     ) -> (CubeTensor, CubeTensor) {
         let num_blocks = absmax.meta.shape().num_elements();
-        let nested_blocks = num_blocks.div_ceil(256);
-        let codes = empty_like(&absmax, num_blocks.div_ceil(4), DType::U32);
+        let (code_words, nested_blocks) = double_quantized_lens(num_blocks);
+        let codes = empty_like(&absmax, code_words, DType::U32);
         let nested_absmax = empty_like(&absmax, nested_blocks, DType::F32);
         let (cube_count, cube_dim) = launch_dims(&absmax, nested_blocks);
         // SAFETY: one unit per nested block of 256; it writes its nested absmax and its code words.

@@ -119,9 +119,10 @@ pub trait Matmul4bitOps: Backend {
     /// `lhs · Wᵀ` when `transpose` (a linear layer's forward, `lhs` `[.., cols]`), else `lhs · W`
     /// (its input gradient, `lhs` `[.., rows]`), in `lhs`' dtype.
     #[fusion(meta = |lhs, weight, transpose| {
+        let [rows, cols] = weight.shape;
         let mut spec = lhs.clone();
         let last = spec.shape.len() - 1;
-        spec.shape[last] = weight.shape[usize::from(!*transpose)];
+        spec.shape[last] = if *transpose { rows } else { cols };
         spec
     })]
     fn matmul_4bit(

@@ -36,14 +36,12 @@ fn logits_match_transformers() {
     let _rng = take_rng();
     let Some(golden) = golden_dir() else { return };
     let dir = golden.join("llama_tiny");
+    let expected_path = dir.join("expected.safetensors");
+    let expected = GoldenFile::open(&expected_path);
     for (name, device) in model_devices() {
         let (model, config) = Llama::from_hf(&dir, &LoadOptions::default(), &device).unwrap();
         assert_eq!((config.num_attention_heads, config.num_kv_heads()), (8, 4));
-        let expected = GoldenFile::open(&dir.join("expected.safetensors"));
-        let logits = model.forward(
-            golden_input_ids(&dir.join("expected.safetensors"), &device),
-            None,
-        );
+        let logits = model.forward(golden_input_ids(&expected_path, &device), None);
         let error = max_abs_error(logits, expected.tensor("logits", &device));
         assert!(error <= TOLERANCE, "{name}: max abs error {error}");
     }
@@ -93,6 +91,9 @@ fn adapted_logits_match_peft() {
         let error = max_abs_error(logits, expected.tensor("logits", &device));
         assert!(error <= TOLERANCE, "{name}: max abs error {error}");
 
+        if name == "flex" {
+            continue; // the NF4 reference itself
+        }
         let (model, _) = adapted_model(&golden, true, None, &device);
         let logits = model.forward(tokens, None).to_device(&flex);
         let error = max_abs_error(logits, quantized_logits.clone());
