@@ -17,6 +17,7 @@ mod error;
 mod frozen;
 mod linear4bit;
 mod lora;
+mod low_rank;
 mod peft;
 mod projection;
 

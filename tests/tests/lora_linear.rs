@@ -204,3 +204,55 @@ fn the_optimizer_holds_state_for_the_adapter_alone() {
     );
     assert!(adapter_only > 0);
 }
+
+/// With training's row counts (here 2 x 256 = 512 rows) and widths of 512 in and 1024 out, the
+/// adapter's products are split along their depth and summed (`burn_qlora`'s split-K, see
+/// `low_rank.rs`). Output and gradients (input, A and B) must be the plain products' to 1e-5,
+/// on Flex and, with the `wgpu` feature, through CubeCL's batched matmul on strided views.
+#[test]
+fn split_adapter_products_give_the_plain_products_numbers() {
+    for (name, device) in integration_tests::model_devices() {
+        let device = device.autodiff();
+        let normal = Distribution::Normal(0.0, 0.05);
+        let layer = LoraConfig::new(8).with_alpha(16.0).with_adapter(
+            torch_linear(Tensor::random([1024, 512], normal, &device)),
+            torch_linear(Tensor::random([8, 512], normal, &device)),
+            torch_linear(Tensor::random([1024, 8], normal, &device)),
+        );
+        let loss_weights = Tensor::<3>::random([2, 256, 1024], Distribution::Default, &device);
+        let x = Tensor::<3>::random([2, 256, 512], normal, &device).require_grad();
+        let y = layer.forward(x.clone());
+        let grads = (y.clone() * loss_weights.clone()).sum().backward();
+
+        let x_plain = x.clone().detach().require_grad();
+        let (a, b) = (layer.lora_a.weight.val(), layer.lora_b.weight.val());
+        let plain = layer.base.forward(x_plain.clone())
+            + x_plain
+                .clone()
+                .matmul(a.clone().unsqueeze())
+                .matmul(b.clone().unsqueeze())
+                .mul_scalar(layer.scaling);
+        let plain_grads = (plain.clone() * loss_weights).sum().backward();
+
+        let check = |what: &str, actual: Tensor<3>, expected: Tensor<3>| {
+            let error = relative_error(actual, expected);
+            assert!(error < TOLERANCE, "{name}, {what}: relative error {error}");
+        };
+        check("y", y.inner(), plain.inner());
+        check(
+            "grad x",
+            x.grad(&grads).unwrap(),
+            x_plain.grad(&plain_grads).unwrap(),
+        );
+        for (what, weight) in [
+            ("grad A", &layer.lora_a.weight),
+            ("grad B", &layer.lora_b.weight),
+        ] {
+            check(
+                what,
+                weight.grad(&grads).unwrap().unsqueeze(),
+                weight.grad(&plain_grads).unwrap().unsqueeze(),
+            );
+        }
+    }
+}
