@@ -8,7 +8,9 @@
 # `train`: QLoRA training at LLaMA-2-7B shapes with activation checkpointing on and off;
 # `fusion`: the same training and decoding with Burn's kernel fusion (.bin/fusion/);
 # `decode`: batch-1 decoding, 4-bit and bf16, and transformers' bf16 decoding beside it;
-# `matvec`: the kernels' timings alone (no check) and torch's dense matrix-vector products.
+# `matvec`: the kernels' timings alone (no check) and torch's dense matrix-vector products;
+# `profile` (`profile-fusion`): every kernel's GPU time in two training steps of 2 layers,
+# checkpointing on, through Nsight Compute, without (with) fusion; scripts/kernel-times.py sums them.
 # Logs go to $OUT (or ./bench-logs).
 set -u -o pipefail
 out=${OUT:-bench-logs}
@@ -48,5 +50,10 @@ for part in "${parts[@]}"; do
     matvec)
       run matvec ./.bin/bench-kernels --backend cuda --dtype bf16 --skip-check --samples 51
       run matvec python3 scripts/peer-matvec.py ;;
+    profile|profile-fusion)
+      bin=.bin; [ "$part" = profile ] || bin=.bin/fusion
+      run "$part" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+        --log-file "$out/$part.csv" "./$bin/bench-train" --backend cuda --layers 2 --warmup 1 \
+        --steps 1 --activation-checkpointing ;;
   esac
 done
