@@ -17,7 +17,6 @@ mod error;
 mod frozen;
 mod linear4bit;
 mod lora;
-mod low_rank;
 mod peft;
 mod projection;
 

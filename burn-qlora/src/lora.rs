@@ -1,10 +1,10 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig};
+use burn::tensor::module::linear;
 use burn::tensor::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::low_rank::add_low_rank_update;
 use crate::{FrozenLinear, MergeError};
 
 /// Which biases train beside the adapters, as PEFT's `bias` option.
@@ -129,19 +129,8 @@ impl LoraLinear {
             .val()
             .mul_scalar(self.scaling)
             .cast(dtype);
-        let adapter_input = self.dropout.forward(input.clone());
-        let base = self.base.forward(input);
-        // The update works on `[rows, features]` matrices, whatever the leading dimensions.
-        let dims = base.dims();
-        let rows = dims[..D - 1].iter().product();
-        let features = adapter_input.dims()[D - 1];
-        add_low_rank_update(
-            base.reshape([rows, dims[D - 1]]),
-            adapter_input.reshape([rows, features]),
-            lora_a,
-            lora_b,
-        )
-        .reshape(dims)
+        let hidden = linear(self.dropout.forward(input.clone()), lora_a, None);
+        self.base.forward(input) + linear(hidden, lora_b, None)
     }
 
     /// `scaling * B·A` in Burn's `[d_input, d_output]` layout, f32.
