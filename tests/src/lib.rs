@@ -29,6 +29,7 @@ pub fn golden_dir() -> Option<PathBuf> {
 /// The devices the model tests run on: Flex always, and with the `wgpu` feature the default wgpu
 /// adapter (lavapipe in CI), where the 4-bit products run the CubeCL kernels.
 pub fn model_devices() -> Vec<(&'static str, Device)> {
+    #[cfg_attr(not(feature = "wgpu"), allow(unused_mut))]
     let mut devices = vec![("flex", Device::flex())];
     #[cfg(feature = "wgpu")]
     devices.push((

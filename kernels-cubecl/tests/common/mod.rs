@@ -127,6 +127,7 @@ fn load_case(path: &std::path::Path) -> GoldenCase {
 /// The devices the kernels are tested on: Flex (the reference path) always, and with the `wgpu`
 /// feature the default wgpu adapter (lavapipe in CI), which runs the CubeCL kernels.
 pub fn devices() -> Vec<(&'static str, Device)> {
+    #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(unused_mut))]
     let mut devices = vec![("flex", Device::flex())];
     #[cfg(feature = "wgpu")]
     devices.push((
