@@ -9,6 +9,9 @@ import collections
 import csv
 import io
 
+# Nsight Compute's time units, in ms.
+UNITS = {"ns": 1e-6, "nsecond": 1e-6, "us": 1e-3, "usecond": 1e-3, "ms": 1.0, "msecond": 1.0}
+
 
 def main():
     parser = argparse.ArgumentParser()
@@ -22,7 +25,7 @@ def main():
         for row in rows:
             if row["Metric Name"] != "gpu__time_duration.sum":
                 continue
-            scale = {"ns": 1e-6, "nsecond": 1e-6, "us": 1e-3, "usecond": 1e-3, "ms": 1.0, "msecond": 1.0}[row["Metric Unit"]]
+            scale = UNITS[row["Metric Unit"]]
             key = (row["Kernel Name"][:90], row["Grid Size"])
             totals[key][0] += float(row["Metric Value"].replace(",", "")) * scale
             totals[key][1] += 1

@@ -15,7 +15,7 @@ mod meta;
 mod mlp;
 mod model;
 mod norm;
-pub mod reduce;
+mod reduce;
 mod rope;
 mod safetensors;
 mod save;

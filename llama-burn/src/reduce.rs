@@ -14,21 +14,13 @@ const MIN_STEP: usize = 16;
 
 /// `Σ x` over the last dimension, kept as a dimension of 1.
 pub fn sum_last_dim<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    in_two_steps(x, |x, dim| x.sum_dim(dim))
-}
-
-fn in_two_steps<const D: usize>(
-    x: Tensor<D>,
-    reduce: impl Fn(Tensor<3>, usize) -> Tensor<3>,
-) -> Tensor<D> {
     let mut dims = x.dims();
     let len = dims[D - 1];
     let rows = dims[..D - 1].iter().product();
     let step = first_step(len);
-    let x = x.reshape([rows, len / step, step]);
-    let reduced = reduce(reduce(x, 2), 1);
+    let sums = x.reshape([rows, len / step, step]).sum_dim(2).sum_dim(1);
     dims[D - 1] = 1;
-    reduced.reshape(dims)
+    sums.reshape(dims)
 }
 
 /// The length of the first step: the divisor of `len` nearest below its square root, so both
