@@ -1,8 +1,8 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig};
-use burn::tensor::module::linear;
 use burn::tensor::{DType, Tensor};
+use kernels_cubecl::{low_rank_down, low_rank_up};
 use serde::{Deserialize, Serialize};
 
 use crate::{FrozenLinear, MergeError};
@@ -121,16 +121,13 @@ impl LoraLinear {
         // PEFT keeps them) and are cast to the input's for the products, as torch's autocast
         // does: casting two rank-r matrices is free, casting the activations would copy every
         // input in f32 and keep that copy for the backward. The scaling goes into B likewise.
-        let dtype = input.dtype();
-        let lora_a = self.lora_a.weight.val().cast(dtype);
-        let lora_b = self
-            .lora_b
-            .weight
-            .val()
-            .mul_scalar(self.scaling)
-            .cast(dtype);
-        let hidden = linear(self.dropout.forward(input.clone()), lora_a, None);
-        self.base.forward(input) + linear(hidden, lora_b, None)
+        // The products take the low-rank kernels: Burn's matmul tiles a rank-wide side badly.
+        let lora_b = self.lora_b.weight.val().mul_scalar(self.scaling);
+        let hidden = low_rank_down(
+            self.dropout.forward(input.clone()),
+            self.lora_a.weight.val(),
+        );
+        self.base.forward(input) + low_rank_up(hidden, lora_b)
     }
 
     /// `scaling * B·A` in Burn's `[d_input, d_output]` layout, f32.

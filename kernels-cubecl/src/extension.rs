@@ -120,7 +120,8 @@ fn empty_like(reference: &CubeTensor, len: usize, dtype: DType) -> CubeTensor {
     )
 }
 
-fn launch_dims(tensor: &CubeTensor, units: usize) -> (cubecl::CubeCount, CubeDim) {
+/// One unit per element: the cube count and size for `units` units.
+pub(crate) fn launch_dims(tensor: &CubeTensor, units: usize) -> (cubecl::CubeCount, CubeDim) {
     let cube_dim = CubeDim::new(&tensor.client, units);
     let cube_count = calculate_cube_count_elemwise(&tensor.client, units, cube_dim);
     (cube_count, cube_dim)

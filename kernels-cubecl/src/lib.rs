@@ -3,6 +3,8 @@
 //! - [`reference`]: plain-Rust quantize/dequantize, step for step bitsandbytes' kernels.
 //! - [`Packed4bit`]: a quantized weight on a Burn device; `quantize`/`dequantize` run the CubeCL
 //!   kernels (`kernels`, features `cuda`/`wgpu`) on CubeCL devices and the reference elsewhere.
+//! - [`low_rank_down`], [`low_rank_up`]: a LoRA adapter's rank-wide products, with kernels for
+//!   their thin sides and a backward through the same kernels.
 //! - [`bnb_format`]: the safetensors layout transformers writes for 4-bit weights.
 
 pub mod bnb_format;
@@ -13,6 +15,7 @@ mod error;
 mod extension;
 #[cfg(feature = "cube")]
 pub mod kernels;
+mod low_rank;
 #[cfg(any(feature = "cube", feature = "flex"))]
 mod matmul;
 mod packed;
@@ -22,6 +25,7 @@ mod state;
 pub use codebook::QuantType;
 pub use config::{NESTED_BLOCK_SIZE, QuantConfig};
 pub use error::QuantError;
+pub use low_rank::{LowRankOps, MAX_RANK, low_rank_down, low_rank_up};
 #[cfg(any(feature = "cube", feature = "flex"))]
 pub use matmul::{AbsmaxPrimitive, Matmul4bitOps, Weight4bitPrimitive};
 pub use packed::{DeviceAbsmax, Packed4bit};

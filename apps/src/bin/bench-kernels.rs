@@ -1,16 +1,21 @@
 //! Benchmarks the 4-bit kernels on a device: first checks them against the reference on the
 //! benchmark shapes, then times dequantization (to bf16 by default, plain and double-quantized
 //! absmax) and quantization, printing time and effective bandwidth, and the fused 4-bit
-//! matrix-vector product of decoding beside the dense one.
+//! matrix-vector product of decoding beside the dense one, and the adapter's rank-wide products
+//! (`low_rank_down`, the weight gradient) beside Burn's matmul.
 //!
 //! `cargo run --release -p apps --features vulkan --bin bench-kernels -- --backend vulkan`
 
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
+use burn::backend::Dispatch;
 use burn::tensor::{DType, Device, Distribution, Tensor, TimingMethod};
 use clap::Parser;
-use kernels_cubecl::{Absmax, Packed4bit, QuantConfig, QuantState, QuantType, reference};
+use kernels_cubecl::{
+    Absmax, LowRankOps, Packed4bit, QuantConfig, QuantState, QuantType, low_rank_down, low_rank_up,
+    reference,
+};
 
 #[derive(Parser)]
 #[command(about = "Time the NF4 quantize/dequantize kernels")]
@@ -33,6 +38,12 @@ struct Args {
     calls: usize,
     #[arg(long, default_value_t = 21)]
     samples: usize,
+    /// Rows (tokens) and rank of the adapter products timed last: `x·A` and the weight gradient
+    /// `xᵀ·g` at each shape's depths.
+    #[arg(long, default_value_t = 2048)]
+    tokens: usize,
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
     /// Skip the correctness check against the reference.
     #[arg(long)]
     skip_check: bool,
@@ -250,6 +261,57 @@ fn main() -> Result<()> {
         println!(
             "| {}x{} | {device_ms:.4} ({method:?}) | {bandwidth:.2} | {wall_ms:.4} | {dense_ms:.4} |",
             shape[0], shape[1]
+        );
+    }
+    println!();
+    low_rank_table(&device, &args, dtype, &shapes)
+}
+
+/// The adapter's products at each depth of the shapes: `x·A` (`[tokens, depth] x [depth, rank]`)
+/// and the weight gradient `xᵀ·g` (`g` `[tokens, rank]`), ours and Burn's matmul, and `g·B`
+/// (`[tokens, rank] x [rank, depth]`, Burn's matmul in both). Each reads or writes
+/// `[tokens, depth]` once, which bounds it.
+fn low_rank_table(device: &Device, args: &Args, dtype: DType, shapes: &[[usize; 2]]) -> Result<()> {
+    let mut depths: Vec<usize> = shapes.iter().flatten().copied().collect();
+    depths.sort_unstable();
+    depths.dedup();
+    println!(
+        "| tokens x depth, rank {} | x·A ms (device) | TB/s | Burn's x·A ms | xᵀ·g ms (device) | TB/s | Burn's xᵀ·g ms | g·B ms | TB/s |",
+        args.rank
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for depth in depths {
+        let x =
+            Tensor::<2>::random([args.tokens, depth], Distribution::Default, device).cast(dtype);
+        let a = Tensor::<2>::random([depth, args.rank], Distribution::Default, device).cast(dtype);
+        let g = Tensor::<2>::random([args.tokens, args.rank], Distribution::Default, device)
+            .cast(dtype);
+        let time = |f: &(dyn Fn() + Sync)| device_time_ms(device, args.samples, &f);
+        let (down_ms, _) = time(&|| {
+            let _ = low_rank_down(x.clone(), a.clone());
+        })?;
+        let (burn_down_ms, _) = time(&|| {
+            let _ = x.clone().matmul(a.clone());
+        })?;
+        let (gradient_ms, _) = time(&|| {
+            let _ =
+                Dispatch::low_rank_gradient(x.clone().into_dispatch(), g.clone().into_dispatch());
+        })?;
+        let (burn_gradient_ms, _) = time(&|| {
+            let _ = x.clone().transpose().matmul(g.clone());
+        })?;
+        let b = a.clone().transpose();
+        let (up_ms, _) = time(&|| {
+            let _ = low_rank_up(g.clone(), b.clone());
+        })?;
+        let bytes = (args.tokens * depth * dtype.size()) as f64;
+        let tb_s = |ms: f64| bytes / (ms * 1e-3) / 1e12;
+        println!(
+            "| {}x{depth} | {down_ms:.4} | {:.2} | {burn_down_ms:.4} | {gradient_ms:.4} | {:.2} | {burn_gradient_ms:.4} | {up_ms:.4} | {:.2} |",
+            args.tokens,
+            tb_s(down_ms),
+            tb_s(gradient_ms),
+            tb_s(up_ms)
         );
     }
     Ok(())

@@ -1,0 +1,614 @@
+//! A LoRA adapter's products as Burn operations: `x·A` and `h·B`, whose rank side is a few
+//! columns wide. Burn's matmul tiles them like any product and gets a handful of cubes for a
+//! long depth (`[2048, 4096] x [4096, 8]` runs on 16 cubes in 165 µs on an H100, where reading
+//! `x` once takes about 6 µs). The kernels here stream the wide operand once instead, and the
+//! `Autodiff` implementation sends the backward's products back through them:
+//!
+//! | product | forward | lhs gradient | rhs gradient |
+//! |---|---|---|---|
+//! | `x·A`, `[m, k] x [k, r]` | kernel | `g·Aᵀ` (`low_rank_up`) | `xᵀ·g` (`low_rank_gradient`) |
+//! | `h·B`, `[m, r] x [r, n]` | Burn's matmul | `g·Bᵀ` (`low_rank_down`) | `(gᵀ·h)ᵀ` (`low_rank_gradient`) |
+//! | `xᵀ·g`, `[m, k]ᵀ x [m, r]` | kernel | `g·dOutᵀ` (`low_rank_up`) | `x·dOut` (`low_rank_down`) |
+//!
+//! Ranks above [`MAX_RANK`] take Burn's matmul; Flex (the CPU backend) always does.
+
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, backend_extension};
+use burn::tensor::{Device, Tensor};
+
+/// The widest rank the kernels take: each unit keeps one f32 sum per rank column.
+pub const MAX_RANK: usize = 16;
+
+#[backend_extension(
+    Cube: cfg(feature = "cube"),
+    Fusion: cfg(all(feature = "cube", feature = "fusion")),
+    Flex: cfg(feature = "flex"),
+    Autodiff
+)]
+pub trait LowRankOps: Backend {
+    /// `input · weight` for a `[m, k]` input and a thin `[k, r]` weight, in the input's dtype.
+    #[fusion(meta = |input, weight| {
+        let mut out = input.clone();
+        out.shape = burn::tensor::Shape::new([input.shape[0], weight.shape[1]]);
+        out
+    })]
+    fn low_rank_down(input: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// `hidden · weight` for a thin `[m, r]` hidden and a `[r, n]` weight.
+    #[fusion(meta = |hidden, weight| {
+        let mut out = hidden.clone();
+        out.shape = burn::tensor::Shape::new([hidden.shape[0], weight.shape[1]]);
+        out
+    })]
+    fn low_rank_up(hidden: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// `inputᵀ · grad` for a `[m, k]` input and a thin `[m, r]` gradient: `[k, r]`, the
+    /// gradient of a thin weight.
+    #[fusion(meta = |input, grad| {
+        let mut out = input.clone();
+        out.shape = burn::tensor::Shape::new([input.shape[1], grad.shape[1]]);
+        out
+    })]
+    fn low_rank_gradient(input: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// `input · weight` over `input`'s last dimension, for a thin `[k, r]` weight (a LoRA `A` in
+/// Burn's layout), in `input`'s dtype.
+///
+/// # Panics
+///
+/// If `input` does not end in `k` features, as `Tensor::matmul` would.
+pub fn low_rank_down<const D: usize>(input: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
+    low_rank_product(input, weight, Dispatch::low_rank_down)
+}
+
+/// `hidden · weight` over `hidden`'s last dimension, for a thin hidden `[.., r]` and a
+/// `[r, n]` weight (a LoRA `B` in Burn's layout), in `hidden`'s dtype.
+///
+/// # Panics
+///
+/// If `hidden` does not end in `r` features, as `Tensor::matmul` would.
+pub fn low_rank_up<const D: usize>(hidden: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
+    low_rank_product(hidden, weight, Dispatch::low_rank_up)
+}
+
+/// `product` of `lhs` flattened to rows and the weight cast to `lhs`' dtype; Burn's matmul on
+/// devices without the extension.
+fn low_rank_product<const D: usize>(
+    lhs: Tensor<D>,
+    weight: Tensor<2>,
+    product: fn(FloatTensor<Dispatch>, FloatTensor<Dispatch>) -> FloatTensor<Dispatch>,
+) -> Tensor<D> {
+    let weight = weight.cast(lhs.dtype());
+    let [inner, outer] = weight.dims();
+    let mut dims = lhs.dims();
+    assert_eq!(
+        dims[D - 1],
+        inner,
+        "low-rank product: input {dims:?} does not end in the weight's {inner} rows"
+    );
+    if !has_low_rank(&lhs.device()) {
+        return lhs.matmul(weight.unsqueeze());
+    }
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let lhs = lhs.reshape([rows, inner]);
+    let out = Tensor::<2>::from_dispatch(product(lhs.into_dispatch(), weight.into_dispatch()));
+    dims[D - 1] = outer;
+    out.reshape(dims)
+}
+
+/// Whether [`LowRankOps`] is implemented for the device's backend in this build.
+fn has_low_rank(device: &Device) -> bool {
+    match device.clone().without_autodiff().as_dispatch() {
+        #[cfg(feature = "cube")]
+        burn::backend::DispatchDevice::Cube(_) => true,
+        #[cfg(feature = "flex")]
+        burn::backend::DispatchDevice::Flex(_) => true,
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
+#[cfg(feature = "cube")]
+mod cube {
+    use burn::backend::TensorMetadata;
+    use burn::backend::cubecl::dtype_to_storage_type;
+    use burn::backend::ops::FloatTensorOps;
+    use burn::tensor::{DType, Shape};
+    use burn_cubecl::CubeBackend;
+    use burn_cubecl::kernel::into_contiguous;
+    use burn_cubecl::ops::numeric::empty_device_dtype;
+    use burn_cubecl::tensor::CubeTensor;
+    use cubecl::prelude::*;
+
+    use super::{LowRankOps, MAX_RANK};
+    use crate::extension::launch_dims;
+
+    /// Units along a row in [`rank_product_kernel`], and rows per cube: one unit per element of
+    /// the weight tile staged in shared memory. A cube covers `SPLIT_TILES` tiles of the depth:
+    /// a row's depth is split over several cubes, for enough loads in flight (decoder layers
+    /// have a few thousand rows, one cube row of lanes each).
+    const LANES: usize = 32;
+    const ROWS_PER_CUBE: usize = 8;
+    const TILE: usize = LANES * ROWS_PER_CUBE;
+    const SPLIT_TILES: usize = 4;
+
+    /// Units per cube in [`rank_gradient_kernel`] (one input column each), and the rows a cube
+    /// sums, eight at a time so that eight loads are in flight.
+    const GRADIENT_UNITS: usize = 256;
+    const GRADIENT_ROWS: usize = 64;
+    const UNROLL: usize = 8;
+
+    /// Cubes along one dimension that every runtime launches (wgpu's limit).
+    const MAX_CUBES: usize = 65_535;
+
+    impl LowRankOps for CubeBackend {
+        fn low_rank_down(input: CubeTensor, weight: CubeTensor) -> CubeTensor {
+            let [rows, depth] = input.shape().dims();
+            let rank = weight.shape()[1];
+            if rank > MAX_RANK
+                || rows.div_ceil(ROWS_PER_CUBE) > MAX_CUBES
+                || depth.div_ceil(SPLIT_TILES * TILE) > MAX_CUBES
+            {
+                return Self::float_matmul(input, weight);
+            }
+            rank_product(into_contiguous(input), into_contiguous(weight))
+        }
+
+        fn low_rank_up(hidden: CubeTensor, weight: CubeTensor) -> CubeTensor {
+            // The output is as wide as the weight: Burn's tiles fit it.
+            Self::float_matmul(hidden, weight)
+        }
+
+        fn low_rank_gradient(input: CubeTensor, grad: CubeTensor) -> CubeTensor {
+            let [rows, depth] = input.shape().dims();
+            let rank = grad.shape()[1];
+            if rank > MAX_RANK
+                || depth.div_ceil(GRADIENT_UNITS) > MAX_CUBES
+                || rows.div_ceil(GRADIENT_ROWS) > MAX_CUBES
+            {
+                return Self::float_matmul(Self::float_transpose(input), grad);
+            }
+            rank_gradient(into_contiguous(input), into_contiguous(grad))
+        }
+    }
+
+    /// An f32 buffer for the partial sums of `parts` slices, and the `[rows, cols]` output.
+    fn partial_and_output(
+        reference: &CubeTensor,
+        parts: usize,
+        [rows, cols]: [usize; 2],
+    ) -> (CubeTensor, CubeTensor) {
+        let empty = |dims: Shape, dtype| {
+            empty_device_dtype(
+                reference.client.clone(),
+                reference.device.clone(),
+                dims,
+                dtype,
+            )
+        };
+        (
+            empty(Shape::new([parts, rows * cols]), DType::F32),
+            empty(Shape::new([rows, cols]), reference.dtype),
+        )
+    }
+
+    /// `input · weight` through [`rank_product_kernel`] (f32 sums per slice of the depth) and
+    /// [`sum_parts_kernel`]; both contiguous.
+    fn rank_product(input: CubeTensor, weight: CubeTensor) -> CubeTensor {
+        let [rows, depth] = input.shape().dims();
+        let rank = weight.shape()[1];
+        let splits = depth.div_ceil(SPLIT_TILES * TILE);
+        let (partial, output) = partial_and_output(&input, splits, [rows, rank]);
+        let dtype = input.dtype;
+        let cube_count = CubeCount::new_2d(rows.div_ceil(ROWS_PER_CUBE) as u32, splits as u32);
+        let cube_dim = CubeDim::new_2d(LANES as u32, ROWS_PER_CUBE as u32);
+        // SAFETY: each cube reads its rows of `input` in its slice of the depth (guarded by
+        // `rows`, `depth`) and that slice of `weight`, and writes `rank` sums per row it owns.
+        unsafe {
+            rank_product_kernel::launch_unchecked(
+                &output.client,
+                cube_count,
+                cube_dim,
+                input.into_buffer_arg(),
+                weight.into_buffer_arg(),
+                partial.clone().into_buffer_arg(),
+                rows,
+                depth,
+                rank,
+                dtype_to_storage_type(dtype),
+            );
+        }
+        sum_parts(partial, output, splits, rank, false)
+    }
+
+    /// `inputᵀ · grad` through [`rank_gradient_kernel`] (f32 sums per block of rows) and
+    /// [`sum_parts_kernel`]; both contiguous.
+    fn rank_gradient(input: CubeTensor, grad: CubeTensor) -> CubeTensor {
+        let [rows, depth] = input.shape().dims();
+        let rank = grad.shape()[1];
+        let blocks = rows.div_ceil(GRADIENT_ROWS);
+        let (partial, output) = partial_and_output(&input, blocks, [depth, rank]);
+        let dtype = input.dtype;
+        let cube_count = CubeCount::new_2d(depth.div_ceil(GRADIENT_UNITS) as u32, blocks as u32);
+        // SAFETY: each cube reads its block of rows of `grad` and of `input`'s columns (guarded
+        // by `rows`, `depth`) and writes those columns' sums of its block in `partial`.
+        unsafe {
+            rank_gradient_kernel::launch_unchecked(
+                &output.client,
+                cube_count,
+                CubeDim::new_1d(GRADIENT_UNITS as u32),
+                input.into_buffer_arg(),
+                grad.into_buffer_arg(),
+                partial.clone().into_buffer_arg(),
+                rows,
+                depth,
+                rank,
+                dtype_to_storage_type(dtype),
+            );
+        }
+        sum_parts(partial, output, blocks, rank, true)
+    }
+
+    /// `output` from its `parts` partial sums through [`sum_parts_kernel`].
+    fn sum_parts(
+        partial: CubeTensor,
+        output: CubeTensor,
+        parts: usize,
+        rank: usize,
+        rank_major: bool,
+    ) -> CubeTensor {
+        let len = output.shape().num_elements();
+        let dtype = output.dtype;
+        let (cube_count, cube_dim) = launch_dims(&output, len);
+        // SAFETY: one unit per output, reading its `parts` partial sums.
+        unsafe {
+            sum_parts_kernel::launch_unchecked(
+                &output.client,
+                cube_count,
+                cube_dim,
+                partial.into_buffer_arg(),
+                output.clone().into_buffer_arg(),
+                parts,
+                len,
+                rank,
+                rank_major,
+                dtype_to_storage_type(dtype),
+            );
+        }
+        output
+    }
+
+    /// `partial[split, row, r] = Σ_{k in split} input[row, k] · weight[k, r]` for a thin weight.
+    ///
+    /// A cube is `LANES x ROWS_PER_CUBE` units, one row per `LANES`, and walks its slice of the
+    /// depth in tiles of `TILE`: the row's inputs of the tile are loaded first, then the
+    /// weight's tile goes to shared memory (one element per unit and rank column, laid out
+    /// `[rank][TILE]` so that neighbouring lanes read neighbouring banks), and each lane keeps
+    /// `rank` f32 sums, which meet in shared memory at the end.
+    #[cube(launch_unchecked)]
+    fn rank_product_kernel<F: Float>(
+        input: &[F],
+        weight: &[F],
+        partial: &mut [f32],
+        rows: usize,
+        depth: usize,
+        #[comptime] rank: usize,
+        #[define(F)] _dtype: ElemType,
+    ) {
+        let lane = UNIT_POS_X as usize;
+        let local_row = UNIT_POS_Y as usize;
+        let unit = UNIT_POS as usize;
+        let row = CUBE_POS_X as usize * ROWS_PER_CUBE + local_row;
+        let split = CUBE_POS_Y as usize;
+        let split_end = (split + 1) * SPLIT_TILES * TILE;
+        let split_end = select(split_end < depth, split_end, depth);
+        let mut tile = Shared::<[f32]>::new_slice(comptime!(rank * TILE));
+        let mut sums = Array::<f32>::new(rank);
+        #[unroll]
+        for r in 0..rank {
+            sums[r] = f32::new(0.0);
+        }
+        let mut inputs = Array::<f32>::new(ROWS_PER_CUBE);
+        // No unit leaves early: every one must reach the barriers.
+        let mut start = split * SPLIT_TILES * TILE;
+        while start < split_end {
+            let row_start = row * depth + start;
+            let whole = start + TILE <= split_end;
+            if row < rows && whole {
+                // Issued before the weight's tile, so both loads are in flight together.
+                #[unroll]
+                for step in 0..ROWS_PER_CUBE {
+                    inputs[step] = f32::cast_from(input[row_start + step * LANES + lane]);
+                }
+            }
+            let k = start + unit;
+            #[unroll]
+            for r in 0..rank {
+                let mut value = f32::new(0.0);
+                if k < split_end {
+                    value = f32::cast_from(weight[k * rank + r]);
+                }
+                tile[r * TILE + unit] = value;
+            }
+            sync_cube();
+            if row < rows {
+                if whole {
+                    #[unroll]
+                    for step in 0..ROWS_PER_CUBE {
+                        #[unroll]
+                        for r in 0..rank {
+                            sums[r] += inputs[step] * tile[r * TILE + step * LANES + lane];
+                        }
+                    }
+                } else {
+                    let mut local_k = lane;
+                    while start + local_k < split_end {
+                        let x = f32::cast_from(input[row_start + local_k]);
+                        #[unroll]
+                        for r in 0..rank {
+                            sums[r] += x * tile[r * TILE + local_k];
+                        }
+                        local_k += LANES;
+                    }
+                }
+            }
+            sync_cube();
+            start += TILE;
+        }
+        // The tile has room for every row's `rank x LANES` sums.
+        let slot = local_row * rank * LANES + lane;
+        #[unroll]
+        for r in 0..rank {
+            tile[slot + r * LANES] = sums[r];
+        }
+        sync_cube();
+        // Shared memory rather than plane sums: WGSL gets subgroups only behind a feature.
+        #[unroll]
+        for step in 0..comptime!(LANES.trailing_zeros()) {
+            let stride = comptime![LANES >> (step + 1)];
+            if lane < stride {
+                #[unroll]
+                for r in 0..rank {
+                    tile[slot + r * LANES] += tile[slot + r * LANES + stride];
+                }
+            }
+            sync_cube();
+        }
+        if row < rows && lane < rank {
+            partial[(split * rows + row) * rank + lane] =
+                tile[local_row * rank * LANES + lane * LANES];
+        }
+    }
+
+    /// `partial[block, r * depth + k] = Σ_{row in block} input[row, k] · grad[row, r]`: one unit
+    /// per input column (coalesced loads), one cube row per block of `GRADIENT_ROWS` rows, whose
+    /// gradient rows sit in shared memory (every unit reads the same value: a broadcast).
+    #[cube(launch_unchecked)]
+    fn rank_gradient_kernel<F: Float>(
+        input: &[F],
+        grad: &[F],
+        partial: &mut [f32],
+        rows: usize,
+        depth: usize,
+        #[comptime] rank: usize,
+        #[define(F)] _dtype: ElemType,
+    ) {
+        let k = CUBE_POS_X as usize * GRADIENT_UNITS + UNIT_POS as usize;
+        let block = CUBE_POS_Y as usize;
+        let first_row = block * GRADIENT_ROWS;
+        let mut staged = Shared::<[f32]>::new_slice(comptime!(GRADIENT_ROWS * rank));
+        let mut i = UNIT_POS as usize;
+        while i < GRADIENT_ROWS * rank {
+            let mut value = f32::new(0.0);
+            if first_row + i / rank < rows {
+                value = f32::cast_from(grad[first_row * rank + i]);
+            }
+            staged[i] = value;
+            i += GRADIENT_UNITS;
+        }
+        sync_cube();
+        if k < depth {
+            let mut sums = Array::<f32>::new(rank);
+            #[unroll]
+            for r in 0..rank {
+                sums[r] = f32::new(0.0);
+            }
+            let remaining = rows - first_row;
+            let block_rows = select(remaining < GRADIENT_ROWS, remaining, GRADIENT_ROWS);
+            let whole = block_rows / UNROLL * UNROLL;
+            let mut m = 0usize;
+            while m < whole {
+                #[unroll]
+                for u in 0..UNROLL {
+                    let x = f32::cast_from(input[(first_row + m + u) * depth + k]);
+                    #[unroll]
+                    for r in 0..rank {
+                        sums[r] += x * staged[(m + u) * rank + r];
+                    }
+                }
+                m += UNROLL;
+            }
+            while m < block_rows {
+                let x = f32::cast_from(input[(first_row + m) * depth + k]);
+                #[unroll]
+                for r in 0..rank {
+                    sums[r] += x * staged[m * rank + r];
+                }
+                m += 1;
+            }
+            #[unroll]
+            for r in 0..rank {
+                partial[(block * rank + r) * depth + k] = sums[r];
+            }
+        }
+    }
+
+    /// `output[i] = Σ_part partial[part, i]` in the output's dtype, `UNROLL` parts at a time.
+    /// With `rank_major` the sums are laid out `[rank, n]` and the output is `[n, rank]`.
+    #[cube(launch_unchecked)]
+    fn sum_parts_kernel<F: Float>(
+        partial: &[f32],
+        output: &mut [F],
+        parts: usize,
+        len: usize,
+        #[comptime] rank: usize,
+        #[comptime] rank_major: bool,
+        #[define(F)] _dtype: ElemType,
+    ) {
+        let index = ABSOLUTE_POS;
+        if index >= len {
+            terminate!();
+        }
+        let mut sum = f32::new(0.0);
+        let whole = parts / UNROLL * UNROLL;
+        let mut part = 0usize;
+        while part < whole {
+            #[unroll]
+            for u in 0..UNROLL {
+                sum += partial[(part + u) * len + index];
+            }
+            part += UNROLL;
+        }
+        while part < parts {
+            sum += partial[part * len + index];
+            part += 1;
+        }
+        let mut target = index;
+        if comptime![rank_major] {
+            let n = len / rank;
+            target = (index % n) * rank + index / n;
+        }
+        output[target] = F::cast_from(sum);
+    }
+}
+
+#[cfg(feature = "flex")]
+mod flex {
+    use burn::backend::Flex;
+    use burn::backend::flex::FlexTensor;
+    use burn::backend::ops::FloatTensorOps;
+
+    use super::LowRankOps;
+
+    impl LowRankOps for Flex {
+        fn low_rank_down(input: FlexTensor, weight: FlexTensor) -> FlexTensor {
+            Self::float_matmul(input, weight)
+        }
+
+        fn low_rank_up(hidden: FlexTensor, weight: FlexTensor) -> FlexTensor {
+            Self::float_matmul(hidden, weight)
+        }
+
+        fn low_rank_gradient(input: FlexTensor, grad: FlexTensor) -> FlexTensor {
+            Self::float_matmul(Self::float_transpose(input), grad)
+        }
+    }
+}
+
+mod autodiff {
+    use burn::backend::Autodiff;
+    use burn::backend::autodiff::NodeId;
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary};
+    use burn::backend::tensor::FloatTensor;
+
+    use super::LowRankOps;
+
+    /// Which of the three products a node is.
+    #[derive(Debug, Clone, Copy)]
+    enum Product {
+        Down,
+        Up,
+        Gradient,
+    }
+
+    /// The backward of a low-rank product `lhs · rhs` (`lhsᵀ · rhs` for [`Product::Gradient`]):
+    /// each side's gradient is again a product with one thin side (the table in the module's
+    /// documentation).
+    #[derive(Debug)]
+    struct LowRankBackward(Product);
+
+    impl<B: LowRankOps> Backward<B, 2> for LowRankBackward {
+        type State = (Option<NodeId>, Option<NodeId>);
+
+        fn backward(
+            self,
+            ops: Ops<Self::State, 2>,
+            grads: &mut Gradients,
+            checkpointer: &mut Checkpointer,
+        ) {
+            let (lhs, rhs) = ops.state;
+            let lhs = lhs.map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
+            let rhs = rhs.map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
+            let product = self.0;
+            binary::<B, _, _>(
+                ops.parents,
+                ops.node,
+                grads,
+                |grad| {
+                    let rhs = rhs.expect("the rhs is kept when the lhs is tracked");
+                    match product {
+                        Product::Down => B::low_rank_up(grad, B::float_transpose(rhs)),
+                        Product::Up => B::low_rank_down(grad, B::float_transpose(rhs)),
+                        Product::Gradient => B::low_rank_up(rhs, B::float_transpose(grad)),
+                    }
+                },
+                |grad| {
+                    let lhs = lhs.expect("the lhs is kept when the rhs is tracked");
+                    match product {
+                        Product::Down => B::low_rank_gradient(lhs, grad),
+                        Product::Up => B::float_transpose(B::low_rank_gradient(grad, lhs)),
+                        Product::Gradient => B::low_rank_down(lhs, grad),
+                    }
+                },
+            );
+        }
+    }
+
+    /// Runs `forward` on the inner backend and records the node, keeping each side only when
+    /// the other side's gradient needs it.
+    fn record<B: LowRankOps, C: CheckpointStrategy>(
+        product: Product,
+        lhs: FloatTensor<Autodiff<B, C>>,
+        rhs: FloatTensor<Autodiff<B, C>>,
+        forward: fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
+    ) -> FloatTensor<Autodiff<B, C>> {
+        let lhs_tracked = lhs.is_tracked();
+        let rhs_tracked = rhs.is_tracked();
+        match LowRankBackward(product)
+            .prepare::<C>([lhs.node(), rhs.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let lhs_state = rhs_tracked.then(|| prep.checkpoint(&lhs));
+                let rhs_state = lhs_tracked.then(|| prep.checkpoint(&rhs));
+                let output = forward(lhs.into_primitive(), rhs.into_primitive());
+                prep.finish((lhs_state, rhs_state), output)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(forward(lhs.into_primitive(), rhs.into_primitive()))
+            }
+        }
+    }
+
+    impl<B: LowRankOps, C: CheckpointStrategy> LowRankOps for Autodiff<B, C> {
+        fn low_rank_down(input: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+            record::<B, C>(Product::Down, input, weight, B::low_rank_down)
+        }
+
+        fn low_rank_up(hidden: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+            record::<B, C>(Product::Up, hidden, weight, B::low_rank_up)
+        }
+
+        fn low_rank_gradient(
+            input: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            record::<B, C>(Product::Gradient, input, grad, B::low_rank_gradient)
+        }
+    }
+}

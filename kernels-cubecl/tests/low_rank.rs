@@ -1,0 +1,191 @@
+//! The adapter's rank-wide products on every device (Flex, and the CubeCL kernels on wgpu/cuda
+//! when built with them): forward and gradients against products computed on the host in f64.
+
+mod common;
+
+use burn::backend::Dispatch;
+use burn::tensor::{DType, Distribution, Tensor};
+use common::{devices, f32_values};
+use kernels_cubecl::{LowRankOps, MAX_RANK, low_rank_down, low_rank_up};
+
+/// Relative (Frobenius) error allowed in f32: the kernels sum in another order than the host.
+const TOLERANCE: f64 = 1e-5;
+
+/// A row-major `[rows, cols]` matrix on the host.
+struct Host {
+    rows: usize,
+    cols: usize,
+    values: Vec<f64>,
+}
+
+impl Host {
+    fn of<const D: usize>(tensor: &Tensor<D>) -> Self {
+        let dims = tensor.dims();
+        let cols = dims[D - 1];
+        let values: Vec<f64> = f32_values(&tensor.to_data())
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        Self {
+            rows: values.len() / cols,
+            cols,
+            values,
+        }
+    }
+
+    fn at(&self, row: usize, col: usize) -> f64 {
+        self.values[row * self.cols + col]
+    }
+
+    fn transpose(&self) -> Self {
+        let mut values = Vec::with_capacity(self.values.len());
+        for col in 0..self.cols {
+            values.extend((0..self.rows).map(|row| self.at(row, col)));
+        }
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            values,
+        }
+    }
+
+    fn matmul(&self, rhs: &Self) -> Self {
+        assert_eq!(self.cols, rhs.rows);
+        let mut values = vec![0.0; self.rows * rhs.cols];
+        for row in 0..self.rows {
+            for inner in 0..self.cols {
+                let lhs = self.at(row, inner);
+                for col in 0..rhs.cols {
+                    values[row * rhs.cols + col] += lhs * rhs.at(inner, col);
+                }
+            }
+        }
+        Self {
+            rows: self.rows,
+            cols: rhs.cols,
+            values,
+        }
+    }
+
+    /// `|actual - self| / |self|`, Frobenius norms.
+    fn relative_error(&self, actual: &Self) -> f64 {
+        assert_eq!(actual.values.len(), self.values.len());
+        let diff: f64 = (self.values.iter().zip(&actual.values))
+            .map(|(e, a)| (e - a).powi(2))
+            .sum();
+        let norm: f64 = self.values.iter().map(|e| e * e).sum();
+        (diff / norm).sqrt()
+    }
+}
+
+/// `y = (x·A)·B` through the two products, and the gradients of `sum(y * upstream)` for `x`, `A`
+/// and `B`, against the host. The shapes are ragged on purpose: 600 rows (ten blocks of 64 for
+/// the gradient kernel, the last partial, summed eight and then two at a time), depth 1300 (two
+/// slices of the product kernel's 1024, the last ending in a partial tile of 256), odd ranks, and
+/// a rank above `MAX_RANK` (Burn's matmul).
+#[test]
+fn low_rank_products_and_gradients_equal_the_host_products() {
+    for (name, device) in devices() {
+        for rank in [1, 5, 8, MAX_RANK, MAX_RANK + 8] {
+            let autodiff = device.clone().autodiff();
+            let random = |dims: [usize; 2]| {
+                Tensor::<2>::random(dims, Distribution::Default, &autodiff).require_grad()
+            };
+            let x = Tensor::<3>::random([4, 150, 1300], Distribution::Default, &autodiff)
+                .require_grad();
+            let a = random([1300, rank]);
+            let b = random([rank, 70]);
+            let upstream = Tensor::<3>::random([4, 150, 70], Distribution::Default, &autodiff);
+
+            let y = low_rank_up(low_rank_down(x.clone(), a.clone()), b.clone());
+            let grads = (y.clone() * upstream.clone()).sum().backward();
+
+            let what = format!("{name}, rank {rank}");
+            let (hx, ha, hb, hu) = (
+                Host::of(&x),
+                Host::of(&a),
+                Host::of(&b),
+                Host::of(&upstream),
+            );
+            let hidden = hx.matmul(&ha);
+            let grad_hidden = hu.matmul(&hb.transpose());
+            let expected = [
+                ("y", hidden.matmul(&hb), Host::of(&y)),
+                (
+                    "x grad",
+                    grad_hidden.matmul(&ha.transpose()),
+                    Host::of(&x.grad(&grads).expect("x has a gradient")),
+                ),
+                (
+                    "A grad",
+                    hx.transpose().matmul(&grad_hidden),
+                    Host::of(&a.grad(&grads).expect("A has a gradient")),
+                ),
+                (
+                    "B grad",
+                    hidden.transpose().matmul(&hu),
+                    Host::of(&b.grad(&grads).expect("B has a gradient")),
+                ),
+            ];
+            for (part, expected, actual) in expected {
+                let error = expected.relative_error(&actual);
+                assert!(error < TOLERANCE, "{what}: {part} relative error {error}");
+            }
+        }
+    }
+}
+
+/// The third product, `xᵀ·g` (the weight gradient), differentiated itself: its gradients go
+/// back through the other two products.
+#[test]
+fn low_rank_gradient_product_is_differentiable() {
+    for (name, device) in devices() {
+        let autodiff = device.clone().autodiff();
+        let x = Tensor::<2>::random([150, 300], Distribution::Default, &autodiff).require_grad();
+        let g = Tensor::<2>::random([150, 8], Distribution::Default, &autodiff).require_grad();
+        let upstream = Tensor::<2>::random([300, 8], Distribution::Default, &autodiff);
+        let out = Tensor::<2>::from_dispatch(Dispatch::low_rank_gradient(
+            x.clone().into_dispatch(),
+            g.clone().into_dispatch(),
+        ));
+        let grads = (out.clone() * upstream.clone()).sum().backward();
+
+        let (hx, hg, hu) = (Host::of(&x), Host::of(&g), Host::of(&upstream));
+        let expected = [
+            ("out", hx.transpose().matmul(&hg), Host::of(&out)),
+            (
+                "x grad",
+                hg.matmul(&hu.transpose()),
+                Host::of(&x.grad(&grads).expect("x has a gradient")),
+            ),
+            (
+                "g grad",
+                hx.matmul(&hu),
+                Host::of(&g.grad(&grads).expect("g has a gradient")),
+            ),
+        ];
+        for (part, expected, actual) in expected {
+            let error = expected.relative_error(&actual);
+            assert!(error < TOLERANCE, "{name}: {part} relative error {error}");
+        }
+    }
+}
+
+/// In bf16 (the training dtype) the kernels sum in f32 and round once: the result is the
+/// host's product of the same bf16 values within bf16 rounding.
+#[test]
+fn low_rank_down_in_bf16_rounds_once() {
+    for (name, device) in devices() {
+        if !device.supports_dtype(DType::BF16) {
+            println!("{name}: no bf16, skipped");
+            continue;
+        }
+        let x = Tensor::<2>::random([40, 1000], Distribution::Default, &device).cast(DType::BF16);
+        let a = Tensor::<2>::random([1000, 8], Distribution::Default, &device).cast(DType::BF16);
+        let y = low_rank_down(x.clone(), a.clone());
+        let expected = Host::of(&x).matmul(&Host::of(&a));
+        let error = expected.relative_error(&Host::of(&y));
+        // bf16 keeps 8 bits: one rounding is at most 2^-9 relative per value.
+        assert!(error < 2e-3, "{name}: relative error {error}");
+    }
+}
