@@ -22,7 +22,6 @@ use burn::optim::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleL
 use burn::optim::lr_scheduler::sequential::SequentialLrSchedulerConfig;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer, OptimizerRecord};
 use burn::store::ModuleRecord;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn::train::checkpoint::{Checkpoint, Checkpointer, CheckpointerError, KeepLastNCheckpoints};
 use burn::train::metric::{
@@ -32,6 +31,7 @@ use burn::train::{
     InferenceStep, Learner, SequenceOutput, SupervisedTraining, TrainOutput, TrainStep,
 };
 use burn_qlora::PeftAdapter;
+use kernels_cubecl::cross_entropy;
 use llama_burn::Llama;
 
 use crate::config::TrainConfig;
@@ -85,18 +85,15 @@ impl LmBatch {
     }
 }
 
-/// `Σ -log p(target) · weight / count` over the positions of `logits`, in f32.
+/// `Σ -log p(target) · weight / count` over the positions of `logits`, in f32, through the
+/// fused cross-entropy kernels (no f32 copy of the logits, one cube per position).
 fn weighted_nll(
     logits: Tensor<3>,
     targets: Tensor<2, Int>,
     weights: Tensor<2>,
     count: Tensor<1>,
 ) -> Tensor<1> {
-    let log_probs = log_softmax(logits.cast(burn::tensor::DType::F32), 2);
-    let picked = log_probs
-        .gather(2, targets.unsqueeze_dim(2))
-        .squeeze_dim::<2>(2);
-    -(picked * weights).sum() / count
+    (cross_entropy(logits, targets) * weights).sum() / count
 }
 
 /// The model being trained: a [`Llama`] whose checkpoint record is its trainable parameters

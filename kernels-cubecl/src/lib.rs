@@ -5,11 +5,13 @@
 //!   kernels (`kernels`, features `cuda`/`wgpu`) on CubeCL devices and the reference elsewhere.
 //! - [`low_rank_down`], [`low_rank_up`]: a LoRA adapter's rank-wide products, with kernels for
 //!   their thin sides and a backward through the same kernels.
+//! - [`cross_entropy`]: the loss over a vocabulary and its backward, one cube per row.
 //! - [`bnb_format`]: the safetensors layout transformers writes for 4-bit weights.
 
 pub mod bnb_format;
 pub mod codebook;
 mod config;
+mod cross_entropy;
 mod error;
 #[cfg(feature = "cube")]
 mod extension;
@@ -24,6 +26,7 @@ mod state;
 
 pub use codebook::QuantType;
 pub use config::{NESTED_BLOCK_SIZE, QuantConfig};
+pub use cross_entropy::{CrossEntropyOps, cross_entropy};
 pub use error::QuantError;
 pub use low_rank::{LowRankOps, MAX_RANK, low_rank_down, low_rank_up};
 #[cfg(any(feature = "cube", feature = "flex"))]
