@@ -33,3 +33,16 @@ pub use low_rank::{LowRankOps, MAX_RANK, low_rank_down, low_rank_up};
 pub use matmul::{AbsmaxPrimitive, Matmul4bitOps, Weight4bitPrimitive};
 pub use packed::{DeviceAbsmax, Packed4bit};
 pub use state::{Absmax, NestedAbsmax, QuantState};
+
+/// Whether the device's backend has this crate's backend extensions (the 4-bit matmul, the
+/// low-rank products) in this build: CubeCL devices with `cuda`/`wgpu`, Flex with `flex`.
+pub(crate) fn has_extensions(device: &burn::tensor::Device) -> bool {
+    match device.clone().without_autodiff().as_dispatch() {
+        #[cfg(feature = "cube")]
+        burn::backend::DispatchDevice::Cube(_) => true,
+        #[cfg(feature = "flex")]
+        burn::backend::DispatchDevice::Flex(_) => true,
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}

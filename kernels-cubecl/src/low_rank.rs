@@ -14,7 +14,7 @@
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 
 /// The widest rank the kernels take: each unit keeps one f32 sum per rank column.
 pub const MAX_RANK: usize = 16;
@@ -87,7 +87,7 @@ fn low_rank_product<const D: usize>(
         inner,
         "low-rank product: input {dims:?} does not end in the weight's {inner} rows"
     );
-    if !has_low_rank(&lhs.device()) {
+    if !crate::has_extensions(&lhs.device()) {
         return lhs.matmul(weight.unsqueeze());
     }
     let rows = dims[..D - 1].iter().product::<usize>();
@@ -95,18 +95,6 @@ fn low_rank_product<const D: usize>(
     let out = Tensor::<2>::from_dispatch(product(lhs.into_dispatch(), weight.into_dispatch()));
     dims[D - 1] = outer;
     out.reshape(dims)
-}
-
-/// Whether [`LowRankOps`] is implemented for the device's backend in this build.
-fn has_low_rank(device: &Device) -> bool {
-    match device.clone().without_autodiff().as_dispatch() {
-        #[cfg(feature = "cube")]
-        burn::backend::DispatchDevice::Cube(_) => true,
-        #[cfg(feature = "flex")]
-        burn::backend::DispatchDevice::Flex(_) => true,
-        #[allow(unreachable_patterns)]
-        _ => false,
-    }
 }
 
 #[cfg(feature = "cube")]

@@ -6,10 +6,8 @@
 //! CubeCL devices dequantize with the kernels; Flex (the CPU backend) with the reference.
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{
-    Backend, Dispatch, DispatchDevice, ExtensionType, TensorMetadata, backend_extension,
-};
-use burn::tensor::{Device, Shape, Tensor};
+use burn::backend::{Backend, Dispatch, ExtensionType, TensorMetadata, backend_extension};
+use burn::tensor::{Shape, Tensor};
 
 use crate::{DeviceAbsmax, Packed4bit, QuantError, QuantType};
 
@@ -421,7 +419,7 @@ pub(crate) fn linear<const D: usize>(
     input: Tensor<D>,
     weight: &Packed4bit,
 ) -> Result<Tensor<D>, QuantError> {
-    if !has_matmul_4bit(&weight.device()) {
+    if !crate::has_extensions(&weight.device()) {
         return Err(QuantError::Device(format!(
             "no 4-bit matmul for {:?}: use a CubeCL (cuda, wgpu) or Flex device",
             weight.device()
@@ -440,16 +438,4 @@ pub(crate) fn linear<const D: usize>(
         primitive,
         true,
     )))
-}
-
-/// Whether [`Matmul4bitOps`] is implemented for the device's backend in this build.
-fn has_matmul_4bit(device: &Device) -> bool {
-    match device.clone().without_autodiff().as_dispatch() {
-        #[cfg(feature = "cube")]
-        DispatchDevice::Cube(_) => true,
-        #[cfg(feature = "flex")]
-        DispatchDevice::Flex(_) => true,
-        #[allow(unreachable_patterns)]
-        _ => false,
-    }
 }
