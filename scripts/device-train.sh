@@ -9,6 +9,8 @@
 # `fusion`: the same training and decoding with Burn's kernel fusion (.bin/fusion/);
 # `decode`: batch-1 decoding, 4-bit and bf16, and transformers' bf16 decoding beside it;
 # `matvec`: the kernels' timings alone (no check) and torch's dense matrix-vector products;
+# `tune`: the 4-bit matmul's products under each TMA tiling of TILINGS (rows,cols,depth,planes;
+# see kernels-cubecl/src/matmul.rs), the tuned one first;
 # `profile` (`profile-fusion`): every kernel's GPU time in two training steps of 2 layers,
 # checkpointing on, through Nsight Compute, without (with) fusion; scripts/kernel-times.py sums them.
 # Logs go to $OUT (or ./bench-logs).
@@ -50,6 +52,12 @@ for part in "${parts[@]}"; do
     matvec)
       run matvec ./.bin/bench-kernels --backend cuda --dtype bf16 --skip-check --samples 51
       run matvec python3 scripts/peer-matvec.py ;;
+    tune)
+      run tune ./.bin/bench-kernels --backend cuda --dtype bf16 --skip-check --tables matmul
+      for tiling in ${TILINGS:-1,16,2,16 1,16,4,16 1,16,4,8 2,16,2,8 2,16,4,8 2,16,4,4 2,8,4,8 4,8,4,8 4,8,4,4 2,8,4,16 1,8,2,8 1,8,4,8 1,8,4,16 2,8,2,8 4,8,2,8 2,4,4,16}; do
+        KERNELS_CUBECL_TMA_TILING=$tiling run tune ./.bin/bench-kernels --backend cuda --dtype bf16 \
+          --skip-check --tables matmul
+      done ;;
     profile|profile-fusion)
       bin=.bin; [ "$part" = profile ] || bin=.bin/fusion
       run "$part" ncu --clock-control none --metrics gpu__time_duration.sum --csv \

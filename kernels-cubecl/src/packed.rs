@@ -149,13 +149,30 @@ impl Packed4bit {
     /// autodiff device the backward dequantizes it again, so the dense weight is never kept for
     /// backward. Gradients flow to `input` only: the weight is frozen.
     pub fn linear<const D: usize>(&self, input: Tensor<D>) -> Result<Tensor<D>, QuantError> {
-        let [_, in_features] = self.matrix_shape("linear")?;
+        self.product(input, true)
+    }
+
+    /// `input · W` for this `[rows, cols]` weight, `input` `[.., rows]`: the product a linear
+    /// layer's backward makes for its input gradient, dequantizing as [`Self::linear`] does.
+    pub fn matmul<const D: usize>(&self, input: Tensor<D>) -> Result<Tensor<D>, QuantError> {
+        self.product(input, false)
+    }
+
+    /// `input · Wᵀ` when `transpose`, else `input · W`, its arguments checked.
+    fn product<const D: usize>(
+        &self,
+        input: Tensor<D>,
+        transpose: bool,
+    ) -> Result<Tensor<D>, QuantError> {
+        let [rows, cols] = self.matrix_shape("linear")?;
+        let depth = if transpose { cols } else { rows };
         let dims = input.dims();
-        if dims[D - 1] != in_features {
+        if dims[D - 1] != depth {
             return Err(QuantError::Format {
-                what: "linear input".into(),
+                what: "4-bit matmul input".into(),
                 detail: format!(
-                    "shape {dims:?} does not end in the weight's {in_features} input features"
+                    "shape {dims:?} does not end in the weight's {depth} {}",
+                    if transpose { "input features" } else { "rows" }
                 ),
             });
         }
@@ -168,7 +185,7 @@ impl Packed4bit {
             )));
         }
         #[cfg(any(feature = "cube", feature = "flex"))]
-        return crate::matmul::linear(input, self);
+        return crate::matmul::product(input, self, transpose);
         #[cfg(not(any(feature = "cube", feature = "flex")))]
         Err(QuantError::Device(
             "built without a backend for the 4-bit matmul: enable flex, wgpu or cuda".into(),

@@ -1,7 +1,7 @@
 //! The 4-bit matmul on every device (Flex, and the CubeCL kernels on wgpu/cuda when built with
-//! them): its forward equals the product with the dequantized weight, and its backward gives
-//! the input the gradient the dense product gives, dequantizing again instead of keeping the
-//! dense weight.
+//! them): its forward (and the untransposed product `g·W`) equals the product with the
+//! dequantized weight, and its backward gives the input the gradient the dense product gives,
+//! dequantizing again instead of keeping the dense weight.
 
 mod common;
 
@@ -35,11 +35,20 @@ fn matmul_4bit_equals_the_dense_product_forward_and_backward() {
 
             let x_dense = x.require_grad();
             let dense = dense.to_device(&autodiff);
-            let y_dense = x_dense.clone().matmul(dense.transpose().unsqueeze());
-            let grads = (y_dense.clone() * upstream).sum().backward();
+            let y_dense = x_dense
+                .clone()
+                .matmul(dense.clone().transpose().unsqueeze());
+            let grads = (y_dense.clone() * upstream.clone()).sum().backward();
             let grad_dense = x_dense.grad(&grads).expect("the input has a gradient");
 
             let what = format!("{name} {config:?}");
+            // The backward's product on its own: `g · W`, the weight untransposed.
+            let upstream = upstream.inner();
+            let error = relative_error(
+                packed.matmul(upstream.clone()).unwrap(),
+                upstream.matmul(dense.clone().inner().unsqueeze()),
+            );
+            assert!(error < TOLERANCE, "{what}: g·W relative error {error}");
             let error = relative_error(y.inner(), y_dense.inner());
             assert!(error < TOLERANCE, "{what}: y relative error {error}");
             let error = relative_error(grad, grad_dense);
@@ -120,7 +129,9 @@ fn matmul_4bit_runs_in_the_input_dtype_and_refuses_a_wrong_shape() {
             assert_eq!(y.dims(), [4, 64], "{name}");
         }
         let x = Tensor::<2>::zeros([4, 100], &device);
-        let err = packed.linear(x).unwrap_err().to_string();
+        let err = packed.linear(x.clone()).unwrap_err().to_string();
         assert!(err.contains("128 input features"), "{name}: {err}");
+        let err = packed.matmul(x).unwrap_err().to_string();
+        assert!(err.contains("64 rows"), "{name}: {err}");
     }
 }

@@ -1,8 +1,9 @@
 //! Benchmarks the 4-bit kernels on a device: first checks them against the reference on the
 //! benchmark shapes, then times dequantization (to bf16 by default, plain and double-quantized
 //! absmax) and quantization, printing time and effective bandwidth, and the fused 4-bit
-//! matrix-vector product of decoding beside the dense one, and the adapter's rank-wide products
-//! (`low_rank_down`, the weight gradient) beside Burn's matmul.
+//! matrix-vector product of decoding beside the dense one, the adapter's rank-wide products
+//! (`low_rank_down`, the weight gradient) beside Burn's matmul, and training's 4-bit products
+//! (forward and input gradient) beside Burn's dense matmul. `--tables` picks among them.
 //!
 //! `cargo run --release -p apps --features vulkan --bin bench-kernels -- --backend vulkan`
 
@@ -47,6 +48,14 @@ struct Args {
     /// Skip the correctness check against the reference.
     #[arg(long)]
     skip_check: bool,
+    /// Tables to print: dequantize, matvec, low-rank, matmul (the 4-bit products of training
+    /// beside Burn's dense one; `KERNELS_CUBECL_TMA_TILING` tries other tilings).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "dequantize,matvec,low-rank,matmul"
+    )]
+    tables: Vec<String>,
 }
 
 const WARM_UP: std::time::Duration = std::time::Duration::from_millis(500);
@@ -205,23 +214,46 @@ fn main() -> Result<()> {
             shapes.len()
         );
     }
+    let table = |name: &str| args.tables.iter().any(|t| t == name);
+    if table("dequantize") {
+        dequantize_table(&device, &args, dtype, &shapes)?;
+    }
+    if table("matvec") {
+        matvec_table(&device, &args, dtype, &shapes)?;
+    }
+    if table("low-rank") {
+        low_rank_table(&device, &args, dtype, &shapes)?;
+    }
+    if table("matmul") {
+        matmul_table(&device, &args, dtype, &shapes)?;
+    }
+    Ok(())
+}
+
+/// Dequantization to `dtype`, plain and double-quantized absmax, and quantization.
+fn dequantize_table(
+    device: &Device,
+    args: &Args,
+    dtype: DType,
+    shapes: &[[usize; 2]],
+) -> Result<()> {
     println!(
         "| shape | absmax | dequantize ms (device) | effective TB/s | dequantize ms (wall, per call) | quantize ms (wall) |"
     );
     println!("|---|---|---|---|---|---|");
-    for &shape in &shapes {
+    for &shape in shapes {
         let elements = (shape[0] * shape[1]) as f64;
         let weight =
-            Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.02), &device).cast(dtype);
+            Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.02), device).cast(dtype);
         for double_quant in [false, true] {
             let config = QuantConfig::new(QuantType::Nf4, 64, double_quant);
             let packed = Packed4bit::quantize(weight.clone(), config)?;
             let dequantize = || {
                 let _ = packed.dequantize::<2>().expect("dequantize");
             };
-            let (device_ms, method) = device_time_ms(&device, args.samples, &dequantize)?;
-            let wall_ms = wall_time_ms(&device, args.calls, args.samples, dequantize)?;
-            let quantize_ms = wall_time_ms(&device, 5, args.samples.min(11), || {
+            let (device_ms, method) = device_time_ms(device, args.samples, &dequantize)?;
+            let wall_ms = wall_time_ms(device, args.calls, args.samples, dequantize)?;
+            let quantize_ms = wall_time_ms(device, 5, args.samples.min(11), || {
                 let _ = Packed4bit::quantize(weight.clone(), config).expect("quantize");
             })?;
             // Half a byte of codes read and one output element written per element.
@@ -236,23 +268,28 @@ fn main() -> Result<()> {
         }
     }
     println!();
+    Ok(())
+}
+
+/// Decoding's fused 4-bit matrix-vector product beside the dense one.
+fn matvec_table(device: &Device, args: &Args, dtype: DType, shapes: &[[usize; 2]]) -> Result<()> {
     println!(
         "| shape | 4-bit matvec ms (device) | packed TB/s | 4-bit matvec ms (wall) | dense matvec ms (wall) |"
     );
     println!("|---|---|---|---|---|");
-    for &shape in &shapes {
+    for &shape in shapes {
         let elements = (shape[0] * shape[1]) as f64;
         let weight =
-            Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.02), &device).cast(dtype);
+            Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.02), device).cast(dtype);
         let packed = Packed4bit::quantize(weight.clone(), QuantConfig::default())?;
-        let x = Tensor::<2>::random([1, shape[1]], Distribution::Default, &device).cast(dtype);
+        let x = Tensor::<2>::random([1, shape[1]], Distribution::Default, device).cast(dtype);
         let matvec = || {
             let _ = packed.linear(x.clone()).expect("4-bit matvec");
         };
-        let (device_ms, method) = device_time_ms(&device, args.samples, &matvec)?;
-        let wall_ms = wall_time_ms(&device, args.calls, args.samples, matvec)?;
+        let (device_ms, method) = device_time_ms(device, args.samples, &matvec)?;
+        let wall_ms = wall_time_ms(device, args.calls, args.samples, matvec)?;
         let weight_t = weight.transpose();
-        let dense_ms = wall_time_ms(&device, args.calls, args.samples, || {
+        let dense_ms = wall_time_ms(device, args.calls, args.samples, || {
             let _ = x.clone().matmul(weight_t.clone());
         })?;
         // What must be read: half a byte of codes per element and one absmax code per block.
@@ -264,7 +301,7 @@ fn main() -> Result<()> {
         );
     }
     println!();
-    low_rank_table(&device, &args, dtype, &shapes)
+    Ok(())
 }
 
 /// The adapter's products at each depth of the shapes: `x·A` (`[tokens, depth] x [depth, rank]`)
@@ -314,5 +351,55 @@ fn low_rank_table(device: &Device, args: &Args, dtype: DType, shapes: &[[usize; 
             tb_s(up_ms)
         );
     }
+    Ok(())
+}
+
+/// Training's 4-bit products at `tokens` rows, dequantization included: a linear layer's forward
+/// `x·Wᵀ` and its input gradient `g·W`, beside Burn's matmul of the dense bf16 weight (the same
+/// layout as the forward), with each result's distance from Burn's.
+fn matmul_table(device: &Device, args: &Args, dtype: DType, shapes: &[[usize; 2]]) -> Result<()> {
+    let tiling = std::env::var("KERNELS_CUBECL_TMA_TILING").unwrap_or_else(|_| "tuned".into());
+    println!("4-bit matmul, TMA tiling {tiling}");
+    println!(
+        "| weight rows x cols, {} tokens | x·Wᵀ ms (device) | TFLOP/s | error | g·W ms (device) | TFLOP/s | error | Burn's dense x·Wᵀ ms | TFLOP/s |",
+        args.tokens
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for &shape in shapes {
+        let [rows, cols] = shape;
+        let weight =
+            Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.02), device).cast(dtype);
+        let packed = Packed4bit::quantize(weight, QuantConfig::default())?;
+        let dense = packed.dequantize::<2>()?;
+        let x = Tensor::<2>::random([args.tokens, cols], Distribution::Default, device).cast(dtype);
+        let g = Tensor::<2>::random([args.tokens, rows], Distribution::Default, device).cast(dtype);
+        let forward_error = relative_error(
+            packed.linear(x.clone())?.cast(DType::F32),
+            x.clone().matmul(dense.clone().transpose()).cast(DType::F32),
+        );
+        let gradient_error = relative_error(
+            packed.matmul(g.clone())?.cast(DType::F32),
+            g.clone().matmul(dense.clone()).cast(DType::F32),
+        );
+        let time = |f: &(dyn Fn() + Sync)| device_time_ms(device, args.samples, &f);
+        let (forward_ms, _) = time(&|| {
+            let _ = packed.linear(x.clone()).expect("4-bit matmul");
+        })?;
+        let (gradient_ms, _) = time(&|| {
+            let _ = packed.matmul(g.clone()).expect("4-bit matmul");
+        })?;
+        let dense_t = dense.transpose();
+        let (burn_ms, _) = time(&|| {
+            let _ = x.clone().matmul(dense_t.clone());
+        })?;
+        let tflops = |ms: f64| 2.0 * (args.tokens * rows * cols) as f64 / (ms * 1e-3) / 1e12;
+        println!(
+            "| {rows}x{cols} | {forward_ms:.4} | {:.0} | {forward_error:.1e} | {gradient_ms:.4} | {:.0} | {gradient_error:.1e} | {burn_ms:.4} | {:.0} |",
+            tflops(forward_ms),
+            tflops(gradient_ms),
+            tflops(burn_ms)
+        );
+    }
+    println!();
     Ok(())
 }

@@ -94,12 +94,15 @@ fn main() -> Result<()> {
         let output = model.step(batch.clone());
         let loss = output.item.loss.clone();
         model = model.optimize(&mut optimizer, ModuleLearningRate::from(1e-4), output.grads);
+        // The host's share: when it has issued the whole step, the device may still be busy.
+        let host_seconds = start.elapsed().as_secs_f64();
         device.sync()?;
         let seconds = start.elapsed().as_secs_f64();
         let loss = loss.into_scalar::<f32>();
         eprintln!(
-            "step {step}: {:.0} ms, {:.0} tokens/s, loss {loss:.4}{}",
+            "step {step}: {:.0} ms (host {:.0} ms), {:.0} tokens/s, loss {loss:.4}{}",
             seconds * 1e3,
+            host_seconds * 1e3,
             tokens / seconds,
             if step < args.warmup { " (warm-up)" } else { "" }
         );
