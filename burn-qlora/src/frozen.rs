@@ -1,7 +1,7 @@
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{DType, Device, Tensor};
-use kernels_cubecl::{QuantConfig, QuantError};
+use kernels_cubecl::{QuantConfig, QuantError, frozen_matmul};
 
 use crate::Linear4bit;
 
@@ -74,7 +74,15 @@ impl FrozenLinear {
 
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
         match self {
-            Self::Dense(linear) => linear.forward(input),
+            // A weight made trainable by hand keeps Burn's product and its weight gradient.
+            Self::Dense(linear) if linear.weight.is_require_grad() => linear.forward(input),
+            Self::Dense(linear) => {
+                let output = frozen_matmul(input, linear.weight.val());
+                match &linear.bias {
+                    Some(bias) => output + bias.val().unsqueeze(),
+                    None => output,
+                }
+            }
             Self::Packed(linear) => linear.forward(input),
         }
     }

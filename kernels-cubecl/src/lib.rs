@@ -5,6 +5,8 @@
 //!   kernels (`kernels`, features `cuda`/`wgpu`) on CubeCL devices and the reference elsewhere.
 //! - [`low_rank_down`], [`low_rank_up`]: a LoRA adapter's rank-wide products, with kernels for
 //!   their thin sides and a backward through the same kernels.
+//! - [`frozen_matmul`]: a product with a frozen dense weight (an untied LM head), through the
+//!   4-bit products' matmul routine, with the input's gradient only.
 //! - [`cross_entropy`]: the loss over a vocabulary and its backward, one cube per row.
 //! - [`bnb_format`]: the safetensors layout transformers writes for 4-bit weights.
 
@@ -15,6 +17,7 @@ mod cross_entropy;
 mod error;
 #[cfg(feature = "cube")]
 mod extension;
+mod frozen;
 #[cfg(feature = "cube")]
 pub mod kernels;
 mod low_rank;
@@ -28,6 +31,7 @@ pub use codebook::QuantType;
 pub use config::{NESTED_BLOCK_SIZE, QuantConfig};
 pub use cross_entropy::{CrossEntropyOps, cross_entropy};
 pub use error::QuantError;
+pub use frozen::{FrozenMatmulOps, frozen_matmul};
 pub use low_rank::{LowRankOps, MAX_RANK, low_rank_down, low_rank_up};
 #[cfg(any(feature = "cube", feature = "flex"))]
 pub use matmul::{AbsmaxPrimitive, Matmul4bitOps, Weight4bitPrimitive};

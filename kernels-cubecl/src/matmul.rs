@@ -132,7 +132,7 @@ pub trait Matmul4bitOps: Backend {
 
 /// `product` of `lhs` flattened to `[rows, last dimension]`, its `[rows, n]` result given
 /// `lhs`' leading dimensions back.
-fn over_rows<B: Backend>(
+pub(crate) fn over_rows<B: Backend>(
     lhs: FloatTensor<B>,
     product: impl FnOnce(FloatTensor<B>) -> FloatTensor<B>,
 ) -> FloatTensor<B> {
@@ -163,7 +163,7 @@ fn matmul_dense<B: Backend>(
 }
 
 #[cfg(feature = "cube")]
-mod cube {
+pub(crate) mod cube {
     use burn::backend::TensorMetadata;
     use burn::backend::cubecl::dtype_to_storage_type;
     use burn::backend::ops::FloatTensorOps;
@@ -227,10 +227,13 @@ mod cube {
                 lhs.dtype(),
             );
             let dense = Self::float_reshape(dense, Shape::new(weight.shape));
-            matmul_dense::<Self>(lhs, dense, transpose, |lhs, rhs| {
-                matmul_tma(&lhs, &rhs).unwrap_or_else(|| Self::float_matmul(lhs, rhs))
-            })
+            matmul_dense::<Self>(lhs, dense, transpose, dense_product)
         }
+    }
+
+    /// `lhs · rhs` for 2-D operands: the TMA routine where it applies, else Burn's matmul.
+    pub(crate) fn dense_product(lhs: CubeTensor, rhs: CubeTensor) -> CubeTensor {
+        matmul_tma(&lhs, &rhs).unwrap_or_else(|| CubeBackend::float_matmul(lhs, rhs))
     }
 
     /// Up to this many rows (decoding: one per sequence of the batch), a linear layer's forward
@@ -251,7 +254,10 @@ mod cube {
     fn matmul_tma(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> {
         // Measured in bf16 only; f16 shares its tiles, f32 is left to Burn.
         let half = matches!(lhs.dtype(), DType::BF16 | DType::F16);
-        if !half || !lhs.client.properties().features.tma.contains(Tma::Base) {
+        if !half
+            || rhs.dtype() != lhs.dtype()
+            || !lhs.client.properties().features.tma.contains(Tma::Base)
+        {
             return None;
         }
         let fits = |dim: usize| dim >= TMA_MIN_DIM && dim.is_multiple_of(TMA_DIM_MULTIPLE);
@@ -286,8 +292,8 @@ mod cube {
             None,
         )
         .ok()?;
-        let tiling = TmaTiling::chosen();
         let num_sms = client.properties().hardware.num_streaming_multiprocessors;
+        let tiling = TmaTiling::chosen(&problem, num_sms);
         let strategy = Strategy::SpecializedTmaMma(BlueprintStrategy::Forced(
             tiling.blueprint(&problem, num_sms),
         ));
@@ -327,12 +333,36 @@ mod cube {
             planes: 8,
         };
 
-        /// The tuned tiling, or the one `KERNELS_CUBECL_TMA_TILING=rows,cols,depth,planes` names
-        /// (read once), to tune another device (`bench-kernels --tables matmul` times the
-        /// products).
-        fn chosen() -> Self {
-            static CHOSEN: std::sync::OnceLock<TmaTiling> = std::sync::OnceLock::new();
-            *CHOSEN.get_or_init(|| Self::from_env().unwrap_or(Self::TUNED))
+        /// Quarter-size cubes (128 x 64), for outputs the tuned ones would cover with fewer
+        /// cubes than the device has SMs: the 7B head's input gradient, `[1024, 4096]`, is 128
+        /// tuned cubes on 132 SMs, each running a 32000-deep loop alone.
+        const SMALL: Self = Self {
+            rows: 1,
+            cols: 8,
+            depth: 4,
+            planes: 8,
+        };
+
+        /// The one `KERNELS_CUBECL_TMA_TILING=rows,cols,depth,planes` names (read once), to tune
+        /// another device (`bench-kernels --tables matmul` times the products); else the tuned
+        /// tiling, or the small one where the tuned one leaves SMs idle.
+        fn chosen(problem: &MatmulProblem, num_sms: Option<u32>) -> Self {
+            static FROM_ENV: std::sync::OnceLock<Option<TmaTiling>> = std::sync::OnceLock::new();
+            if let Some(tiling) = *FROM_ENV.get_or_init(Self::from_env) {
+                return tiling;
+            }
+            let cubes = Self::TUNED.cubes(problem);
+            match num_sms {
+                Some(num_sms) if cubes < num_sms as usize => Self::SMALL,
+                _ => Self::TUNED,
+            }
+        }
+
+        /// Cubes covering the product's output (per batch).
+        fn cubes(self, problem: &MatmulProblem) -> usize {
+            let cube_rows = (self.rows * 16 * self.planes) as usize;
+            let cube_cols = (self.cols * 8) as usize;
+            problem.m.div_ceil(cube_rows) * problem.n.div_ceil(cube_cols)
         }
 
         fn from_env() -> Option<Self> {

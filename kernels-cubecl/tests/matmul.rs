@@ -1,14 +1,14 @@
 //! The 4-bit matmul on every device (Flex, and the CubeCL kernels on wgpu/cuda when built with
 //! them): its forward (and the untransposed product `g·W`) equals the product with the
 //! dequantized weight, and its backward gives the input the gradient the dense product gives,
-//! dequantizing again instead of keeping the dense weight.
+//! dequantizing again instead of keeping the dense weight; and the frozen dense head's product.
 
 mod common;
 
 use burn::tensor::{DType, Distribution, Tensor, TensorData};
 use common::{devices, golden_cases};
 use integration_tests::relative_error;
-use kernels_cubecl::{Packed4bit, QuantConfig, QuantType};
+use kernels_cubecl::{Packed4bit, QuantConfig, QuantType, frozen_matmul};
 
 /// Relative, for f32: both sides multiply the same dense weight, maybe in another order.
 const TOLERANCE: f32 = 1e-5;
@@ -133,5 +133,37 @@ fn matmul_4bit_runs_in_the_input_dtype_and_refuses_a_wrong_shape() {
         assert!(err.contains("128 input features"), "{name}: {err}");
         let err = packed.matmul(x).unwrap_err().to_string();
         assert!(err.contains("64 rows"), "{name}: {err}");
+    }
+}
+
+/// The frozen head's product: Burn's matmul forward, the input gradient of Burn's matmul, and no
+/// gradient for the weight even where it requires one (the 4-bit products' routine on CubeCL
+/// devices, which lavapipe declines for lack of TMA: Burn's matmul then, as on Flex).
+#[test]
+fn frozen_matmul_equals_the_dense_product_and_leaves_the_weight_without_gradient() {
+    for (name, device) in devices() {
+        let autodiff = device.clone().autodiff();
+        let weight = Tensor::<2>::random([96, 40], Distribution::Default, &autodiff);
+        let x = Tensor::<3>::random([2, 5, 96], Distribution::Default, &autodiff);
+        let upstream = Tensor::<3>::random([2, 5, 40], Distribution::Default, &autodiff);
+
+        let (x_ours, weight_ours) = (x.clone().require_grad(), weight.clone().require_grad());
+        let y = frozen_matmul(x_ours.clone(), weight_ours.clone());
+        let grads = (y.clone() * upstream.clone()).sum().backward();
+        let grad = x_ours.grad(&grads).expect("the input has a gradient");
+        assert!(
+            weight_ours.grad(&grads).is_none(),
+            "{name}: the frozen weight got a gradient"
+        );
+
+        let x_dense = x.require_grad();
+        let y_dense = x_dense.clone().matmul(weight.unsqueeze());
+        let grads = (y_dense.clone() * upstream).sum().backward();
+        let grad_dense = x_dense.grad(&grads).expect("the input has a gradient");
+
+        let error = relative_error(y.inner(), y_dense.inner());
+        assert!(error < TOLERANCE, "{name}: y relative error {error}");
+        let error = relative_error(grad, grad_dense);
+        assert!(error < TOLERANCE, "{name}: grad x relative error {error}");
     }
 }
