@@ -1,17 +1,168 @@
-//! Training metrics Burn does not have: tokens per second, and the device memory Burn's
-//! allocator holds (the number a GPU run's batch size is chosen by). Both are a [`Gauge`]: a
-//! number sampled at every step, averaged like Burn's numeric metrics.
+//! What a language-model step gives the metrics ([`LmOutput`]), and the metrics Burn does not
+//! have: perplexity from the step's loss, tokens per second, and the device memory Burn's
+//! allocator holds (the number a GPU run's batch size is chosen by). The last two are a
+//! [`Gauge`]: a number sampled at every step, averaged like Burn's numeric metrics.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::tensor::{Device, TensorReadError};
-use burn::train::SequenceOutput;
+use burn::tensor::{Device, ExecutionError, Tensor, TensorReadError};
+use burn::train::ItemLazy;
 use burn::train::metric::state::{FormatOptions, NumericMetricState};
 use burn::train::metric::{
-    Adaptor, Metric, MetricAttributes, MetricMetadata, MetricName, Numeric, NumericAttributes,
-    NumericEntry, SerializedEntry,
+    Adaptor, LossInput, Metric, MetricAttributes, MetricMetadata, MetricName, Numeric,
+    NumericAttributes, NumericEntry, SerializedEntry, format_float,
 };
+
+/// What a training or validation step of a language model gives the metrics: its loss and the
+/// size of its batch, without the logits. Burn's `SequenceOutput` carries `[batch, seq, vocab]`
+/// logits for its perplexity metric, which a checkpointed step would have to keep whole through
+/// the layers' backward (131 MB at LLaMA-2-7B's vocabulary and 2048 positions, twice that while
+/// its chunks are joined) and which that metric reads through a second log-softmax.
+pub struct LmOutput {
+    /// The mean next-token cross-entropy over the trained targets.
+    pub loss: Tensor<1>,
+    /// How many targets were trained (prompt and padding are not).
+    pub trained: Tensor<1>,
+    /// Token positions of the batch, padding included.
+    pub positions: usize,
+}
+
+impl ItemLazy for LmOutput {
+    // As Burn's own outputs: flush the step's work, and leave the graph behind.
+    fn sync(self) -> Result<Self, ExecutionError> {
+        self.loss.device().flush()?;
+        Ok(Self {
+            loss: self.loss.without_autodiff(),
+            trained: self.trained.without_autodiff(),
+            positions: self.positions,
+        })
+    }
+}
+
+impl Adaptor<LossInput> for LmOutput {
+    fn adapt(&self) -> LossInput {
+        LossInput::new(self.loss.clone())
+    }
+}
+
+/// A step's mean next-token cross-entropy and the count of targets it is the mean of.
+pub struct NllInput {
+    mean: Tensor<1>,
+    count: Tensor<1>,
+}
+
+impl Adaptor<NllInput> for LmOutput {
+    fn adapt(&self) -> NllInput {
+        NllInput {
+            mean: self.loss.clone(),
+            count: self.trained.clone(),
+        }
+    }
+}
+
+/// `exp` of the mean next-token cross-entropy over the trained targets: the batch's, and the
+/// epoch's over all its targets (as Burn's `PerplexityMetric`, from the step's f32 loss).
+#[derive(Clone)]
+pub struct Perplexity {
+    name: MetricName,
+    /// The epoch's summed cross-entropy and its targets.
+    sum_nll: f64,
+    targets: f64,
+    /// The last batch's perplexity and targets.
+    current: f64,
+    current_targets: f64,
+}
+
+impl Default for Perplexity {
+    fn default() -> Self {
+        Self {
+            name: Arc::new("Perplexity".to_string()),
+            sum_nll: 0.0,
+            targets: 0.0,
+            current: f64::NAN,
+            current_targets: 0.0,
+        }
+    }
+}
+
+impl Perplexity {
+    fn epoch(&self) -> f64 {
+        match self.targets > 0.0 {
+            true => (self.sum_nll / self.targets).exp(),
+            false => f64::INFINITY,
+        }
+    }
+
+    fn entry(value: f64, targets: f64) -> NumericEntry {
+        NumericEntry::Aggregated {
+            aggregated_value: value,
+            count: targets as usize,
+        }
+    }
+
+    fn format(&self) -> String {
+        format!(
+            "epoch {} - batch {}",
+            format_float(self.epoch(), 2),
+            format_float(self.current, 2)
+        )
+    }
+}
+
+impl Metric for Perplexity {
+    type Input = NllInput;
+
+    fn update(
+        &mut self,
+        input: &NllInput,
+        _metadata: &MetricMetadata,
+    ) -> Result<SerializedEntry, TensorReadError> {
+        let mean = input.mean.clone().try_into_scalar::<f64>()?;
+        let count = input.count.clone().try_into_scalar::<f64>()?;
+        self.sum_nll += mean * count;
+        self.targets += count;
+        self.current = mean.exp();
+        self.current_targets = count;
+        let entry = Self::entry(self.current, count);
+        Ok(SerializedEntry::new(self.format(), entry.serialize()))
+    }
+
+    fn compute(&mut self) -> Result<SerializedEntry, TensorReadError> {
+        let entry = NumericEntry::Final(self.epoch());
+        Ok(SerializedEntry::new(self.format(), entry.serialize()))
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    fn name(&self) -> MetricName {
+        self.name.clone()
+    }
+
+    fn attributes(&self) -> MetricAttributes {
+        NumericAttributes {
+            unit: None,
+            higher_is_better: false,
+        }
+        .into()
+    }
+}
+
+impl Numeric for Perplexity {
+    fn value(&self) -> Option<NumericEntry> {
+        Some(Self::entry(self.current, self.current_targets))
+    }
+
+    fn running_value(&self) -> Option<NumericEntry> {
+        Some(Self::entry(self.epoch(), self.targets))
+    }
+
+    fn final_value(&self) -> NumericEntry {
+        NumericEntry::Final(self.epoch())
+    }
+}
 
 /// What a [`Gauge`] reads at each step.
 pub trait Sampler: Clone + Send + Sync {
@@ -114,9 +265,9 @@ impl<S: Sampler> Numeric for Gauge<S> {
 /// The token positions of a batch (`batch × sequence`, padding included, as trainers count).
 pub struct TokenCount(pub usize);
 
-impl Adaptor<TokenCount> for SequenceOutput {
+impl Adaptor<TokenCount> for LmOutput {
     fn adapt(&self) -> TokenCount {
-        TokenCount(self.targets.shape().num_elements())
+        TokenCount(self.positions)
     }
 }
 
@@ -193,30 +344,72 @@ impl Sampler for PoolMemory {
     }
 }
 
-#[cfg(all(test, feature = "wgpu"))]
+#[cfg(test)]
 mod tests {
-    use burn::tensor::{Distribution, Tensor};
+    use burn::tensor::activation::log_softmax;
+    use burn::tensor::{Distribution, Int, Tensor};
+    use burn::train::metric::{PerplexityInput, PerplexityMetric};
 
     use super::*;
 
+    fn metadata() -> MetricMetadata {
+        MetricMetadata {
+            progress: burn::data::dataloader::Progress {
+                items_processed: 1,
+                items_total: 1,
+                unit: None,
+            },
+            iteration: Some(1),
+            lr: None,
+        }
+    }
+
+    /// Over two batches of different sizes, perplexity from the mean losses equals Burn's
+    /// `PerplexityMetric` on the logits themselves, batch and epoch, in f32 (relative 1e-5).
+    #[test]
+    fn perplexity_from_the_loss_equals_burns_from_the_logits() {
+        let device = crate::device("flex").unwrap();
+        let mut ours = Perplexity::default();
+        let mut burns = PerplexityMetric::new();
+        for tokens in [6, 10] {
+            let logits = Tensor::<2>::random([tokens, 50], Distribution::Normal(0.0, 3.0), &device);
+            let targets =
+                Tensor::<1, Int>::random([tokens], Distribution::Uniform(0.0, 50.0), &device);
+            let nll = -log_softmax(logits.clone(), 1)
+                .gather(1, targets.clone().unsqueeze_dim(1))
+                .mean();
+            let input = NllInput {
+                mean: nll,
+                count: Tensor::from_floats([tokens as f32], &device),
+            };
+            ours.update(&input, &metadata()).unwrap();
+            burns
+                .update(&PerplexityInput::new(logits, targets), &metadata())
+                .unwrap();
+            let close = |a: f64, b: f64| ((a - b) / b).abs() < 1e-5;
+            let (batch, expected) = (ours.value(), burns.value());
+            assert!(
+                close(batch.unwrap().current(), expected.unwrap().current()),
+                "{tokens} tokens: batch perplexity"
+            );
+            let (epoch, expected) = (ours.running_value(), burns.running_value());
+            assert!(
+                close(epoch.unwrap().current(), expected.unwrap().current()),
+                "{tokens} tokens: epoch perplexity"
+            );
+        }
+    }
+
     /// On a CubeCL device the metric reads the allocator: a 64 MiB tensor shows, and stays in
     /// the peak after it is dropped.
+    #[cfg(feature = "wgpu")]
     #[test]
     fn device_memory_follows_the_allocator() {
         let device = crate::device("wgpu").unwrap();
         let sampler = PoolMemory::new(&device).expect("wgpu reports its memory");
         let mut metric = Gauge::new(sampler);
         let read = |metric: &mut Gauge<PoolMemory>| {
-            let metadata = MetricMetadata {
-                progress: burn::data::dataloader::Progress {
-                    items_processed: 1,
-                    items_total: 1,
-                    unit: None,
-                },
-                iteration: Some(1),
-                lr: None,
-            };
-            metric.update(&(), &metadata).unwrap();
+            metric.update(&(), &metadata()).unwrap();
             metric.value().unwrap().current()
         };
         let before = read(&mut metric);

@@ -24,12 +24,8 @@ use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer, OptimizerRecord
 use burn::store::ModuleRecord;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn::train::checkpoint::{Checkpoint, Checkpointer, CheckpointerError, KeepLastNCheckpoints};
-use burn::train::metric::{
-    CpuMemory, IterationSpeedMetric, LearningRateMetric, LossMetric, PerplexityMetric,
-};
-use burn::train::{
-    InferenceStep, Learner, SequenceOutput, SupervisedTraining, TrainOutput, TrainStep,
-};
+use burn::train::metric::{CpuMemory, IterationSpeedMetric, LearningRateMetric, LossMetric};
+use burn::train::{InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
 use burn_qlora::PeftAdapter;
 use kernels_cubecl::cross_entropy;
 use llama_burn::Llama;
@@ -37,7 +33,7 @@ use llama_burn::Llama;
 use crate::config::TrainConfig;
 use crate::data::{self, Encoder, Example};
 use crate::grad_norm::clip_grad_norm;
-use crate::metrics::{Gauge, PoolMemory, TokenRate};
+use crate::metrics::{Gauge, LmOutput, Perplexity, PoolMemory, TokenRate};
 use crate::trained;
 
 /// The folder of the run's checkpoints, inside its output folder.
@@ -103,8 +99,6 @@ fn weighted_nll(
 pub struct CausalLm {
     pub model: Llama,
     trainable: ParamGroup,
-    /// Targets that do not count are shown to the perplexity metric as this id.
-    ignored_id: u32,
     /// 1 / gradient-accumulation steps: accumulated gradients are summed.
     loss_scale: f64,
     /// Global gradient-norm limit for each optimizer step; 0 for none.
@@ -114,15 +108,14 @@ pub struct CausalLm {
 }
 
 /// Chunks of positions the checkpointed step computes the head and loss in, as torchtune's
-/// chunked cross-entropy: the f32 logits of one chunk exist at a time.
+/// chunked cross-entropy: the logits of one chunk exist at a time.
 const OUTPUT_CHUNKS: usize = 8;
 
 impl CausalLm {
-    pub fn new(model: Llama, trainable: ParamGroup, ignored_id: u32, grad_accum: usize) -> Self {
+    pub fn new(model: Llama, trainable: ParamGroup, grad_accum: usize) -> Self {
         Self {
             model,
             trainable,
-            ignored_id,
             loss_scale: 1.0 / grad_accum as f64,
             max_grad_norm: 0.0,
             checkpoint_layers: false,
@@ -147,31 +140,31 @@ impl CausalLm {
         }
     }
 
-    /// Mean next-token cross-entropy over the trained targets, and the logits.
-    pub fn loss(&self, batch: &LmBatch) -> (Tensor<1>, Tensor<3>) {
+    /// Mean next-token cross-entropy over the trained targets.
+    pub fn loss(&self, batch: &LmBatch) -> Tensor<1> {
         let logits = self.model.forward(batch.inputs.clone(), None);
-        let loss = weighted_nll(
-            logits.clone(),
+        weighted_nll(
+            logits,
             batch.targets.clone(),
             batch.weights.clone(),
             batch.trained_count(),
-        );
-        (loss, logits)
+        )
     }
 
-    fn output(&self, batch: LmBatch, loss: Tensor<1>, logits: Tensor<3>) -> SequenceOutput {
-        // Prompt and padding targets become the ignored id, which perplexity leaves out.
-        let ignored = batch.weights.clone().equal_elem(0.0);
-        let targets = batch.targets.mask_fill(ignored, self.ignored_id as i64);
-        SequenceOutput::new(loss, logits, None, targets)
+    fn output(batch: &LmBatch, loss: Tensor<1>) -> LmOutput {
+        LmOutput {
+            loss,
+            trained: batch.trained_count(),
+            positions: batch.targets.shape().num_elements(),
+        }
     }
 }
 
 impl TrainStep for CausalLm {
     type Input = LmBatch;
-    type Output = SequenceOutput;
+    type Output = LmOutput;
 
-    fn step(&self, batch: LmBatch) -> TrainOutput<SequenceOutput> {
+    fn step(&self, batch: LmBatch) -> TrainOutput<LmOutput> {
         if self.checkpoint_layers {
             let count = batch.trained_count();
             let chunk_positions = batch.targets.dims()[1].div_ceil(OUTPUT_CHUNKS);
@@ -189,15 +182,14 @@ impl TrainStep for CausalLm {
                     )
                 },
             );
-            let item = self.output(batch, step.loss, step.logits);
             return TrainOutput {
                 grads: step.grads,
-                item,
+                item: Self::output(&batch, step.loss),
             };
         }
-        let (loss, logits) = self.loss(&batch);
+        let loss = self.loss(&batch);
         let grads = (loss.clone() * self.loss_scale).backward();
-        TrainOutput::new(self, grads, self.output(batch, loss, logits))
+        TrainOutput::new(self, grads, Self::output(&batch, loss))
     }
 
     // The gradients here are the accumulated ones of a whole optimizer step.
@@ -216,11 +208,10 @@ impl TrainStep for CausalLm {
 
 impl InferenceStep for CausalLm {
     type Input = LmBatch;
-    type Output = SequenceOutput;
+    type Output = LmOutput;
 
-    fn step(&self, batch: LmBatch) -> SequenceOutput {
-        let (loss, logits) = self.loss(&batch);
-        self.output(batch, loss, logits)
+    fn step(&self, batch: LmBatch) -> LmOutput {
+        Self::output(&batch, self.loss(&batch))
     }
 }
 
@@ -568,7 +559,7 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
     };
 
     let trainable = burn_qlora::trainable_params(&model, qlora.lora.bias);
-    let model = CausalLm::new(model, trainable, pad_id, train.grad_accum);
+    let model = CausalLm::new(model, trainable, train.grad_accum);
     if let Some(epoch) = resume_from {
         check_checkpoint(&model, &checkpoint_dir, epoch)?;
         eprintln!("resuming from checkpoint {epoch} of {epochs}");
@@ -587,8 +578,8 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         SupervisedTraining::new(&output_dir, Arc::new(train_loader), Arc::new(valid_loader))
             .metric_train_numeric(LossMetric::new())
             .metric_valid_numeric(LossMetric::new())
-            .metric_train_numeric(PerplexityMetric::new().with_pad_token(pad_id as usize))
-            .metric_valid_numeric(PerplexityMetric::new().with_pad_token(pad_id as usize))
+            .metric_train_numeric(Perplexity::default())
+            .metric_valid_numeric(Perplexity::default())
             .metric_train_numeric(LearningRateMetric::new())
             .metric_train_numeric(Gauge::new(TokenRate::default()))
             .metric_train_numeric(IterationSpeedMetric::new())

@@ -152,7 +152,7 @@ fn mean_loss(ws: &Workspace, config: &TrainConfig, model: Llama) -> f32 {
     let examples: Vec<_> = records.iter().map(|r| encoder.encode(r).unwrap()).collect();
     let batch = LmBatch::new(&examples.iter().collect::<Vec<_>>(), 0, &Device::flex());
     let group = burn_qlora::trainable_params(&model, burn_qlora::LoraBias::None);
-    let (loss, _) = CausalLm::new(model, group, 0, 1).loss(&batch);
+    let loss = CausalLm::new(model, group, 1).loss(&batch);
     loss.into_scalar::<f32>()
 }
 

@@ -19,10 +19,9 @@ use crate::Llama;
 
 /// The loss and parameter gradients of one checkpointed step.
 pub struct CheckpointedStep {
-    /// The loss, the sum of the chunks' (no graph).
+    /// The loss, the sum of the chunks' (no graph). The logits are not kept: metrics that
+    /// need them would hold `[batch, seq, vocab]` through the layers' backward.
     pub loss: Tensor<1>,
-    /// The logits `[batch, seq, vocab]` in the compute dtype (no graph), for metrics.
-    pub logits: Tensor<3>,
     /// The gradient of every parameter that requires one.
     pub grads: GradientsParams,
 }
@@ -64,7 +63,6 @@ impl Llama {
         let [_, seq, _] = hidden.dims();
         let chunk_positions = chunk_positions.max(1);
         let mut losses = Vec::new();
-        let mut logits = Vec::new();
         let mut hidden_grads = Vec::new();
         for start in (0..seq).step_by(chunk_positions) {
             let positions = start..seq.min(start + chunk_positions);
@@ -74,7 +72,7 @@ impl Llama {
                 .detach()
                 .require_grad();
             let chunk_logits = self.logits(model.norm.forward(chunk.clone()));
-            let loss = chunk_loss(chunk_logits.clone(), positions);
+            let loss = chunk_loss(chunk_logits, positions);
             let mut stage = (loss.clone() * grad_scale).backward();
             hidden_grads.push(take_grad(&chunk, &mut stage));
             collect_grads(&model.norm, &mut stage, &mut grads);
@@ -84,7 +82,6 @@ impl Llama {
                 collect_grads(&model.embed_tokens, &mut stage, &mut grads);
             }
             losses.push(loss.detach());
-            logits.push(chunk_logits.detach());
         }
         let mut grad = Tensor::cat(hidden_grads, 1);
 
@@ -108,7 +105,6 @@ impl Llama {
         }
         CheckpointedStep {
             loss: Tensor::cat(losses, 0).sum(),
-            logits: Tensor::cat(logits, 1),
             grads,
         }
     }

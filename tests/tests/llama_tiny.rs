@@ -429,7 +429,6 @@ fn checkpointed_backward_gives_the_full_backward_gradients() {
         assert!(loss_error < 1e-5, "{name}: loss differs by {loss_error}");
         let compared = assert_same_adapter_grads(&model, &full, &step.grads);
         assert_eq!(compared, 14 * config.num_hidden_layers);
-        assert_eq!(step.logits.dims(), [batch, seq, config.vocab_size]);
     }
 }
 

@@ -82,7 +82,7 @@ fn main() -> Result<()> {
     );
 
     let trainable = burn_qlora::trainable_params(&model, LoraBias::None);
-    let mut model = CausalLm::new(model, trainable, 0, 1)
+    let mut model = CausalLm::new(model, trainable, 1)
         .with_activation_checkpointing(args.activation_checkpointing);
     let mut optimizer = AdamWConfig::new().init();
     let batch = random_batch(&args, vocab, &train_device);
