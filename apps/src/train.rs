@@ -151,10 +151,12 @@ impl CausalLm {
         )
     }
 
-    fn output(batch: &LmBatch, loss: Tensor<1>) -> LmOutput {
+    /// What the metrics read of a step: its loss, the count of trained targets it is the mean
+    /// over (`batch.trained_count()`), and the batch's positions.
+    fn output(batch: &LmBatch, loss: Tensor<1>, trained: Tensor<1>) -> LmOutput {
         LmOutput {
             loss,
-            trained: batch.trained_count(),
+            trained,
             positions: batch.targets.shape().num_elements(),
         }
     }
@@ -184,12 +186,16 @@ impl TrainStep for CausalLm {
             );
             return TrainOutput {
                 grads: step.grads,
-                item: Self::output(&batch, step.loss),
+                item: Self::output(&batch, step.loss, count),
             };
         }
         let loss = self.loss(&batch);
         let grads = (loss.clone() * self.loss_scale).backward();
-        TrainOutput::new(self, grads, Self::output(&batch, loss))
+        TrainOutput::new(
+            self,
+            grads,
+            Self::output(&batch, loss, batch.trained_count()),
+        )
     }
 
     // The gradients here are the accumulated ones of a whole optimizer step.
@@ -211,7 +217,7 @@ impl InferenceStep for CausalLm {
     type Output = LmOutput;
 
     fn step(&self, batch: LmBatch) -> LmOutput {
-        Self::output(&batch, self.loss(&batch))
+        Self::output(&batch, self.loss(&batch), batch.trained_count())
     }
 }
 

@@ -1,7 +1,7 @@
 //! A product with a frozen dense weight (an untied LM head kept in bf16, as QLoRA keeps it), as
 //! a Burn operation: the forward goes through the TMA routine the 4-bit products use on CUDA
 //! (Burn's own matmul takes its simple cyclic routine there: the 7B head's `[1024, 4096] x
-//! [4096, 32000]` chunk runs in 1.21 ms instead of 0.35), and the `Autodiff` backward gives the
+//! [4096, 32000]` chunk runs in 1.21 ms instead of 0.22 on an H100), and the `Autodiff` backward gives the
 //! input its gradient through the same routine and the weight none.
 
 use burn::backend::tensor::FloatTensor;

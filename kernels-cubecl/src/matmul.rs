@@ -360,8 +360,8 @@ pub(crate) mod cube {
 
         /// Cubes covering the product's output (per batch).
         fn cubes(self, problem: &MatmulProblem) -> usize {
-            let cube_rows = (self.rows * 16 * self.planes) as usize;
-            let cube_cols = (self.cols * 8) as usize;
+            let cube_rows = (self.rows * MMA_ROWS * self.planes) as usize;
+            let cube_cols = (self.cols * MMA_COLS) as usize;
             problem.m.div_ceil(cube_rows) * problem.n.div_ceil(cube_cols)
         }
 
@@ -392,7 +392,7 @@ pub(crate) mod cube {
         /// span 32, 64 or 128 bytes, load-only planes beside the compute planes.
         fn blueprint(self, problem: &MatmulProblem, num_sms: Option<u32>) -> BatchMatmulBlueprint {
             let tiling_scheme = TilingScheme::builder()
-                .with_tile_size(TileSize::new(16, 8, 16))
+                .with_tile_size(TileSize::new(MMA_ROWS, MMA_COLS, MMA_DEPTH))
                 .with_partition_size(PartitionSize::new(self.rows, self.cols, self.depth))
                 .with_stage_size(StageSize::new(self.planes, 1, 1))
                 .build()
@@ -444,6 +444,11 @@ pub(crate) mod cube {
 
     /// Lanes of a plane on the devices with TMA (NVIDIA's warps).
     const PLANE_DIM: u32 = 32;
+
+    /// The MMA tile (`mma.sync` m16n8k16): output rows and columns, and depth.
+    const MMA_ROWS: u32 = 16;
+    const MMA_COLS: u32 = 8;
+    const MMA_DEPTH: u32 = 16;
 
     fn warn_once(message: &str) {
         static WARNED: std::sync::Once = std::sync::Once::new();
