@@ -76,19 +76,11 @@ mod cube {
     use cubecl::prelude::*;
 
     use super::CrossEntropyOps;
+    use crate::rows::{grid, grid_cube, row_reduce};
 
     /// Units per row: they stride over the vocabulary (coalesced loads) and meet in shared
     /// memory.
     const UNITS: usize = 256;
-
-    /// Rows one launch takes along the cube grid's first dimension (wgpu's limit); more rows
-    /// wrap onto the second.
-    const MAX_CUBES: usize = 65_535;
-
-    fn row_grid(rows: usize) -> CubeCount {
-        let x = rows.min(MAX_CUBES);
-        CubeCount::new_2d(x as u32, rows.div_ceil(x).max(1) as u32)
-    }
 
     impl CrossEntropyOps for CubeBackend {
         fn cross_entropy(logits: CubeTensor, targets: CubeTensor) -> CubeTensor {
@@ -107,7 +99,7 @@ mod cube {
             unsafe {
                 cross_entropy_kernel::launch_unchecked(
                     &output.client,
-                    row_grid(rows),
+                    grid(rows),
                     CubeDim::new_1d(UNITS as u32),
                     logits.into_buffer_arg(),
                     into_contiguous(targets).into_buffer_arg(),
@@ -141,7 +133,7 @@ mod cube {
             unsafe {
                 cross_entropy_backward_kernel::launch_unchecked(
                     &output.client,
-                    row_grid(rows),
+                    grid(rows),
                     CubeDim::new_1d(UNITS as u32),
                     logits.into_buffer_arg(),
                     into_contiguous(targets).into_buffer_arg(),
@@ -158,38 +150,6 @@ mod cube {
         }
     }
 
-    /// The row this cube works on, from the two-dimensional grid.
-    #[cube]
-    fn grid_row() -> usize {
-        CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize
-    }
-
-    /// Combines every unit's `value` with `max` (else sum) through shared memory; every unit
-    /// gets the result. (Shared memory rather than plane operations: WGSL gets subgroups only
-    /// behind a feature.)
-    #[cube]
-    fn cube_reduce(value: f32, #[comptime] max: bool) -> f32 {
-        let unit = UNIT_POS as usize;
-        let mut partial = Shared::<[f32]>::new_slice(UNITS);
-        partial[unit] = value;
-        sync_cube();
-        #[unroll]
-        for step in 0..comptime!(UNITS.trailing_zeros()) {
-            let stride = comptime![UNITS >> (step + 1)];
-            if unit < stride {
-                if comptime![max] {
-                    partial[unit] = f32::max(partial[unit], partial[unit + stride]);
-                } else {
-                    partial[unit] += partial[unit + stride];
-                }
-            }
-            sync_cube();
-        }
-        let result = partial[0];
-        sync_cube();
-        result
-    }
-
     /// `log Σ exp(logits[row, v])`, stabilised by the row's maximum: two passes over the row.
     #[cube]
     fn row_logsumexp<F: Float>(logits: &[F], first: usize, vocab: usize) -> f32 {
@@ -200,14 +160,14 @@ mod cube {
             local_max = f32::max(local_max, f32::cast_from(logits[first + v]));
             v += UNITS;
         }
-        let row_max = cube_reduce(local_max, true);
+        let row_max = row_reduce(local_max, UNITS, 1usize, true);
         let mut local_sum = f32::new(0.0);
         v = unit;
         while v < vocab {
             local_sum += f32::exp(f32::cast_from(logits[first + v]) - row_max);
             v += UNITS;
         }
-        row_max + f32::ln(cube_reduce(local_sum, false))
+        row_max + f32::ln(row_reduce(local_sum, UNITS, 1usize, false))
     }
 
     /// One cube per row: [`row_logsumexp`] minus the target's logit.
@@ -221,7 +181,7 @@ mod cube {
         #[define(F)] _dtype: ElemType,
         #[define(I)] _target_dtype: ElemType,
     ) {
-        let row = grid_row();
+        let row = grid_cube();
         if row >= rows {
             terminate!();
         }
@@ -250,7 +210,7 @@ mod cube {
         #[define(I)] _target_dtype: ElemType,
         #[define(G)] _grad_dtype: ElemType,
     ) {
-        let row = grid_row();
+        let row = grid_cube();
         if row >= rows {
             terminate!();
         }
@@ -274,22 +234,20 @@ mod cube {
 mod flex {
     use burn::backend::Flex;
     use burn::backend::flex::FlexTensor;
-    use burn::tensor::{DType, TensorData};
+    use burn::tensor::DType;
 
     use super::CrossEntropyOps;
+    use crate::flex_host::{from_host, to_host};
 
     /// The rows of `[rows, vocab]` logits and their targets, on the host in f32 / i64.
-    fn host(logits: FlexTensor, targets: FlexTensor) -> (Vec<f32>, Vec<i64>, usize, DType) {
-        let dtype = logits.dtype();
-        let logits = logits.into_data();
-        let vocab = *logits.shape().last().expect("logits are [rows, vocab]");
-        let values = logits.convert::<f32>().try_to_vec().expect("f32 logits");
+    fn host(logits: FlexTensor, targets: FlexTensor) -> (Vec<f32>, Vec<i64>, Vec<usize>, DType) {
+        let (values, shape, dtype) = to_host(logits);
         let targets = targets
             .into_data()
             .convert::<i64>()
             .try_to_vec()
             .expect("targets");
-        (values, targets, vocab, dtype)
+        (values, targets, shape, dtype)
     }
 
     /// `log Σ exp(row)`, stabilised by the row's maximum, in f32 as the kernels compute it.
@@ -305,7 +263,8 @@ mod flex {
 
     impl CrossEntropyOps for Flex {
         fn cross_entropy(logits: FlexTensor, targets: FlexTensor) -> FlexTensor {
-            let (values, targets, vocab, _) = host(logits, targets);
+            let (values, targets, shape, _) = host(logits, targets);
+            let vocab = shape[1];
             let nll: Vec<f32> = values
                 .chunks(vocab)
                 .zip(&targets)
@@ -315,7 +274,7 @@ mod flex {
                 })
                 .collect();
             let rows = nll.len();
-            FlexTensor::from_data(TensorData::new(nll, [rows]))
+            from_host(nll, vec![rows], DType::F32)
         }
 
         fn cross_entropy_backward(
@@ -323,12 +282,9 @@ mod flex {
             targets: FlexTensor,
             grad: FlexTensor,
         ) -> FlexTensor {
-            let (values, targets, vocab, dtype) = host(logits, targets);
-            let grad = grad
-                .into_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .expect("grad");
+            let (values, targets, shape, dtype) = host(logits, targets);
+            let vocab = shape[1];
+            let (grad, _, _) = to_host(grad);
             let mut out = Vec::with_capacity(values.len());
             for ((row, &target), scale) in values.chunks(vocab).zip(&targets).zip(grad) {
                 let logsumexp = logsumexp(row);
@@ -338,8 +294,7 @@ mod flex {
                     ((x - logsumexp).exp() - onehot) * scale
                 }));
             }
-            let rows = out.len() / vocab;
-            FlexTensor::from_data(TensorData::new(out, [rows, vocab]).convert_dtype(dtype))
+            from_host(out, shape, dtype)
         }
     }
 }
