@@ -8,6 +8,8 @@
 //! - [`frozen_matmul`]: a product with a frozen dense weight (an untied LM head), through the
 //!   4-bit products' matmul routine, with the input's gradient only.
 //! - [`cross_entropy`]: the loss over a vocabulary and its backward, one cube per row.
+//! - [`causal_softmax`], [`rms_norm`]: attention's causal softmax and RMSNorm (frozen weight)
+//!   with their backwards, a row to a group of units.
 //! - [`bnb_format`]: the safetensors layout transformers writes for 4-bit weights.
 
 pub mod bnb_format;
@@ -17,6 +19,8 @@ mod cross_entropy;
 mod error;
 #[cfg(feature = "cube")]
 mod extension;
+#[cfg(feature = "flex")]
+mod flex_host;
 mod frozen;
 #[cfg(feature = "cube")]
 pub mod kernels;
@@ -25,6 +29,10 @@ mod low_rank;
 mod matmul;
 mod packed;
 pub mod reference;
+mod rms_norm;
+#[cfg(feature = "cube")]
+mod rows;
+mod softmax;
 mod state;
 
 pub use codebook::QuantType;
@@ -36,6 +44,8 @@ pub use low_rank::{LowRankOps, MAX_RANK, low_rank_down, low_rank_up};
 #[cfg(any(feature = "cube", feature = "flex"))]
 pub use matmul::{AbsmaxPrimitive, Matmul4bitOps, Weight4bitPrimitive};
 pub use packed::{DeviceAbsmax, Packed4bit};
+pub use rms_norm::{RmsNormOps, rms_norm};
+pub use softmax::{CausalSoftmaxOps, causal_softmax};
 pub use state::{Absmax, NestedAbsmax, QuantState};
 
 /// Whether the device's backend has this crate's backend extensions (the 4-bit matmul, the

@@ -1,0 +1,103 @@
+//! RMSNorm on every device (Flex's loop, and the CubeCL kernels on wgpu/cuda when built with
+//! them): output and the input's gradient against the same computed on the host in f64; a
+//! weight that requires a gradient gets it through Burn's operations.
+
+mod common;
+
+use burn::tensor::{DType, Distribution, Tensor};
+use common::{devices, f32_values};
+use kernels_cubecl::rms_norm;
+
+const EPS: f64 = 1e-5;
+
+/// Largest `|actual - expected|` over `max |expected|`.
+fn max_relative_error(actual: &[f32], expected: &[f64]) -> f64 {
+    assert_eq!(actual.len(), expected.len());
+    let scale = expected.iter().fold(0f64, |m, e| m.max(e.abs()));
+    let diff =
+        (actual.iter().zip(expected)).fold(0f64, |m, (a, e)| m.max((f64::from(*a) - e).abs()));
+    diff / scale
+}
+
+/// Per row: `(x / rms · w, (u·w - x · Σ(u·w·x) / (n·rms²)) / rms, x / rms)`.
+fn host(x: &[f64], weight: &[f64], upstream: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let width = weight.len();
+    let (mut out, mut grad, mut normed) = (Vec::new(), Vec::new(), Vec::new());
+    for (row, upstream) in x.chunks(width).zip(upstream.chunks(width)) {
+        let mean_square = row.iter().map(|x| x * x).sum::<f64>() / width as f64 + EPS;
+        let rms = mean_square.sqrt();
+        let scaled: Vec<f64> = upstream.iter().zip(weight).map(|(u, w)| u * w).collect();
+        let dot: f64 = scaled.iter().zip(row).map(|(g, x)| g * x).sum();
+        for k in 0..width {
+            normed.push(row[k] / rms);
+            out.push(row[k] / rms * weight[k]);
+            grad.push((scaled[k] - row[k] * dot / (width as f64 * mean_square)) / rms);
+        }
+    }
+    (out, grad, normed)
+}
+
+/// 7 rows (not a whole number of the kernel's 2-row cubes) of 300
+/// features (not a multiple of its 128 lanes), frozen weight, in f32 and, where the device has
+/// it, bf16 (the normalised value, the output and the gradient rounded to 8 bits of mantissa).
+#[test]
+fn rms_norm_and_its_gradient_equal_the_host() {
+    for (name, device) in devices() {
+        for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            if !device.supports_dtype(dtype) {
+                println!("{name}: no {dtype:?}, skipped");
+                continue;
+            }
+            for trainable_weight in [false, true] {
+                let autodiff = device.clone().autodiff();
+                let shape = [7, 1, 300];
+                let x = Tensor::<3>::random(shape, Distribution::Normal(0.5, 2.0), &autodiff)
+                    .cast(dtype)
+                    .require_grad();
+                let mut weight =
+                    Tensor::<1>::random([300], Distribution::Normal(1.0, 0.5), &autodiff)
+                        .cast(dtype);
+                if trainable_weight {
+                    weight = weight.require_grad();
+                }
+                let upstream =
+                    Tensor::<3>::random(shape, Distribution::Default, &autodiff).cast(dtype);
+                let out = rms_norm(x.clone(), weight.clone(), EPS);
+                assert_eq!(out.dtype(), dtype);
+                let grads = (out.clone() * upstream.clone()).sum().backward();
+                let grad = x.grad(&grads).expect("x has a gradient");
+
+                let widen =
+                    |data| -> Vec<f64> { f32_values(&data).into_iter().map(f64::from).collect() };
+                let (expected_out, expected_grad, normed) = host(
+                    &widen(x.to_data()),
+                    &widen(weight.to_data()),
+                    &widen(upstream.to_data()),
+                );
+                let what = format!("{name} {dtype:?} trainable weight {trainable_weight}");
+                let error = max_relative_error(&f32_values(&out.to_data()), &expected_out);
+                assert!(error < tolerance, "{what}: output relative error {error}");
+                let error = max_relative_error(&f32_values(&grad.to_data()), &expected_grad);
+                assert!(error < tolerance, "{what}: gradient relative error {error}");
+                match weight.grad(&grads) {
+                    Some(weight_grad) => {
+                        assert!(trainable_weight, "{what}: a frozen weight got a gradient");
+                        // Σ over rows of upstream · x / rms.
+                        let upstream = widen(upstream.to_data());
+                        let mut expected = vec![0.0; 300];
+                        for (k, (u, n)) in upstream.iter().zip(&normed).enumerate() {
+                            expected[k % 300] += u * n;
+                        }
+                        let error =
+                            max_relative_error(&f32_values(&weight_grad.to_data()), &expected);
+                        assert!(
+                            error < tolerance,
+                            "{what}: weight gradient relative error {error}"
+                        );
+                    }
+                    None => assert!(!trainable_weight, "{what}: the weight got no gradient"),
+                }
+            }
+        }
+    }
+}
