@@ -1,7 +1,7 @@
 use burn::module::Module;
-use burn::tensor::activation::softmax;
-use burn::tensor::{Bool, DType, Tensor};
+use burn::tensor::Tensor;
 use burn_qlora::Projection;
+use burn_qlora::kernels::causal_softmax;
 
 use crate::Rope;
 
@@ -57,22 +57,12 @@ impl Attention {
             cache.keys_values = Some((k.clone(), v.clone()));
         }
         let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
-        let total = k.dims()[2];
 
-        // Scores and softmax in f32, as transformers' attention does for half precision.
-        let dtype = q.dtype();
+        // Scores in the model's dtype, their softmax in f32, as transformers' attention does
+        // for half precision.
         let scale = (self.head_dim as f64).sqrt().recip();
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .cast(DType::F32)
-            .mul_scalar(scale);
-        let scores = if seq > 1 {
-            let mask = Tensor::<2, Bool>::tril_mask([seq, total], offset as i64, &scores.device());
-            scores.mask_fill(mask.unsqueeze(), f32::NEG_INFINITY)
-        } else {
-            scores
-        };
-        let attention = softmax(scores, 3).cast(dtype);
+        let scores = q.matmul(k.swap_dims(2, 3));
+        let attention = causal_softmax(scores, scale, offset);
         let output = attention.matmul(v).swap_dims(1, 2).reshape([
             batch,
             seq,

@@ -15,7 +15,6 @@ mod meta;
 mod mlp;
 mod model;
 mod norm;
-mod reduce;
 mod rope;
 mod safetensors;
 mod save;
