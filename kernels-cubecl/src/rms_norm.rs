@@ -68,30 +68,23 @@ fn composed<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor
 
 #[cfg(feature = "cube")]
 mod cube {
-    use burn::backend::TensorMetadata;
     use burn::backend::cubecl::dtype_to_storage_type;
     use burn_cubecl::CubeBackend;
     use burn_cubecl::kernel::into_contiguous;
-    use burn_cubecl::ops::numeric::empty_device_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
     use super::RmsNormOps;
-    use crate::rows::{grid, grid_cube, row_reduce};
+    use crate::rows::{grid, grid_cube, row_layout, row_reduce};
 
     /// Units per row: a row of 4096 (the 7B hidden size) is 32 loads a unit.
     const LANES: usize = 128;
     /// Rows per cube.
     const ROWS_PER_CUBE: usize = 2;
 
-    /// `(rows, width)` of `x` and the launch that gives each row `LANES` units.
-    fn launch_shape(x: &CubeTensor) -> (usize, usize, CubeCount, CubeDim) {
-        let shape = x.shape();
-        let width = shape[shape.num_dims() - 1];
-        let rows = shape.num_elements() / width.max(1);
+    /// The launch that gives each of `rows` rows `LANES` units.
+    fn launch_shape(rows: usize) -> (CubeCount, CubeDim) {
         (
-            rows,
-            width,
             grid(rows.div_ceil(ROWS_PER_CUBE)),
             CubeDim::new_2d(LANES as u32, ROWS_PER_CUBE as u32),
         )
@@ -99,12 +92,11 @@ mod cube {
 
     impl RmsNormOps for CubeBackend {
         fn rms_norm(x: CubeTensor, weight: CubeTensor, eps: f32) -> CubeTensor {
-            let x = into_contiguous(x);
-            let output = empty_device_dtype(x.client.clone(), x.device.clone(), x.shape(), x.dtype);
-            let (rows, width, cube_count, cube_dim) = launch_shape(&x);
+            let (x, output, rows, width) = row_layout(x);
             if rows == 0 || width == 0 {
                 return output;
             }
+            let (cube_count, cube_dim) = launch_shape(rows);
             let dtype = x.dtype;
             // SAFETY: each `LANES` units of a cube own one row (guarded by `rows`), read it and
             // the weight (`width` long) and write the row's output.
@@ -131,12 +123,11 @@ mod cube {
             grad: CubeTensor,
             eps: f32,
         ) -> CubeTensor {
-            let x = into_contiguous(x);
-            let output = empty_device_dtype(x.client.clone(), x.device.clone(), x.shape(), x.dtype);
-            let (rows, width, cube_count, cube_dim) = launch_shape(&x);
+            let (x, output, rows, width) = row_layout(x);
             if rows == 0 || width == 0 {
                 return output;
             }
+            let (cube_count, cube_dim) = launch_shape(rows);
             let dtype = x.dtype;
             let grad_dtype = grad.dtype;
             // SAFETY: as the forward, reading the row of `grad` (`x`'s shape) too.

@@ -6,11 +6,31 @@
 //! kernels give a row `lanes` units that stride over it (coalesced loads) and meet in shared
 //! memory (rather than through plane operations: WGSL gets subgroups only behind a feature).
 
+use burn::backend::TensorMetadata;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
 /// Cubes one launch takes along the grid's first dimension (wgpu's limit); more wrap onto the
 /// second.
 const MAX_CUBES: usize = 65_535;
+
+/// A row-wise operation's input made contiguous, an empty output of its shape and dtype, its
+/// number of rows (every dimension but the last) and their length.
+pub(crate) fn row_layout(input: CubeTensor) -> (CubeTensor, CubeTensor, usize, usize) {
+    let input = into_contiguous(input);
+    let shape = input.shape();
+    let width = shape[shape.num_dims() - 1];
+    let rows = shape.num_elements() / width.max(1);
+    let output = empty_device_dtype(
+        input.client.clone(),
+        input.device.clone(),
+        shape,
+        input.dtype,
+    );
+    (input, output, rows, width)
+}
 
 /// A grid of at least `cubes` cubes (one where there are none), numbered by [`grid_cube`].
 pub(crate) fn grid(cubes: usize) -> CubeCount {

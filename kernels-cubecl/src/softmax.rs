@@ -69,25 +69,18 @@ mod cube {
     use burn::backend::cubecl::dtype_to_storage_type;
     use burn_cubecl::CubeBackend;
     use burn_cubecl::kernel::into_contiguous;
-    use burn_cubecl::ops::numeric::empty_device_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
     use super::CausalSoftmaxOps;
-    use crate::rows::{grid, grid_cube, row_reduce};
+    use crate::rows::{grid, grid_cube, row_layout, row_reduce};
 
     /// Units per row: a row of 512 keys (the 7B benchmark's) is 16 loads a unit.
     const LANES: usize = 32;
     /// Rows per cube.
     const ROWS_PER_CUBE: usize = 8;
 
-    /// `[rows, keys]`, the rows every dimension but the last.
-    fn rows_and_keys(tensor: &CubeTensor) -> (usize, usize) {
-        let shape = tensor.shape();
-        let keys = shape[shape.num_dims() - 1];
-        (shape.num_elements() / keys.max(1), keys)
-    }
-
+    /// The launch that gives each of `rows` rows `LANES` units.
     fn launch_shape(rows: usize) -> (CubeCount, CubeDim) {
         (
             grid(rows.div_ceil(ROWS_PER_CUBE)),
@@ -97,15 +90,8 @@ mod cube {
 
     impl CausalSoftmaxOps for CubeBackend {
         fn causal_softmax(scores: CubeTensor, scale: f32, offset: usize) -> CubeTensor {
-            let scores = into_contiguous(scores);
-            let output = empty_device_dtype(
-                scores.client.clone(),
-                scores.device.clone(),
-                scores.shape(),
-                scores.dtype,
-            );
-            let (rows, keys) = rows_and_keys(&scores);
             let queries = scores.shape()[scores.shape().num_dims() - 2];
+            let (scores, output, rows, keys) = row_layout(scores);
             if rows == 0 || keys == 0 {
                 return output;
             }
@@ -132,14 +118,7 @@ mod cube {
         }
 
         fn causal_softmax_backward(probs: CubeTensor, grad: CubeTensor, scale: f32) -> CubeTensor {
-            let probs = into_contiguous(probs);
-            let output = empty_device_dtype(
-                probs.client.clone(),
-                probs.device.clone(),
-                probs.shape(),
-                probs.dtype,
-            );
-            let (rows, keys) = rows_and_keys(&probs);
+            let (probs, output, rows, keys) = row_layout(probs);
             if rows == 0 || keys == 0 {
                 return output;
             }

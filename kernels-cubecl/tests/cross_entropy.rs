@@ -5,7 +5,7 @@
 mod common;
 
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
-use common::{devices, f32_values};
+use common::{devices, f32_values, max_relative_error};
 use kernels_cubecl::cross_entropy;
 
 /// `(-log softmax(row)[target], softmax(row) - onehot(target))` in f64; a target outside the
@@ -19,15 +19,6 @@ fn host_row(row: &[f64], target: i64) -> (f64, Vec<f64>) {
         .map(|v| (row[v] - logsumexp).exp() - if Some(v) == target { 1.0 } else { 0.0 })
         .collect();
     (logsumexp - picked, grad)
-}
-
-/// Largest `|actual - expected|` over `max |expected|`.
-fn max_relative_error(actual: &[f32], expected: &[f64]) -> f64 {
-    assert_eq!(actual.len(), expected.len());
-    let scale = expected.iter().fold(0f64, |m, e| m.max(e.abs()));
-    let diff =
-        (actual.iter().zip(expected)).fold(0f64, |m, (a, e)| m.max((f64::from(*a) - e).abs()));
-    diff / scale
 }
 
 /// 2 x 3 positions over a vocabulary of 1000 (not a multiple of the 256 units of a row), spread

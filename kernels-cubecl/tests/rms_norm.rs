@@ -5,19 +5,10 @@
 mod common;
 
 use burn::tensor::{DType, Distribution, Tensor};
-use common::{devices, f32_values};
+use common::{devices, f32_values, max_relative_error};
 use kernels_cubecl::rms_norm;
 
 const EPS: f64 = 1e-5;
-
-/// Largest `|actual - expected|` over `max |expected|`.
-fn max_relative_error(actual: &[f32], expected: &[f64]) -> f64 {
-    assert_eq!(actual.len(), expected.len());
-    let scale = expected.iter().fold(0f64, |m, e| m.max(e.abs()));
-    let diff =
-        (actual.iter().zip(expected)).fold(0f64, |m, (a, e)| m.max((f64::from(*a) - e).abs()));
-    diff / scale
-}
 
 /// Per row: `(x / rms · w, (u·w - x · Σ(u·w·x) / (n·rms²)) / rms, x / rms)`.
 fn host(x: &[f64], weight: &[f64], upstream: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {

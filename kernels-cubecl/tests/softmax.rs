@@ -5,17 +5,8 @@
 mod common;
 
 use burn::tensor::{DType, Distribution, Tensor};
-use common::{devices, f32_values};
+use common::{devices, f32_values, max_relative_error};
 use kernels_cubecl::causal_softmax;
-
-/// Largest `|actual - expected|` over `max |expected|`.
-fn max_relative_error(actual: &[f32], expected: &[f64]) -> f64 {
-    assert_eq!(actual.len(), expected.len());
-    let scale = expected.iter().fold(0f64, |m, e| m.max(e.abs()));
-    let diff =
-        (actual.iter().zip(expected)).fold(0f64, |m, (a, e)| m.max((f64::from(*a) - e).abs()));
-    diff / scale
-}
 
 /// `(softmax(scale · row[..visible]) then zeros, scale · p · (upstream - Σ upstream · p))`.
 fn host_row(row: &[f64], upstream: &[f64], visible: usize, scale: f64) -> (Vec<f64>, Vec<f64>) {

@@ -185,3 +185,12 @@ pub fn assert_bytes_eq(what: &str, actual: &[u8], expected: &[u8]) {
         );
     }
 }
+
+/// Largest `|actual - expected|` over `max |expected|`.
+pub fn max_relative_error(actual: &[f32], expected: &[f64]) -> f64 {
+    assert_eq!(actual.len(), expected.len());
+    let scale = expected.iter().fold(0f64, |m, e| m.max(e.abs()));
+    let diff =
+        (actual.iter().zip(expected)).fold(0f64, |m, (a, e)| m.max((f64::from(*a) - e).abs()));
+    diff / scale
+}
