@@ -142,13 +142,13 @@ impl CausalLm {
 
     /// Mean next-token cross-entropy over the trained targets.
     pub fn loss(&self, batch: &LmBatch) -> Tensor<1> {
+        self.loss_over(batch, batch.trained_count())
+    }
+
+    /// [`Self::loss`] given the batch's trained-target count, which the step also reports.
+    fn loss_over(&self, batch: &LmBatch, count: Tensor<1>) -> Tensor<1> {
         let logits = self.model.forward(batch.inputs.clone(), None);
-        weighted_nll(
-            logits,
-            batch.targets.clone(),
-            batch.weights.clone(),
-            batch.trained_count(),
-        )
+        weighted_nll(logits, batch.targets.clone(), batch.weights.clone(), count)
     }
 
     /// What the metrics read of a step: its loss, the count of trained targets it is the mean
@@ -189,13 +189,10 @@ impl TrainStep for CausalLm {
                 item: Self::output(&batch, step.loss, count),
             };
         }
-        let loss = self.loss(&batch);
+        let count = batch.trained_count();
+        let loss = self.loss_over(&batch, count.clone());
         let grads = (loss.clone() * self.loss_scale).backward();
-        TrainOutput::new(
-            self,
-            grads,
-            Self::output(&batch, loss, batch.trained_count()),
-        )
+        TrainOutput::new(self, grads, Self::output(&batch, loss, count))
     }
 
     // The gradients here are the accumulated ones of a whole optimizer step.
@@ -217,7 +214,9 @@ impl InferenceStep for CausalLm {
     type Output = LmOutput;
 
     fn step(&self, batch: LmBatch) -> LmOutput {
-        Self::output(&batch, self.loss(&batch), batch.trained_count())
+        let count = batch.trained_count();
+        let loss = self.loss_over(&batch, count.clone());
+        Self::output(&batch, loss, count)
     }
 }
 
