@@ -5,6 +5,8 @@
 //!   kernels (`kernels`, features `cuda`/`wgpu`) on CubeCL devices and the reference elsewhere.
 //! - [`low_rank_down`], [`low_rank_up`]: a LoRA adapter's rank-wide products, with kernels for
 //!   their thin sides and a backward through the same kernels.
+//! - [`batched_matmul`]: a batched product of two activations (attention's), through the same
+//!   routine, with the gradients of both.
 //! - [`frozen_matmul`]: a product with a frozen dense weight (an untied LM head), through the
 //!   4-bit products' matmul routine, with the input's gradient only.
 //! - [`cross_entropy`]: the loss over a vocabulary and its backward, one cube per row.
@@ -12,6 +14,7 @@
 //!   with their backwards, a row to a group of units.
 //! - [`bnb_format`]: the safetensors layout transformers writes for 4-bit weights.
 
+mod batched;
 pub mod bnb_format;
 pub mod codebook;
 mod config;
@@ -35,6 +38,7 @@ mod rows;
 mod softmax;
 mod state;
 
+pub use batched::{BatchedMatmulOps, batched_matmul};
 pub use codebook::QuantType;
 pub use config::{NESTED_BLOCK_SIZE, QuantConfig};
 pub use cross_entropy::{CrossEntropyOps, cross_entropy};

@@ -231,7 +231,8 @@ pub(crate) mod cube {
         }
     }
 
-    /// `lhs · rhs` for 2-D operands: the TMA routine where it applies, else Burn's matmul.
+    /// `lhs · rhs` for operands of one rank with the same batch dimensions: the TMA routine
+    /// where it applies, else Burn's matmul.
     pub(crate) fn dense_product(lhs: CubeTensor, rhs: CubeTensor) -> CubeTensor {
         matmul_tma(&lhs, &rhs).unwrap_or_else(|| CubeBackend::float_matmul(lhs, rhs))
     }
@@ -242,9 +243,26 @@ pub(crate) mod cube {
 
     /// Smallest dimension, and the multiple every dimension must be, for the TMA routine: smaller
     /// or ragged products (decoding's one row, odd model widths) stay on Burn's matmul, where
-    /// cubecl-cuda's TMA launch checks can panic instead of declining.
-    const TMA_MIN_DIM: usize = 256;
+    /// cubecl-cuda's TMA launch checks can panic instead of declining. 128 lets attention's
+    /// products over a 128-wide head in.
+    const TMA_MIN_DIM: usize = 128;
     const TMA_DIM_MULTIPLE: usize = 64;
+
+    /// Whether the TMA routine can read `tensor` as it is laid out: its matrices row- or
+    /// column-major and its batch dimensions one evenly strided run (cubek's tensor map
+    /// collapses them to one), as a contiguous tensor or its transpose is.
+    fn tma_readable(tensor: &CubeTensor) -> bool {
+        let shape = tensor.shape();
+        let strides = tensor.meta.strides();
+        let rank = shape.num_dims();
+        if tensor.meta.is_tiled() {
+            return false;
+        }
+        let matrix = strides[rank - 1] == 1 || strides[rank - 2] == 1;
+        let batches_even = (0..rank.saturating_sub(3))
+            .all(|dim| strides[dim] == strides[dim + 1] * shape[dim + 1]);
+        matrix && batches_even
+    }
 
     /// The product through cubek's warp-specialized TMA routine with MMA tiles, on devices with
     /// TMA (Hopper and later) and large aligned shapes; `None` where it does not apply. Burn picks
@@ -261,10 +279,17 @@ pub(crate) mod cube {
             return None;
         }
         let fits = |dim: usize| dim >= TMA_MIN_DIM && dim.is_multiple_of(TMA_DIM_MULTIPLE);
-        let [rows, inner] = lhs.shape().dims();
-        if !(fits(rows) && fits(inner) && fits(rhs.shape()[1])) {
+        let (lhs_shape, rhs_shape) = (lhs.shape(), rhs.shape());
+        let rank = lhs_shape.num_dims();
+        if rhs_shape.num_dims() != rank
+            || lhs_shape[..rank - 2] != rhs_shape[..rank - 2]
+            || !(fits(lhs_shape[rank - 2]) && fits(lhs_shape[rank - 1]))
+            || !fits(rhs_shape[rank - 1])
+        {
             return None;
         }
+        let lhs = &readable(lhs);
+        let rhs = &readable(rhs);
         let dtype = lhs.dtype();
         let client = lhs.client.clone();
         let out = init_matmul_output(lhs, rhs, dtype);
@@ -308,6 +333,15 @@ pub(crate) mod cube {
         .inspect_err(|err| warn_once(&format!("the TMA matmul declined {tiling:?}: {err:?}")))
         .ok()?;
         Some(out)
+    }
+
+    /// `tensor`, copied to contiguous memory where the TMA routine could not read it in place.
+    fn readable(tensor: &CubeTensor) -> CubeTensor {
+        if tma_readable(tensor) {
+            tensor.clone()
+        } else {
+            burn_cubecl::kernel::into_contiguous(tensor.clone())
+        }
     }
 
     /// How the TMA routine tiles a product: each compute plane owns `rows` x `cols` MMA tiles
@@ -358,11 +392,12 @@ pub(crate) mod cube {
             }
         }
 
-        /// Cubes covering the product's output (per batch).
+        /// Cubes covering the product's output, every batch of it.
         fn cubes(self, problem: &MatmulProblem) -> usize {
             let cube_rows = (self.rows * MMA_ROWS * self.planes) as usize;
             let cube_cols = (self.cols * MMA_COLS) as usize;
-            problem.m.div_ceil(cube_rows) * problem.n.div_ceil(cube_cols)
+            let batches = problem.out_batches.iter().product::<usize>();
+            batches * problem.m.div_ceil(cube_rows) * problem.n.div_ceil(cube_cols)
         }
 
         fn from_env() -> Option<Self> {

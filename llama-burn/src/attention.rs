@@ -1,7 +1,7 @@
 use burn::module::Module;
 use burn::tensor::Tensor;
 use burn_qlora::Projection;
-use burn_qlora::kernels::causal_softmax;
+use burn_qlora::kernels::{batched_matmul, causal_softmax};
 
 use crate::Rope;
 
@@ -61,9 +61,9 @@ impl Attention {
         // Scores in the model's dtype, their softmax in f32, as transformers' attention does
         // for half precision.
         let scale = (self.head_dim as f64).sqrt().recip();
-        let scores = q.matmul(k.swap_dims(2, 3));
+        let scores = batched_matmul(q, k.swap_dims(2, 3));
         let attention = causal_softmax(scores, scale, offset);
-        let output = attention.matmul(v).swap_dims(1, 2).reshape([
+        let output = batched_matmul(attention, v).swap_dims(1, 2).reshape([
             batch,
             seq,
             self.num_heads * self.head_dim,

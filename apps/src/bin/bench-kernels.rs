@@ -3,7 +3,8 @@
 //! absmax) and quantization, printing time and effective bandwidth, and the fused 4-bit
 //! matrix-vector product of decoding beside the dense one, the adapter's rank-wide products
 //! (`low_rank_down`, the weight gradient) beside Burn's matmul, and training's 4-bit products
-//! (forward and input gradient) beside Burn's dense matmul. `--tables` picks among them.
+//! (forward and input gradient) beside Burn's dense matmul, and attention's batched products
+//! beside Burn's matmul. `--tables` picks among them.
 //!
 //! `cargo run --release -p apps --features vulkan --bin bench-kernels -- --backend vulkan`
 
@@ -48,12 +49,15 @@ struct Args {
     /// Skip the correctness check against the reference.
     #[arg(long)]
     skip_check: bool,
+    /// Attention's shape for its products, batch x heads x sequence x head width.
+    #[arg(long, default_value = "4x32x512x128")]
+    attention: String,
     /// Tables to print: dequantize, matvec, low-rank, matmul (the 4-bit products of training
-    /// beside Burn's dense one; `KERNELS_CUBECL_TMA_TILING` tries other tilings).
+    /// beside Burn's dense one; `KERNELS_CUBECL_TMA_TILING` tries other tilings), attention.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "dequantize,matvec,low-rank,matmul"
+        default_value = "dequantize,matvec,low-rank,matmul,attention"
     )]
     tables: Vec<String>,
 }
@@ -150,8 +154,8 @@ fn check(device: &Device, shape: [usize; 2], dtype: DType, config: QuantConfig) 
 }
 
 /// `‖actual - expected‖ / ‖expected‖`.
-fn relative_error(actual: Tensor<2>, expected: Tensor<2>) -> f32 {
-    let norm = |t: Tensor<2>| t.powi_scalar(2).sum().sqrt().into_scalar::<f32>();
+fn relative_error<const D: usize>(actual: Tensor<D>, expected: Tensor<D>) -> f32 {
+    let norm = |t: Tensor<D>| t.powi_scalar(2).sum().sqrt().into_scalar::<f32>();
     norm(actual - expected.clone()) / norm(expected)
 }
 
@@ -226,6 +230,9 @@ fn main() -> Result<()> {
     }
     if table("matmul") {
         matmul_table(&device, &args, dtype, &shapes)?;
+    }
+    if table("attention") {
+        attention_table(&device, &args, dtype)?;
     }
     Ok(())
 }
@@ -397,6 +404,67 @@ fn matmul_table(device: &Device, args: &Args, dtype: DType, shapes: &[[usize; 2]
             "| {rows}x{cols} | {forward_ms:.4} | {:.0} | {forward_error:.1e} | {gradient_ms:.4} | {:.0} | {gradient_error:.1e} | {burn_ms:.4} | {:.0} |",
             tflops(forward_ms),
             tflops(gradient_ms),
+            tflops(burn_ms)
+        );
+    }
+    println!();
+    Ok(())
+}
+
+/// Attention's six batched products at `--attention`'s shape (the scores and weighted values of
+/// the forward, the four of its backward), through `batched_matmul` beside Burn's matmul, with
+/// each result's distance from Burn's. The heads come as the model makes them: the queries,
+/// keys and values `[batch, seq, heads, width]` with the heads' dimensions swapped.
+fn attention_table(device: &Device, args: &Args, dtype: DType) -> Result<()> {
+    let dims: Vec<usize> = args
+        .attention
+        .split('x')
+        .map(|d| d.trim().parse())
+        .collect::<Result<_, _>>()
+        .context("--attention is BATCHxHEADSxSEQxWIDTH")?;
+    let &[batch, heads, seq, width] = dims.as_slice() else {
+        anyhow::bail!(
+            "--attention is BATCHxHEADSxSEQxWIDTH, got {}",
+            args.attention
+        );
+    };
+    let random =
+        |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Default, device).cast(dtype);
+    let heads_of = || random([batch, seq, heads, width]).swap_dims(1, 2);
+    let (q, k, v) = (heads_of(), heads_of(), heads_of());
+    let square = random([batch, heads, seq, seq]);
+    let narrow = random([batch, heads, seq, width]);
+    let t = |x: &Tensor<4>| x.clone().swap_dims(2, 3);
+    let products: [(&str, Tensor<4>, Tensor<4>); 6] = [
+        ("scores q·kᵀ", q.clone(), t(&k)),
+        ("values p·v", square.clone(), v.clone()),
+        ("dp = g·vᵀ", narrow.clone(), t(&v)),
+        ("dv = pᵀ·g", t(&square), narrow.clone()),
+        ("dq = ds·k", square.clone(), k),
+        ("dk = dsᵀ·q", t(&square), q),
+    ];
+    println!("attention products, {batch} x {heads} heads x {seq} x {width}, {dtype:?}");
+    println!("| product | ms (device) | TFLOP/s | error | Burn's matmul ms | TFLOP/s |");
+    println!("|---|---|---|---|---|---|");
+    for (name, lhs, rhs) in products {
+        let [_, _, m, depth] = lhs.dims();
+        let n = rhs.dims()[3];
+        let error = relative_error(
+            kernels_cubecl::batched_matmul(lhs.clone(), rhs.clone()).cast(DType::F32),
+            lhs.clone().matmul(rhs.clone()).cast(DType::F32),
+        );
+        let time = |f: &(dyn Fn() + Sync)| device_time_ms(device, args.samples, &f);
+        let (ours_ms, _) = time(&|| {
+            let _ = kernels_cubecl::batched_matmul(lhs.clone(), rhs.clone());
+        })?;
+        let (burn_ms, _) = time(&|| {
+            let _ = lhs.clone().matmul(rhs.clone());
+        })?;
+        let flops = 2.0 * (batch * heads * m * n * depth) as f64;
+        let tflops = |ms: f64| flops / (ms * 1e-3) / 1e12;
+        println!(
+            "| {name} | {ours_ms:.4} | {:.0} | {error:.1e} | {burn_ms:.4} | {:.0} |",
+            tflops(ours_ms),
             tflops(burn_ms)
         );
     }
