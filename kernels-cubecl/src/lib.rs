@@ -12,6 +12,7 @@
 //! - [`cross_entropy`]: the loss over a vocabulary and its backward, one cube per row.
 //! - [`causal_softmax`], [`rms_norm`]: attention's causal softmax and RMSNorm (frozen weight)
 //!   with their backwards, a row to a group of units.
+//! - [`rotary`]: rotary position embeddings read from the strided heads, written contiguous.
 //! - [`bnb_format`]: the safetensors layout transformers writes for 4-bit weights.
 
 mod batched;
@@ -33,6 +34,7 @@ mod matmul;
 mod packed;
 pub mod reference;
 mod rms_norm;
+mod rotary;
 #[cfg(feature = "cube")]
 mod rows;
 mod softmax;
@@ -49,6 +51,7 @@ pub use low_rank::{LowRankOps, MAX_RANK, low_rank_down, low_rank_up};
 pub use matmul::{AbsmaxPrimitive, Matmul4bitOps, Weight4bitPrimitive};
 pub use packed::{DeviceAbsmax, Packed4bit};
 pub use rms_norm::{RmsNormOps, rms_norm};
+pub use rotary::{RotaryOps, rotary};
 pub use softmax::{CausalSoftmaxOps, causal_softmax};
 pub use state::{Absmax, NestedAbsmax, QuantState};
 

@@ -1,4 +1,5 @@
 use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn_qlora::kernels::rotary;
 
 /// Rotary position embeddings in Hugging Face's layout: the two halves of each head are the
 /// rotated pairs (`rotate_half`), not interleaved neighbours as in Meta's checkpoints.
@@ -41,16 +42,9 @@ impl Rope {
         self.cos.dims()[0]
     }
 
-    /// Rotates `x` (`[batch, heads, seq, head_dim]`) whose first token is at `offset`.
+    /// Rotates `x` (`[batch, heads, seq, head_dim]`, any strides: the heads as the projection
+    /// left them) whose first token is at `offset`; the result is contiguous.
     pub fn apply(&self, x: Tensor<4>, offset: usize) -> Tensor<4> {
-        let [_, _, seq, head_dim] = x.dims();
-        let dtype = x.dtype();
-        let cos = self.cos.clone().narrow(0, offset, seq).cast(dtype);
-        let sin = self.sin.clone().narrow(0, offset, seq).cast(dtype);
-        let half = head_dim / 2;
-        let first = x.clone().narrow(3, 0, half);
-        let second = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![second.neg(), first], 3);
-        x * cos.unsqueeze() + rotated * sin.unsqueeze()
+        rotary(x, self.cos.clone(), self.sin.clone(), offset)
     }
 }
