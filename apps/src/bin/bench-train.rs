@@ -113,7 +113,7 @@ fn main() -> Result<()> {
     let seconds = median(step_seconds);
     println!(
         "{} layers, batch {} x {}, {:?}, activation checkpointing {}, fusion {}: {:.0} \
-         tokens/s ({:.0} ms/step, median of {}), peak reserved {:.2} GiB, model {:.2} GiB",
+         tokens/s ({:.0} ms/step, median of {}), peak reserved {:.3} GiB, model {:.2} GiB",
         args.layers,
         args.batch,
         args.seq_len,
