@@ -20,3 +20,12 @@ pub(crate) fn to_host(tensor: FlexTensor) -> (Vec<f32>, Vec<usize>, DType) {
 pub(crate) fn from_host(values: Vec<f32>, shape: Vec<usize>, dtype: DType) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape).convert_dtype(dtype))
 }
+
+/// `dtype`'s rounding of an f32 value, for loops that round where the kernels compute in `dtype`.
+pub(crate) fn round(value: f32, dtype: DType) -> f32 {
+    match dtype {
+        DType::BF16 => half::bf16::from_f32(value).to_f32(),
+        DType::F16 => half::f16::from_f32(value).to_f32(),
+        _ => value,
+    }
+}

@@ -235,19 +235,9 @@ mod cube {
 mod flex {
     use burn::backend::Flex;
     use burn::backend::flex::FlexTensor;
-    use burn::tensor::DType;
 
     use super::RmsNormOps;
-    use crate::flex_host::{from_host, to_host};
-
-    /// `x`'s dtype's rounding of an f32 value.
-    fn round(value: f32, dtype: DType) -> f32 {
-        match dtype {
-            DType::BF16 => half::bf16::from_f32(value).to_f32(),
-            DType::F16 => half::f16::from_f32(value).to_f32(),
-            _ => value,
-        }
-    }
+    use crate::flex_host::{from_host, round, to_host};
 
     /// `mean(row²) + eps`.
     fn mean_square(row: &[f32], eps: f32) -> f32 {

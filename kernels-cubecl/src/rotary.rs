@@ -199,19 +199,9 @@ mod cube {
 mod flex {
     use burn::backend::Flex;
     use burn::backend::flex::FlexTensor;
-    use burn::tensor::DType;
 
     use super::RotaryOps;
-    use crate::flex_host::{from_host, to_host};
-
-    /// `dtype`'s rounding of an f32 value.
-    fn round(value: f32, dtype: DType) -> f32 {
-        match dtype {
-            DType::BF16 => half::bf16::from_f32(value).to_f32(),
-            DType::F16 => half::f16::from_f32(value).to_f32(),
-            _ => value,
-        }
-    }
+    use crate::flex_host::{from_host, round, to_host};
 
     impl RotaryOps for Flex {
         fn rotary(
