@@ -64,9 +64,15 @@ struct Args {
 
 const WARM_UP: std::time::Duration = std::time::Duration::from_millis(500);
 
-fn parse_shape(text: &str) -> Result<[usize; 2]> {
-    let (rows, cols) = text.split_once('x').context("a shape is ROWSxCOLUMNS")?;
-    Ok([rows.trim().parse()?, cols.trim().parse()?])
+/// `N` dimensions written `AxBx..`; `what` names them for the error (`ROWSxCOLUMNS`).
+fn parse_dims<const N: usize>(text: &str, what: &str) -> Result<[usize; N]> {
+    let dims: Vec<usize> = text
+        .split('x')
+        .map(|d| d.trim().parse())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{text:?} is not {what}"))?;
+    dims.try_into()
+        .map_err(|_| anyhow::anyhow!("{text:?} is not {what}"))
 }
 
 /// Median device time of one call, in milliseconds, from the device's own timestamps (the
@@ -200,7 +206,7 @@ fn main() -> Result<()> {
     let shapes = args
         .shapes
         .iter()
-        .map(|s| parse_shape(s))
+        .map(|s| parse_dims(s, "ROWSxCOLUMNS"))
         .collect::<Result<Vec<_>>>()?;
     println!("device: {device:?}, weights and output in {dtype:?}");
     if !args.skip_check {
@@ -416,18 +422,7 @@ fn matmul_table(device: &Device, args: &Args, dtype: DType, shapes: &[[usize; 2]
 /// each result's distance from Burn's. The heads come as the model makes them: the queries,
 /// keys and values `[batch, seq, heads, width]` with the heads' dimensions swapped.
 fn attention_table(device: &Device, args: &Args, dtype: DType) -> Result<()> {
-    let dims: Vec<usize> = args
-        .attention
-        .split('x')
-        .map(|d| d.trim().parse())
-        .collect::<Result<_, _>>()
-        .context("--attention is BATCHxHEADSxSEQxWIDTH")?;
-    let &[batch, heads, seq, width] = dims.as_slice() else {
-        anyhow::bail!(
-            "--attention is BATCHxHEADSxSEQxWIDTH, got {}",
-            args.attention
-        );
-    };
+    let [batch, heads, seq, width] = parse_dims(&args.attention, "BATCHxHEADSxSEQxWIDTH")?;
     let random =
         |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Default, device).cast(dtype);
     let heads_of = || random([batch, seq, heads, width]).swap_dims(1, 2);
