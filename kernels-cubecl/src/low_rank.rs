@@ -1,13 +1,14 @@
 //! A LoRA adapter's products as Burn operations: `x·A` and `h·B`, whose rank side is a few
 //! columns wide. Burn's matmul tiles them like any product and gets a handful of cubes for a
 //! long depth (`[2048, 4096] x [4096, 8]` runs on 16 cubes in 165 µs on an H100, where reading
-//! `x` once takes about 6 µs). The kernels here stream the wide operand once instead, and the
-//! `Autodiff` implementation sends the backward's products back through them:
+//! `x` once takes about 6 µs), and `h·B` on tiles mostly idle over its depth of `r`. The kernels
+//! here stream the wide operand once instead, in 16-byte vectors, and the `Autodiff`
+//! implementation sends the backward's products back through them:
 //!
 //! | product | forward | lhs gradient | rhs gradient |
 //! |---|---|---|---|
 //! | `x·A`, `[m, k] x [k, r]` | kernel | `g·Aᵀ` (`low_rank_up`) | `xᵀ·g` (`low_rank_gradient`) |
-//! | `h·B`, `[m, r] x [r, n]` | Burn's matmul | `g·Bᵀ` (`low_rank_down`) | `(gᵀ·h)ᵀ` (`low_rank_gradient`) |
+//! | `h·B`, `[m, r] x [r, n]` | kernel | `g·Bᵀ` (`low_rank_down`) | `(gᵀ·h)ᵀ` (`low_rank_gradient`) |
 //! | `xᵀ·g`, `[m, k]ᵀ x [m, r]` | kernel | `g·dOutᵀ` (`low_rank_up`) | `x·dOut` (`low_rank_down`) |
 //!
 //! Ranks above [`MAX_RANK`] take Burn's matmul; Flex (the CPU backend) always does.
@@ -112,14 +113,18 @@ mod cube {
     use super::{LowRankOps, MAX_RANK};
     use crate::extension::launch_dims;
 
-    /// Units along a row in [`rank_product_kernel`], and rows per cube: one unit per element of
-    /// the weight tile staged in shared memory. A cube covers `SPLIT_TILES` tiles of the depth:
-    /// a row's depth is split over several cubes, for enough loads in flight (decoder layers
-    /// have a few thousand rows, one cube row of lanes each).
-    const LANES: usize = 32;
-    const ROWS_PER_CUBE: usize = 8;
-    const TILE: usize = LANES * ROWS_PER_CUBE;
-    const SPLIT_TILES: usize = 4;
+    /// Rows per cube in [`rank_down_kernel`], one per lane of a plane, and its planes, each
+    /// summing its own run of `LANE_DEPTH` columns: a cube covers `CUBE_DEPTH` of the depth, and
+    /// the cubes along the depth leave partial sums.
+    const DOWN_ROWS: usize = 32;
+    const DOWN_PLANES: usize = 8;
+    const LANE_DEPTH: usize = 64;
+    const CUBE_DEPTH: usize = DOWN_PLANES * LANE_DEPTH;
+
+    /// Units per cube in [`rank_up_kernel`] (one output vector of a row each), and the rows each
+    /// unit writes with its columns of the weight held in registers.
+    const UP_UNITS: usize = 256;
+    const UP_ROWS: usize = 8;
 
     /// Units per cube in [`rank_gradient_kernel`] (one input column each), and the rows a cube
     /// sums, eight at a time so that eight loads are in flight.
@@ -135,17 +140,28 @@ mod cube {
             let [rows, depth] = input.shape().dims();
             let rank = weight.shape()[1];
             if rank > MAX_RANK
-                || rows.div_ceil(ROWS_PER_CUBE) > MAX_CUBES
-                || depth.div_ceil(SPLIT_TILES * TILE) > MAX_CUBES
+                || rows == 0
+                || depth == 0
+                || rows.div_ceil(DOWN_ROWS) > MAX_CUBES
+                || depth.div_ceil(CUBE_DEPTH) > MAX_CUBES
             {
                 return Self::float_matmul(input, weight);
             }
-            rank_product(into_contiguous(input), into_contiguous(weight))
+            rank_down(into_contiguous(input), into_contiguous(weight))
         }
 
         fn low_rank_up(hidden: CubeTensor, weight: CubeTensor) -> CubeTensor {
-            // The output is as wide as the weight: Burn's tiles fit it.
-            Self::float_matmul(hidden, weight)
+            let rows = hidden.shape()[0];
+            let [rank, cols] = weight.shape().dims();
+            if rank > MAX_RANK
+                || rows == 0
+                || cols == 0
+                || rows.div_ceil(UP_ROWS) > MAX_CUBES
+                || cols.div_ceil(UP_UNITS) > MAX_CUBES
+            {
+                return Self::float_matmul(hidden, weight);
+            }
+            rank_up(into_contiguous(hidden), into_contiguous(weight))
         }
 
         fn low_rank_gradient(input: CubeTensor, grad: CubeTensor) -> CubeTensor {
@@ -181,23 +197,40 @@ mod cube {
         )
     }
 
-    /// `input · weight` through [`rank_product_kernel`] (f32 sums per slice of the depth) and
+    /// The widest vector of `dtype` the runtime likes whose length divides `len` (1 if none).
+    fn vector_size(tensor: &CubeTensor, len: usize) -> usize {
+        tensor
+            .client
+            .io_optimized_vector_sizes(tensor.dtype.size())
+            .filter(|size| len.is_multiple_of(*size))
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// `input · weight` through [`rank_down_kernel`] (f32 sums per slice of the depth) and
     /// [`sum_parts_kernel`]; both contiguous.
-    fn rank_product(input: CubeTensor, weight: CubeTensor) -> CubeTensor {
+    fn rank_down(input: CubeTensor, weight: CubeTensor) -> CubeTensor {
         let [rows, depth] = input.shape().dims();
         let rank = weight.shape()[1];
-        let splits = depth.div_ceil(SPLIT_TILES * TILE);
+        let splits = depth.div_ceil(CUBE_DEPTH);
         let (partial, output) = partial_and_output(&input, splits, [rows, rank]);
         let dtype = input.dtype;
-        let cube_count = CubeCount::new_2d(rows.div_ceil(ROWS_PER_CUBE) as u32, splits as u32);
-        let cube_dim = CubeDim::new_2d(LANES as u32, ROWS_PER_CUBE as u32);
-        // SAFETY: each cube reads its rows of `input` in its slice of the depth (guarded by
-        // `rows`, `depth`) and that slice of `weight`, and writes `rank` sums per row it owns.
+        // Rows start on whole vectors; vector sizes and `LANE_DEPTH` are powers of two, so a
+        // lane's run of the depth is whole vectors too.
+        let input_vector = vector_size(&input, depth).min(LANE_DEPTH);
+        let weight_vector = vector_size(&weight, rank);
+        let cube_count = CubeCount::new_2d(rows.div_ceil(DOWN_ROWS) as u32, splits as u32);
+        let cube_dim = CubeDim::new_2d(DOWN_ROWS as u32, DOWN_PLANES as u32);
+        // SAFETY: each unit reads whole vectors of its row of `input` (`depth` is a multiple of
+        // the vector) in its run of the depth, guarded by `rows` and `depth`, and whole vectors
+        // of those rows of `weight`; the cube writes `rank` sums per row it owns.
         unsafe {
-            rank_product_kernel::launch_unchecked(
+            rank_down_kernel::launch_unchecked(
                 &output.client,
                 cube_count,
                 cube_dim,
+                input_vector,
+                weight_vector,
                 input.into_buffer_arg(),
                 weight.into_buffer_arg(),
                 partial.clone().into_buffer_arg(),
@@ -208,6 +241,44 @@ mod cube {
             );
         }
         sum_parts(partial, output, splits, rank, false)
+    }
+
+    /// `hidden · weight` through [`rank_up_kernel`]; both contiguous.
+    fn rank_up(hidden: CubeTensor, weight: CubeTensor) -> CubeTensor {
+        let rows = hidden.shape()[0];
+        let [rank, cols] = weight.shape().dims();
+        let output = empty_device_dtype(
+            hidden.client.clone(),
+            hidden.device.clone(),
+            Shape::new([rows, cols]),
+            hidden.dtype,
+        );
+        let dtype = hidden.dtype;
+        let vector = vector_size(&output, cols);
+        let vectors = cols / vector;
+        let cube_count = CubeCount::new_2d(
+            vectors.div_ceil(UP_UNITS) as u32,
+            rows.div_ceil(UP_ROWS) as u32,
+        );
+        // SAFETY: each unit reads its column vector of every weight row and the `rank` values
+        // of its rows of `hidden`, and writes that vector of those rows, guarded by `vectors`
+        // and `rows`; `cols` is a multiple of the vector.
+        unsafe {
+            rank_up_kernel::launch_unchecked(
+                &output.client,
+                cube_count,
+                CubeDim::new_1d(UP_UNITS as u32),
+                vector,
+                hidden.into_buffer_arg(),
+                weight.into_buffer_arg(),
+                output.clone().into_buffer_arg(),
+                rows,
+                vectors,
+                rank,
+                dtype_to_storage_type(dtype),
+            );
+        }
+        output
     }
 
     /// `inputᵀ · grad` through [`rank_gradient_kernel`] (f32 sums per block of rows) and
@@ -269,15 +340,13 @@ mod cube {
 
     /// `partial[split, row, r] = Σ_{k in split} input[row, k] · weight[k, r]` for a thin weight.
     ///
-    /// A cube is `LANES x ROWS_PER_CUBE` units, one row per `LANES`, and walks its slice of the
-    /// depth in tiles of `TILE`: the row's inputs of the tile are loaded first, then the
-    /// weight's tile goes to shared memory (one element per unit and rank column, laid out
-    /// `[rank][TILE]` so that neighbouring lanes read neighbouring banks), and each lane keeps
-    /// `rank` f32 sums, which meet in shared memory at the end.
+    /// Each lane owns a row: the lanes of a plane read their rows' vectors side by side and all
+    /// read the same weight row at once (one broadcast load of `R` ranks), so no sums cross
+    /// lanes. The planes sum neighbouring runs of the depth and meet in shared memory.
     #[cube(launch_unchecked)]
-    fn rank_product_kernel<F: Float>(
-        input: &[F],
-        weight: &[F],
+    fn rank_down_kernel<F: Float, N: Size, R: Size>(
+        input: &[Vector<F, N>],
+        weight: &[Vector<F, R>],
         partial: &mut [f32],
         rows: usize,
         depth: usize,
@@ -285,87 +354,111 @@ mod cube {
         #[define(F)] _dtype: ElemType,
     ) {
         let lane = UNIT_POS_X as usize;
-        let local_row = UNIT_POS_Y as usize;
-        let unit = UNIT_POS as usize;
-        let row = CUBE_POS_X as usize * ROWS_PER_CUBE + local_row;
+        let plane = UNIT_POS_Y as usize;
+        let first_row = CUBE_POS_X as usize * DOWN_ROWS;
+        let row = first_row + lane;
         let split = CUBE_POS_Y as usize;
-        let split_end = (split + 1) * SPLIT_TILES * TILE;
-        let split_end = select(split_end < depth, split_end, depth);
-        let mut tile = Shared::<[f32]>::new_slice(comptime!(rank * TILE));
+        let width = N::value();
+        let rank_width = R::value();
+        let parts = comptime![rank / rank_width];
         let mut sums = Array::<f32>::new(rank);
         #[unroll]
         for r in 0..rank {
             sums[r] = f32::new(0.0);
         }
-        let mut inputs = Array::<f32>::new(ROWS_PER_CUBE);
-        // No unit leaves early: every one must reach the barriers.
-        let mut start = split * SPLIT_TILES * TILE;
-        while start < split_end {
-            let row_start = row * depth + start;
-            let whole = start + TILE <= split_end;
-            if row < rows && whole {
-                // Issued before the weight's tile, so both loads are in flight together.
-                #[unroll]
-                for step in 0..ROWS_PER_CUBE {
-                    inputs[step] = f32::cast_from(input[row_start + step * LANES + lane]);
-                }
-            }
-            let k = start + unit;
+        let start = split * CUBE_DEPTH + plane * LANE_DEPTH;
+        if row < rows {
             #[unroll]
-            for r in 0..rank {
-                let mut value = f32::new(0.0);
-                if k < split_end {
-                    value = f32::cast_from(weight[k * rank + r]);
-                }
-                tile[r * TILE + unit] = value;
-            }
-            sync_cube();
-            if row < rows {
-                if whole {
+            for v in 0..comptime![LANE_DEPTH / width] {
+                let k = start + v * width;
+                if k < depth {
+                    let x = input[(row * depth + k) / width];
                     #[unroll]
-                    for step in 0..ROWS_PER_CUBE {
+                    for e in 0..width {
+                        let value = f32::cast_from(x.extract(e));
                         #[unroll]
-                        for r in 0..rank {
-                            sums[r] += inputs[step] * tile[r * TILE + step * LANES + lane];
+                        for part in 0..parts {
+                            let w = weight[(k + e) * parts + part];
+                            #[unroll]
+                            for l in 0..rank_width {
+                                sums[part * rank_width + l] += value * f32::cast_from(w.extract(l));
+                            }
                         }
-                    }
-                } else {
-                    let mut local_k = lane;
-                    while start + local_k < split_end {
-                        let x = f32::cast_from(input[row_start + local_k]);
-                        #[unroll]
-                        for r in 0..rank {
-                            sums[r] += x * tile[r * TILE + local_k];
-                        }
-                        local_k += LANES;
                     }
                 }
             }
-            sync_cube();
-            start += TILE;
         }
-        // The tile has room for every row's `rank x LANES` sums.
-        let slot = local_row * rank * LANES + lane;
+        let mut shared = Shared::<[f32]>::new_slice(comptime!(DOWN_PLANES * rank * DOWN_ROWS));
         #[unroll]
         for r in 0..rank {
-            tile[slot + r * LANES] = sums[r];
+            shared[(plane * rank + r) * DOWN_ROWS + lane] = sums[r];
         }
         sync_cube();
-        // Shared memory rather than plane sums: WGSL gets subgroups only behind a feature.
+        // `rank x DOWN_ROWS` totals, `r`-major, shared by the cube's units.
+        let mut slot = UNIT_POS as usize;
+        while slot < rank * DOWN_ROWS {
+            let mut total = f32::new(0.0);
+            #[unroll]
+            for p in 0..DOWN_PLANES {
+                total += shared[p * rank * DOWN_ROWS + slot];
+            }
+            let out_row = first_row + slot % DOWN_ROWS;
+            if out_row < rows {
+                partial[(split * rows + out_row) * rank + slot / DOWN_ROWS] = total;
+            }
+            slot += DOWN_ROWS * DOWN_PLANES;
+        }
+    }
+
+    /// `output[row, c] = Σ_r hidden[row, r] · weight[r, c]` for a thin hidden: each unit holds
+    /// one column vector of every weight row in registers and writes it for `UP_ROWS` rows, the
+    /// hidden row the same for every unit of a cube (a broadcast load).
+    #[cube(launch_unchecked)]
+    fn rank_up_kernel<F: Float, N: Size>(
+        hidden: &[F],
+        weight: &[Vector<F, N>],
+        output: &mut [Vector<F, N>],
+        rows: usize,
+        vectors: usize,
+        #[comptime] rank: usize,
+        #[define(F)] _dtype: ElemType,
+    ) {
+        let column = CUBE_POS_X as usize * UP_UNITS + UNIT_POS as usize;
+        if column >= vectors {
+            terminate!();
+        }
+        let width = N::value();
+        let mut columns = Array::<f32>::new(comptime!(rank * width));
         #[unroll]
-        for step in 0..comptime!(LANES.trailing_zeros()) {
-            let stride = comptime![LANES >> (step + 1)];
-            if lane < stride {
+        for r in 0..rank {
+            let w = weight[r * vectors + column];
+            #[unroll]
+            for e in 0..width {
+                columns[r * width + e] = f32::cast_from(w.extract(e));
+            }
+        }
+        let first_row = CUBE_POS_Y as usize * UP_ROWS;
+        #[unroll]
+        for i in 0..UP_ROWS {
+            let row = first_row + i;
+            if row < rows {
+                let mut h = Array::<f32>::new(rank);
                 #[unroll]
                 for r in 0..rank {
-                    tile[slot + r * LANES] += tile[slot + r * LANES + stride];
+                    h[r] = f32::cast_from(hidden[row * rank + r]);
                 }
+                let mut out = Vector::<F, N>::empty();
+                #[unroll]
+                for e in 0..width {
+                    let mut sum = f32::new(0.0);
+                    #[unroll]
+                    for r in 0..rank {
+                        sum += h[r] * columns[r * width + e];
+                    }
+                    out.insert(e, F::cast_from(sum));
+                }
+                output[row * vectors + column] = out;
             }
-            sync_cube();
-        }
-        if row < rows && lane < rank {
-            partial[(split * rows + row) * rank + lane] =
-                tile[local_row * rank * LANES + lane * LANES];
         }
     }
 
