@@ -197,7 +197,8 @@ mod cube {
         )
     }
 
-    /// The widest vector of `dtype` the runtime likes whose length divides `len` (1 if none).
+    /// The widest vector of `tensor`'s dtype the runtime likes whose length divides `len` (1 if
+    /// none).
     fn vector_size(tensor: &CubeTensor, len: usize) -> usize {
         tensor
             .client
