@@ -127,6 +127,17 @@ pub(crate) fn launch_dims(tensor: &CubeTensor, units: usize) -> (cubecl::CubeCou
     (cube_count, cube_dim)
 }
 
+/// The widest vector of `tensor`'s dtype the runtime likes whose length divides `len` (1 if
+/// none).
+pub(crate) fn vector_size(tensor: &CubeTensor, len: usize) -> usize {
+    tensor
+        .client
+        .io_optimized_vector_sizes(tensor.dtype.size())
+        .filter(|size| len.is_multiple_of(*size))
+        .max()
+        .unwrap_or(1)
+}
+
 impl Quant4bitOps for CubeBackend {
     fn dequantize_4bit(
         packed: CubeTensor,
@@ -142,12 +153,7 @@ impl Quant4bitOps for CubeBackend {
         let (cube_count, cube_dim) = launch_dims(&packed, words);
         let block_shift = block_size.trailing_zeros();
         // The widest store the runtime likes that divides a word's eight values.
-        let lanes = output
-            .client
-            .io_optimized_vector_sizes(dtype.size())
-            .filter(|lanes| WORD_ELEMENTS.is_multiple_of(*lanes))
-            .max()
-            .unwrap_or(1);
+        let lanes = vector_size(&output, WORD_ELEMENTS);
         if num_elements.is_multiple_of(WORD_ELEMENTS) && lanes > 1 {
             // SAFETY: `words` units each read one word, the absmax of its block and 16 codes, and
             // write the eight values of that word, all inside the output.

@@ -111,7 +111,7 @@ mod cube {
     use cubecl::prelude::*;
 
     use super::{LowRankOps, MAX_RANK};
-    use crate::extension::launch_dims;
+    use crate::extension::{launch_dims, vector_size};
 
     /// Rows per cube in [`rank_down_kernel`], one per lane of a plane, and its planes, each
     /// summing its own run of `LANE_DEPTH` columns: a cube covers `CUBE_DEPTH` of the depth, and
@@ -195,17 +195,6 @@ mod cube {
             empty(Shape::new([parts, rows * cols]), DType::F32),
             empty(Shape::new([rows, cols]), reference.dtype),
         )
-    }
-
-    /// The widest vector of `tensor`'s dtype the runtime likes whose length divides `len` (1 if
-    /// none).
-    fn vector_size(tensor: &CubeTensor, len: usize) -> usize {
-        tensor
-            .client
-            .io_optimized_vector_sizes(tensor.dtype.size())
-            .filter(|size| len.is_multiple_of(*size))
-            .max()
-            .unwrap_or(1)
     }
 
     /// `input · weight` through [`rank_down_kernel`] (f32 sums per slice of the depth) and
