@@ -13,6 +13,8 @@
 //! - [`causal_softmax`], [`rms_norm`]: attention's causal softmax and RMSNorm (frozen weight)
 //!   with their backwards, a row to a group of units.
 //! - [`rotary`]: rotary position embeddings read from the strided heads, written contiguous.
+//! - [`swap_heads`]: attention's head transposes (`[batch, seq, heads, width]` and back),
+//!   written contiguous a vector at a time.
 //! - [`bnb_format`]: the safetensors layout transformers writes for 4-bit weights.
 
 mod batched;
@@ -26,6 +28,7 @@ mod extension;
 #[cfg(feature = "flex")]
 mod flex_host;
 mod frozen;
+mod heads;
 #[cfg(feature = "cube")]
 pub mod kernels;
 mod low_rank;
@@ -46,6 +49,7 @@ pub use config::{NESTED_BLOCK_SIZE, QuantConfig};
 pub use cross_entropy::{CrossEntropyOps, cross_entropy};
 pub use error::QuantError;
 pub use frozen::{FrozenMatmulOps, frozen_matmul};
+pub use heads::{SwapHeadsOps, swap_heads};
 pub use low_rank::{LowRankOps, MAX_RANK, low_rank_down, low_rank_up};
 #[cfg(any(feature = "cube", feature = "flex"))]
 pub use matmul::{AbsmaxPrimitive, Matmul4bitOps, Weight4bitPrimitive};

@@ -87,9 +87,10 @@ mod cube {
     use cubecl::prelude::*;
 
     use super::RotaryOps;
+    use crate::extension::vector_size;
     use crate::rows::{grid, grid_cube};
 
-    /// Units per cube, one pair of elements each.
+    /// Units per cube, one pair of vectors each.
     const CUBE_UNITS: usize = 256;
 
     impl RotaryOps for CubeBackend {
@@ -110,31 +111,41 @@ mod cube {
             let [_, heads, seq, width] = shape.dims();
             let output =
                 empty_device_dtype(x.client.clone(), x.device.clone(), shape.clone(), x.dtype);
-            let pairs = shape.num_elements() / 2;
-            if pairs == 0 {
+            let half = width / 2;
+            let strides = x.meta.strides().to_vec();
+            // Whole vectors of each half-row where rows are contiguous and start on a vector
+            // (the tables' rows then do too).
+            let vector = if strides[3] == 1 && strides[..3].iter().all(|s| s % half.max(1) == 0) {
+                vector_size(&x, half)
+            } else {
+                1
+            };
+            let units = shape.num_elements() / 2 / vector;
+            if units == 0 {
                 return output;
             }
-            let strides = x.meta.strides().to_vec();
             let dtype = x.dtype;
-            // SAFETY: each unit owns one pair (guarded by `pairs`), reads it through `x`'s
-            // strides and its angles at `offset + position` (checked against the tables'
-            // length by `rotary`), and writes it to the contiguous output.
+            // SAFETY: each unit owns one vector of each half of a row (guarded by `units`),
+            // reads them through `x`'s strides (in vectors; whole vectors per half-row) and
+            // their angles at `offset + position` (checked against the tables' length by
+            // `rotary`), and writes them to the contiguous output.
             unsafe {
                 rotary_kernel::launch_unchecked(
                     &output.client,
-                    grid(pairs.div_ceil(CUBE_UNITS)),
+                    grid(units.div_ceil(CUBE_UNITS)),
                     CubeDim::new_1d(CUBE_UNITS as u32),
+                    vector,
                     x.into_buffer_arg(),
                     into_contiguous(cos).into_buffer_arg(),
                     into_contiguous(sin).into_buffer_arg(),
                     output.clone().into_buffer_arg(),
-                    pairs,
+                    units,
                     heads,
                     seq,
-                    width / 2,
-                    strides[0],
-                    strides[1],
-                    strides[2],
+                    half / vector,
+                    strides[0] / vector,
+                    strides[1] / vector,
+                    strides[2] / vector,
                     strides[3],
                     offset,
                     transposed,
@@ -145,16 +156,17 @@ mod cube {
         }
     }
 
-    /// One pair `(x[i], x[i + half])` of one row: `(x₁c - x₂s, x₂c + x₁s)`, or transposed
-    /// `(x₁c + x₂s, x₂c - x₁s)`, in `F` (each product rounded, as Burn's operations round).
+    /// One pair of vectors `(x[i], x[i + half])` of one row (strides and `half` in vectors):
+    /// `(x₁c - x₂s, x₂c + x₁s)`, or transposed `(x₁c + x₂s, x₂c - x₁s)`, in `F` (each product
+    /// rounded, as Burn's operations round).
     #[allow(clippy::too_many_arguments)]
     #[cube(launch_unchecked)]
-    fn rotary_kernel<F: Float>(
-        x: &[F],
-        cos: &[f32],
-        sin: &[f32],
-        output: &mut [F],
-        pairs: usize,
+    fn rotary_kernel<F: Float, N: Size>(
+        x: &[Vector<F, N>],
+        cos: &[Vector<f32, N>],
+        sin: &[Vector<f32, N>],
+        output: &mut [Vector<F, N>],
+        units: usize,
         heads: usize,
         seq: usize,
         half: usize,
@@ -167,7 +179,7 @@ mod cube {
         #[define(F)] _dtype: ElemType,
     ) {
         let unit = grid_cube() * CUBE_UNITS + UNIT_POS as usize;
-        if unit >= pairs {
+        if unit >= units {
             terminate!();
         }
         let i = unit % half;
@@ -179,11 +191,10 @@ mod cube {
         let first = x[base + i * stride_width];
         let second = x[base + (i + half) * stride_width];
         let angles = (offset + position) * 2 * half + i;
-        let (cos_first, sin_first) = (F::cast_from(cos[angles]), F::cast_from(sin[angles]));
-        let (cos_second, sin_second) = (
-            F::cast_from(cos[angles + half]),
-            F::cast_from(sin[angles + half]),
-        );
+        let cos_first = Vector::<F, N>::cast_from(cos[angles]);
+        let sin_first = Vector::<F, N>::cast_from(sin[angles]);
+        let cos_second = Vector::<F, N>::cast_from(cos[angles + half]);
+        let sin_second = Vector::<F, N>::cast_from(sin[angles + half]);
         let out = row * 2 * half + i;
         if comptime![transposed] {
             output[out] = first * cos_first + second * sin_second;

@@ -47,14 +47,18 @@ fn host_rotate(
     out
 }
 
-/// Training's heads from position 0 and a decoding step's from position 9, 2 x 3 heads of width
-/// 8, from `[batch, seq, heads, width]` tensors; in f32 and, where the device has it, bf16
-/// (each product rounded to 8 bits of mantissa).
+/// Training's heads from position 0 and a decoding step's from position 9, 2 x 3 heads of widths
+/// 8 and 32 (whole vectors per half) and 6 (one element at a time), from `[batch, seq, heads,
+/// width]` tensors; in f32 and, where the device has it, bf16 (each product rounded to 8 bits of
+/// mantissa).
 #[test]
 fn rotary_and_its_gradient_equal_the_host() {
-    let (width, positions) = (8, 16);
-    let (cos, sin) = tables(positions, width);
-    for (name, device) in devices() {
+    let positions = 16;
+    for (width, (name, device)) in [8, 6, 32]
+        .into_iter()
+        .flat_map(|width| devices().into_iter().map(move |device| (width, device)))
+    {
+        let (cos, sin) = tables(positions, width);
         for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
             if !device.supports_dtype(dtype) {
                 println!("{name}: no {dtype:?}, skipped");
@@ -91,7 +95,7 @@ fn rotary_and_its_gradient_equal_the_host() {
                 let expected = host_rotate(&widen(x.clone()), &cos, &sin, seq, offset, width, 1.0);
                 let expected_grad =
                     host_rotate(&widen(upstream), &cos, &sin, seq, offset, width, -1.0);
-                let what = format!("{name} {dtype:?} seq {seq} offset {offset}");
+                let what = format!("{name} {dtype:?} width {width} seq {seq} offset {offset}");
                 let error = max_relative_error(&f32_values(&out.to_data()), &expected);
                 assert!(error < tolerance, "{what}: output relative error {error}");
                 let error = max_relative_error(&f32_values(&grad.to_data()), &expected_grad);

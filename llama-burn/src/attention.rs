@@ -1,7 +1,7 @@
 use burn::module::Module;
 use burn::tensor::Tensor;
 use burn_qlora::Projection;
-use burn_qlora::kernels::{batched_matmul, causal_softmax};
+use burn_qlora::kernels::{batched_matmul, causal_softmax, swap_heads};
 
 use crate::Rope;
 
@@ -39,16 +39,20 @@ impl Attention {
     /// and values are appended to it.
     pub fn forward(&self, x: Tensor<3>, rope: &Rope, cache: Option<&mut LayerCache>) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
+        // `[batch, seq, heads, head_dim]`; the rotary kernel reads the queries' and keys' heads
+        // through the swapped view, the values' are transposed whole for `p·v`.
         let heads = |projection: &Projection, count: usize| {
             projection
                 .forward(x.clone())
                 .reshape([batch, seq, count, self.head_dim])
-                .swap_dims(1, 2)
         };
         let offset = cache.as_ref().map_or(0, |cache| cache.len());
-        let q = rope.apply(heads(&self.q_proj, self.num_heads), offset);
-        let mut k = rope.apply(heads(&self.k_proj, self.num_kv_heads), offset);
-        let mut v = heads(&self.v_proj, self.num_kv_heads);
+        let q = rope.apply(heads(&self.q_proj, self.num_heads).swap_dims(1, 2), offset);
+        let mut k = rope.apply(
+            heads(&self.k_proj, self.num_kv_heads).swap_dims(1, 2),
+            offset,
+        );
+        let mut v = swap_heads(heads(&self.v_proj, self.num_kv_heads));
         if let Some(cache) = cache {
             if let Some((past_k, past_v)) = cache.keys_values.take() {
                 k = Tensor::cat(vec![past_k, k], 2);
@@ -63,7 +67,7 @@ impl Attention {
         let scale = (self.head_dim as f64).sqrt().recip();
         let scores = batched_matmul(q, k.swap_dims(2, 3));
         let attention = causal_softmax(scores, scale, offset);
-        let output = batched_matmul(attention, v).swap_dims(1, 2).reshape([
+        let output = swap_heads(batched_matmul(attention, v)).reshape([
             batch,
             seq,
             self.num_heads * self.head_dim,
