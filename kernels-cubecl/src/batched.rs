@@ -3,6 +3,10 @@
 //! (Burn's own matmul takes its simple cyclic routine there: the 7B scores, `[4, 32, 512, 128] x
 //! [4, 32, 128, 512]`, ran at about 30 TFLOP/s on an H100), and its `Autodiff` backward gives
 //! both operands their gradients through the same routine.
+//!
+//! `q·kᵀ` is its own form ([`batched_matmul_transposed`]) so that the backward can lay the keys'
+//! gradient out as the keys are (`gradᵀ·q`, contiguous) rather than as `kᵀ` is: the rotary
+//! backward then reads it in whole vectors instead of one element at a time through a transpose.
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
@@ -15,15 +19,19 @@ use burn::tensor::Tensor;
     Autodiff
 )]
 pub trait BatchedMatmulOps: Backend {
-    /// `lhs · rhs` over the last two dimensions, for operands of one rank, one dtype and the
-    /// same leading (batch) dimensions.
-    #[fusion(meta = |lhs, rhs| {
+    /// `lhs · rhs` over the last two dimensions (`lhs · rhsᵀ` with `rhs_transposed`), for
+    /// operands of one rank, one dtype and the same leading (batch) dimensions.
+    #[fusion(meta = |lhs, rhs, rhs_transposed| {
         let mut out = lhs.clone();
         let last = out.shape.len() - 1;
-        out.shape[last] = rhs.shape[last];
+        out.shape[last] = rhs.shape[if *rhs_transposed { last - 1 } else { last }];
         out
     })]
-    fn batched_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn batched_matmul(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        rhs_transposed: bool,
+    ) -> FloatTensor<Self>;
 }
 
 /// `lhs · rhs` over the last two dimensions, as `Tensor::matmul`, with the gradients of both.
@@ -34,19 +42,49 @@ pub trait BatchedMatmulOps: Backend {
 ///
 /// If `lhs`' last dimension is not `rhs`' second to last, as `Tensor::matmul` would.
 pub fn batched_matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
+    product(lhs, rhs, false)
+}
+
+/// `lhs · rhsᵀ` over the last two dimensions (attention's `q·kᵀ` from the keys as they are),
+/// as [`batched_matmul`] with `rhs.swap_dims(D - 2, D - 1)`, except that `rhs`' gradient comes
+/// in `rhs`' own orientation.
+///
+/// # Panics
+///
+/// If `lhs` and `rhs` do not end in the same dimension.
+pub fn batched_matmul_transposed<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
+    product(lhs, rhs, true)
+}
+
+fn product<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, rhs_transposed: bool) -> Tensor<D> {
     let (lhs_dims, rhs_dims) = (lhs.dims(), rhs.dims());
+    let inner = if rhs_transposed { D - 1 } else { D - 2 };
     assert!(
-        D >= 2 && lhs_dims[D - 1] == rhs_dims[D - 2],
-        "batched matmul: {lhs_dims:?} x {rhs_dims:?} do not chain"
+        D >= 2 && lhs_dims[D - 1] == rhs_dims[inner],
+        "batched matmul: {lhs_dims:?} x {rhs_dims:?}{} do not chain",
+        if rhs_transposed { "ᵀ" } else { "" }
     );
     let same_batches = lhs_dims[..D - 2] == rhs_dims[..D - 2];
     if !same_batches || lhs.dtype() != rhs.dtype() || !crate::has_extensions(&lhs.device()) {
+        let rhs = if rhs_transposed {
+            rhs.swap_dims(D - 2, D - 1)
+        } else {
+            rhs
+        };
         return lhs.matmul(rhs);
     }
     Tensor::from_dispatch(Dispatch::batched_matmul(
         lhs.into_dispatch(),
         rhs.into_dispatch(),
+        rhs_transposed,
     ))
+}
+
+/// `tensor` with its last two dimensions swapped (a view).
+fn transposed<B: Backend>(tensor: FloatTensor<B>) -> FloatTensor<B> {
+    use burn::backend::TensorMetadata;
+    let rank = tensor.shape().num_dims();
+    B::float_swap_dims(tensor, rank - 2, rank - 1)
 }
 
 #[cfg(feature = "cube")]
@@ -54,11 +92,17 @@ mod cube {
     use burn_cubecl::CubeBackend;
     use burn_cubecl::tensor::CubeTensor;
 
-    use super::BatchedMatmulOps;
+    use super::{BatchedMatmulOps, transposed};
     use crate::matmul::cube::dense_product;
 
     impl BatchedMatmulOps for CubeBackend {
-        fn batched_matmul(lhs: CubeTensor, rhs: CubeTensor) -> CubeTensor {
+        fn batched_matmul(lhs: CubeTensor, rhs: CubeTensor, rhs_transposed: bool) -> CubeTensor {
+            // The TMA routine reads a transposed operand in place.
+            let rhs = if rhs_transposed {
+                transposed::<Self>(rhs)
+            } else {
+                rhs
+            };
             dense_product(lhs, rhs)
         }
     }
@@ -70,10 +114,15 @@ mod flex {
     use burn::backend::flex::FlexTensor;
     use burn::backend::ops::FloatTensorOps;
 
-    use super::BatchedMatmulOps;
+    use super::{BatchedMatmulOps, transposed};
 
     impl BatchedMatmulOps for Flex {
-        fn batched_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
+        fn batched_matmul(lhs: FlexTensor, rhs: FlexTensor, rhs_transposed: bool) -> FlexTensor {
+            let rhs = if rhs_transposed {
+                transposed::<Self>(rhs)
+            } else {
+                rhs
+            };
             Self::float_matmul(lhs, rhs)
         }
     }
@@ -81,7 +130,6 @@ mod flex {
 
 mod autodiff {
     use burn::backend::Autodiff;
-    use burn::backend::TensorMetadata;
     use burn::backend::autodiff::NodeId;
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -89,13 +137,16 @@ mod autodiff {
     use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary};
     use burn::backend::tensor::FloatTensor;
 
-    use super::BatchedMatmulOps;
+    use super::{BatchedMatmulOps, transposed};
 
-    /// The backward of `batched_matmul`: `grad · rhsᵀ` for `lhs` and `lhsᵀ · grad` for `rhs`,
-    /// each operand kept (or recomputed) only where the other needs a gradient, as Burn's
-    /// matmul does.
+    /// The backward of `batched_matmul`: for `lhs · rhs`, `grad · rhsᵀ` and `lhsᵀ · grad`; for
+    /// `lhs · rhsᵀ`, `grad · rhs` and `gradᵀ · lhs` (the gradient in `rhs`' orientation). Each
+    /// operand is kept (or recomputed) only where the other needs a gradient, as Burn's matmul
+    /// does.
     #[derive(Debug)]
-    struct BatchedMatmulBackward;
+    struct BatchedMatmulBackward {
+        rhs_transposed: bool,
+    }
 
     impl<B: BatchedMatmulOps> Backward<B, 2> for BatchedMatmulBackward {
         type State = (Option<NodeId>, Option<NodeId>);
@@ -109,25 +160,34 @@ mod autodiff {
             let (lhs, rhs) = ops.state;
             let lhs: Option<FloatTensor<B>> = lhs.map(|id| checkpointer.retrieve_node_output(id));
             let rhs: Option<FloatTensor<B>> = rhs.map(|id| checkpointer.retrieve_node_output(id));
-            let transposed = |tensor: Option<FloatTensor<B>>| {
-                let tensor = tensor.expect("kept for the other operand's gradient");
-                let rank = tensor.shape().num_dims();
-                B::float_swap_dims(tensor, rank - 2, rank - 1)
+            let kept = |tensor: Option<FloatTensor<B>>| {
+                tensor.expect("kept for the other operand's gradient")
             };
+            let rhs_transposed = self.rhs_transposed;
             binary::<B, _, _>(
                 ops.parents,
                 ops.node,
                 grads,
-                |grad| B::batched_matmul(grad, transposed(rhs)),
-                |grad| B::batched_matmul(transposed(lhs), grad),
+                |grad| B::batched_matmul(grad, kept(rhs), !rhs_transposed),
+                |grad| {
+                    if rhs_transposed {
+                        B::batched_matmul(transposed::<B>(grad), kept(lhs), false)
+                    } else {
+                        B::batched_matmul(transposed::<B>(kept(lhs)), grad, false)
+                    }
+                },
             );
         }
     }
 
     impl<B: BatchedMatmulOps, C: CheckpointStrategy> BatchedMatmulOps for Autodiff<B, C> {
-        fn batched_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        fn batched_matmul(
+            lhs: FloatTensor<Self>,
+            rhs: FloatTensor<Self>,
+            rhs_transposed: bool,
+        ) -> FloatTensor<Self> {
             let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
-            match BatchedMatmulBackward
+            match (BatchedMatmulBackward { rhs_transposed })
                 .prepare::<C>([lhs.node(), rhs.node()])
                 .compute_bound()
                 .stateful()
@@ -135,12 +195,17 @@ mod autodiff {
                 OpsKind::Tracked(mut prep) => {
                     let lhs_state = rhs_tracked.then(|| prep.checkpoint(&lhs));
                     let rhs_state = lhs_tracked.then(|| prep.checkpoint(&rhs));
-                    let output = B::batched_matmul(lhs.into_primitive(), rhs.into_primitive());
+                    let output = B::batched_matmul(
+                        lhs.into_primitive(),
+                        rhs.into_primitive(),
+                        rhs_transposed,
+                    );
                     prep.finish((lhs_state, rhs_state), output)
                 }
                 OpsKind::UnTracked(prep) => prep.finish(B::batched_matmul(
                     lhs.into_primitive(),
                     rhs.into_primitive(),
+                    rhs_transposed,
                 )),
             }
         }

@@ -43,7 +43,7 @@ mod rows;
 mod softmax;
 mod state;
 
-pub use batched::{BatchedMatmulOps, batched_matmul};
+pub use batched::{BatchedMatmulOps, batched_matmul, batched_matmul_transposed};
 pub use codebook::QuantType;
 pub use config::{NESTED_BLOCK_SIZE, QuantConfig};
 pub use cross_entropy::{CrossEntropyOps, cross_entropy};

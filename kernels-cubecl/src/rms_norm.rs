@@ -75,6 +75,7 @@ mod cube {
     use cubecl::prelude::*;
 
     use super::RmsNormOps;
+    use crate::extension::vector_size;
     use crate::rows::{grid, grid_cube, row_layout, row_reduce};
 
     /// Units per row: a row of 4096 (the 7B hidden size) is 32 loads a unit.
@@ -98,18 +99,20 @@ mod cube {
             }
             let (cube_count, cube_dim) = launch_shape(rows);
             let dtype = x.dtype;
+            let vector = vector_size(&x, width);
             // SAFETY: each `LANES` units of a cube own one row (guarded by `rows`), read it and
-            // the weight (`width` long) and write the row's output.
+            // the weight (`width` long, whole vectors) and write the row's output.
             unsafe {
                 rms_norm_kernel::launch_unchecked(
                     &output.client,
                     cube_count,
                     cube_dim,
+                    vector,
                     x.into_buffer_arg(),
                     into_contiguous(weight).into_buffer_arg(),
                     output.clone().into_buffer_arg(),
                     rows,
-                    width,
+                    width / vector,
                     eps,
                     dtype_to_storage_type(dtype),
                 );
@@ -130,18 +133,20 @@ mod cube {
             let (cube_count, cube_dim) = launch_shape(rows);
             let dtype = x.dtype;
             let grad_dtype = grad.dtype;
+            let vector = vector_size(&x, width).min(vector_size(&grad, width));
             // SAFETY: as the forward, reading the row of `grad` (`x`'s shape) too.
             unsafe {
                 rms_norm_backward_kernel::launch_unchecked(
                     &output.client,
                     cube_count,
                     cube_dim,
+                    vector,
                     x.into_buffer_arg(),
                     into_contiguous(weight).into_buffer_arg(),
                     into_contiguous(grad).into_buffer_arg(),
                     output.clone().into_buffer_arg(),
                     rows,
-                    width,
+                    width / vector,
                     eps,
                     dtype_to_storage_type(dtype),
                     dtype_to_storage_type(grad_dtype),
@@ -151,81 +156,99 @@ mod cube {
         }
     }
 
-    /// This unit's row, `LANES` units to a row, and the end of its walk: `width`, or 0 past
+    /// This unit's row, `LANES` units to a row, and the end of its walk: `vectors`, or 0 past
     /// the last row (whose units still take part in the reductions).
     #[cube]
-    fn unit_row(rows: usize, width: usize) -> (usize, usize) {
+    fn unit_row(rows: usize, vectors: usize) -> (usize, usize) {
         let row = grid_cube() * ROWS_PER_CUBE + UNIT_POS_Y as usize;
-        let end = select(row < rows, width, 0);
+        let end = select(row < rows, vectors, 0);
         (row, end)
     }
 
-    /// Each row's mean square, then `round(x / rms) · weight`.
+    /// The sum of a vector's elements.
+    #[cube]
+    fn vector_sum<N: Size>(v: Vector<f32, N>) -> f32 {
+        let mut sum = f32::new(0.0);
+        #[unroll]
+        for e in 0..N::value() {
+            sum += v.extract(e);
+        }
+        sum
+    }
+
+    /// Each row's mean square, then `round(x / rms) · weight`; rows of `vectors` vectors.
     #[cube(launch_unchecked)]
-    fn rms_norm_kernel<F: Float>(
-        x: &[F],
-        weight: &[F],
-        output: &mut [F],
+    fn rms_norm_kernel<F: Float, N: Size>(
+        x: &[Vector<F, N>],
+        weight: &[Vector<F, N>],
+        output: &mut [Vector<F, N>],
         rows: usize,
-        width: usize,
+        vectors: usize,
         eps: f32,
         #[define(F)] _dtype: ElemType,
     ) {
-        let (row, end) = unit_row(rows, width);
-        let first = row * width;
+        let (row, end) = unit_row(rows, vectors);
+        let first = row * vectors;
         let mut local = f32::new(0.0);
         let mut k = UNIT_POS_X as usize;
         while k < end {
-            let value = f32::cast_from(x[first + k]);
-            local += value * value;
+            let value = Vector::<f32, N>::cast_from(x[first + k]);
+            local += vector_sum(value * value);
             k += LANES;
         }
         let squares = row_reduce(local, LANES, ROWS_PER_CUBE, false);
-        let rms = f32::sqrt(squares / f32::cast_from(width) + eps);
+        let width = f32::cast_from(vectors * N::value());
+        let rms = Vector::<f32, N>::empty().fill(f32::sqrt(squares / width + eps));
         k = UNIT_POS_X as usize;
         while k < end {
-            let normed = F::cast_from(f32::cast_from(x[first + k]) / rms);
-            output[first + k] = F::cast_from(f32::cast_from(normed) * f32::cast_from(weight[k]));
+            let normed = Vector::<F, N>::cast_from(Vector::<f32, N>::cast_from(x[first + k]) / rms);
+            output[first + k] = Vector::<F, N>::cast_from(
+                Vector::<f32, N>::cast_from(normed) * Vector::<f32, N>::cast_from(weight[k]),
+            );
             k += LANES;
         }
     }
 
-    /// Each row's `Σ x²` and `Σ g·w·x`, then `(g·w - x · Σ(g·w·x) / (n·rms²)) / rms`.
+    /// Each row's `Σ x²` and `Σ g·w·x`, then `(g·w - x · Σ(g·w·x) / (n·rms²)) / rms`; rows of
+    /// `vectors` vectors.
     #[cube(launch_unchecked)]
-    fn rms_norm_backward_kernel<F: Float, G: Float>(
-        x: &[F],
-        weight: &[F],
-        grad: &[G],
-        output: &mut [F],
+    fn rms_norm_backward_kernel<F: Float, G: Float, N: Size>(
+        x: &[Vector<F, N>],
+        weight: &[Vector<F, N>],
+        grad: &[Vector<G, N>],
+        output: &mut [Vector<F, N>],
         rows: usize,
-        width: usize,
+        vectors: usize,
         eps: f32,
         #[define(F)] _dtype: ElemType,
         #[define(G)] _grad_dtype: ElemType,
     ) {
-        let (row, end) = unit_row(rows, width);
-        let first = row * width;
+        let (row, end) = unit_row(rows, vectors);
+        let first = row * vectors;
         let mut local_squares = f32::new(0.0);
         let mut local_dot = f32::new(0.0);
         let mut k = UNIT_POS_X as usize;
         while k < end {
-            let value = f32::cast_from(x[first + k]);
-            let scaled_grad = f32::cast_from(grad[first + k]) * f32::cast_from(weight[k]);
-            local_squares += value * value;
-            local_dot += scaled_grad * value;
+            let value = Vector::<f32, N>::cast_from(x[first + k]);
+            let scaled_grad = Vector::<f32, N>::cast_from(grad[first + k])
+                * Vector::<f32, N>::cast_from(weight[k]);
+            local_squares += vector_sum(value * value);
+            local_dot += vector_sum(scaled_grad * value);
             k += LANES;
         }
         let squares = row_reduce(local_squares, LANES, ROWS_PER_CUBE, false);
         let dot = row_reduce(local_dot, LANES, ROWS_PER_CUBE, false);
-        let width_f = f32::cast_from(width);
-        let mean_square = squares / width_f + eps;
-        let rms = f32::sqrt(mean_square);
-        let coefficient = dot / (width_f * mean_square);
+        let width = f32::cast_from(vectors * N::value());
+        let mean_square = squares / width + eps;
+        let rms = Vector::<f32, N>::empty().fill(f32::sqrt(mean_square));
+        let coefficient = Vector::<f32, N>::empty().fill(dot / (width * mean_square));
         k = UNIT_POS_X as usize;
         while k < end {
-            let value = f32::cast_from(x[first + k]);
-            let scaled_grad = f32::cast_from(grad[first + k]) * f32::cast_from(weight[k]);
-            output[first + k] = F::cast_from((scaled_grad - value * coefficient) / rms);
+            let value = Vector::<f32, N>::cast_from(x[first + k]);
+            let scaled_grad = Vector::<f32, N>::cast_from(grad[first + k])
+                * Vector::<f32, N>::cast_from(weight[k]);
+            output[first + k] =
+                Vector::<F, N>::cast_from((scaled_grad - value * coefficient) / rms);
             k += LANES;
         }
     }

@@ -22,7 +22,8 @@ use burn::tensor::{DType, Tensor};
 pub trait RotaryOps: Backend {
     /// `x` (`[batch, heads, seq, width]`, any strides) rotated by the angles of positions
     /// `offset..offset + seq` of the f32 `[positions, width]` tables, contiguous, in `x`'s
-    /// dtype; `transposed` rotates the other way (the backward).
+    /// dtype; `transposed` rotates the other way (the backward), its output laid out as the
+    /// projections leave the heads (`[batch, seq, heads, width]` in memory) for their backward.
     #[fusion(meta = |x, _, _, _, _| x.clone())]
     fn rotary(
         x: FloatTensor<Self>,
@@ -80,6 +81,8 @@ fn composed(x: Tensor<4>, cos: Tensor<2>, sin: Tensor<2>, offset: usize) -> Tens
 mod cube {
     use burn::backend::TensorMetadata;
     use burn::backend::cubecl::dtype_to_storage_type;
+    use burn::backend::ops::FloatTensorOps;
+    use burn::tensor::Shape;
     use burn_cubecl::CubeBackend;
     use burn_cubecl::kernel::into_contiguous;
     use burn_cubecl::ops::numeric::empty_device_dtype;
@@ -108,9 +111,15 @@ mod cube {
                 x
             };
             let shape = x.shape();
-            let [_, heads, seq, width] = shape.dims();
-            let output =
-                empty_device_dtype(x.client.clone(), x.device.clone(), shape.clone(), x.dtype);
+            let [batch, heads, seq, width] = shape.dims();
+            // The backward writes `[batch, seq, heads, width]` memory, returned as its
+            // `[batch, heads, seq, width]` view.
+            let memory = if transposed {
+                Shape::new([batch, seq, heads, width])
+            } else {
+                shape.clone()
+            };
+            let output = empty_device_dtype(x.client.clone(), x.device.clone(), memory, x.dtype);
             let half = width / 2;
             let strides = x.meta.strides().to_vec();
             // Whole vectors of each half-row where rows are contiguous and start on a vector
@@ -121,14 +130,27 @@ mod cube {
                 1
             };
             let units = shape.num_elements() / 2 / vector;
+            let view = |output: CubeTensor| {
+                if transposed {
+                    Self::float_swap_dims(output, 1, 2)
+                } else {
+                    output
+                }
+            };
             if units == 0 {
-                return output;
+                return view(output);
             }
+            let row = width / vector;
+            let (out_stride_head, out_stride_seq) = if transposed {
+                (row, heads * row)
+            } else {
+                (seq * row, row)
+            };
             let dtype = x.dtype;
             // SAFETY: each unit owns one vector of each half of a row (guarded by `units`),
             // reads them through `x`'s strides (in vectors; whole vectors per half-row) and
             // their angles at `offset + position` (checked against the tables' length by
-            // `rotary`), and writes them to the contiguous output.
+            // `rotary`), and writes them to its row of the output, whose strides cover it.
             unsafe {
                 rotary_kernel::launch_unchecked(
                     &output.client,
@@ -147,16 +169,19 @@ mod cube {
                     strides[1] / vector,
                     strides[2] / vector,
                     strides[3],
+                    out_stride_head,
+                    out_stride_seq,
                     offset,
                     transposed,
                     dtype_to_storage_type(dtype),
                 );
             }
-            output
+            view(output)
         }
     }
 
-    /// One pair of vectors `(x[i], x[i + half])` of one row (strides and `half` in vectors):
+    /// One pair of vectors `(x[i], x[i + half])` of one row (strides and `half` in vectors,
+    /// the output's batch stride `heads * seq * 2 * half`):
     /// `(x₁c - x₂s, x₂c + x₁s)`, or transposed `(x₁c + x₂s, x₂c - x₁s)`, in `F` (each product
     /// rounded, as Burn's operations round).
     #[allow(clippy::too_many_arguments)]
@@ -174,6 +199,8 @@ mod cube {
         stride_head: usize,
         stride_seq: usize,
         stride_width: usize,
+        out_stride_head: usize,
+        out_stride_seq: usize,
         offset: usize,
         #[comptime] transposed: bool,
         #[define(F)] _dtype: ElemType,
@@ -195,7 +222,8 @@ mod cube {
         let sin_first = Vector::<F, N>::cast_from(sin[angles]);
         let cos_second = Vector::<F, N>::cast_from(cos[angles + half]);
         let sin_second = Vector::<F, N>::cast_from(sin[angles + half]);
-        let out = row * 2 * half + i;
+        let out =
+            batch * heads * seq * 2 * half + head * out_stride_head + position * out_stride_seq + i;
         if comptime![transposed] {
             output[out] = first * cos_first + second * sin_second;
             output[out + half] = second * cos_second - first * sin_first;

@@ -7,7 +7,7 @@ mod common;
 
 use burn::tensor::{DType, Distribution, Tensor};
 use common::{devices, f32_values, max_relative_error};
-use kernels_cubecl::batched_matmul;
+use kernels_cubecl::{batched_matmul, batched_matmul_transposed};
 
 /// `[batches, m, k] x [batches, k, n]` in f64, row-major.
 fn host_product(lhs: &[f64], rhs: &[f64], batches: usize, [m, k, n]: [usize; 3]) -> Vec<f64> {
@@ -38,9 +38,9 @@ fn host_transpose(values: &[f64], batches: usize, rows: usize, cols: usize) -> V
 }
 
 /// `lhs · rhsᵀ` with `lhs` `[2, heads, m, k]` taken from a `[2, m, heads, k]` tensor (as
-/// attention's heads are) and `rhs` `[2, heads, n, k]` transposed, in f32 and, where the device
-/// has it, bf16. Small ragged shapes, and 128-aligned ones that CUDA sends through the TMA
-/// routine.
+/// attention's heads are) and `rhs` `[2, heads, n, k]`, transposed as a view or by
+/// `batched_matmul_transposed`, in f32 and, where the device has it, bf16. Small ragged shapes,
+/// and 128-aligned ones that CUDA sends through the TMA routine.
 #[test]
 fn batched_matmul_and_its_gradients_equal_the_host() {
     for (name, device) in devices() {
@@ -49,7 +49,12 @@ fn batched_matmul_and_its_gradients_equal_the_host() {
                 println!("{name}: no {dtype:?}, skipped");
                 continue;
             }
-            for [heads, m, k, n] in [[3, 5, 7, 9], [2, 256, 128, 256]] {
+            for ([heads, m, k, n], transposed_form) in [
+                ([3, 5, 7, 9], false),
+                ([3, 5, 7, 9], true),
+                ([2, 256, 128, 256], false),
+                ([2, 256, 128, 256], true),
+            ] {
                 let autodiff = device.clone().autodiff();
                 let random = |shape: [usize; 4]| {
                     Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &autodiff)
@@ -58,7 +63,11 @@ fn batched_matmul_and_its_gradients_equal_the_host() {
                 let lhs = random([2, m, heads, k]).swap_dims(1, 2).require_grad();
                 let rhs = random([2, heads, n, k]).require_grad();
                 let upstream = random([2, heads, m, n]);
-                let out = batched_matmul(lhs.clone(), rhs.clone().swap_dims(2, 3));
+                let out = if transposed_form {
+                    batched_matmul_transposed(lhs.clone(), rhs.clone())
+                } else {
+                    batched_matmul(lhs.clone(), rhs.clone().swap_dims(2, 3))
+                };
                 assert_eq!(out.dims(), [2, heads, m, n]);
                 assert_eq!(out.dtype(), dtype);
                 let grads = (out.clone() * upstream.clone()).sum().backward();
@@ -79,7 +88,9 @@ fn batched_matmul_and_its_gradients_equal_the_host() {
                 let upstream_t = host_transpose(&upstream, batches, m, n);
                 let expected_rhs = host_product(&upstream_t, &lhs_values, batches, [n, m, k]);
 
-                let what = format!("{name} {dtype:?} {heads}x{m}x{k}x{n}");
+                let what = format!(
+                    "{name} {dtype:?} {heads}x{m}x{k}x{n}, transposed form: {transposed_form}"
+                );
                 let check = |label: &str, actual: Tensor<4>, expected: &[f64]| {
                     let error = max_relative_error(&f32_values(&actual.to_data()), expected);
                     assert!(error < tolerance, "{what}: {label} relative error {error}");

@@ -28,9 +28,10 @@ fn host(x: &[f64], weight: &[f64], upstream: &[f64]) -> (Vec<f64>, Vec<f64>, Vec
     (out, grad, normed)
 }
 
-/// 7 rows (not a whole number of the kernel's 2-row cubes) of 300
-/// features (not a multiple of its 128 lanes), frozen weight, in f32 and, where the device has
-/// it, bf16 (the normalised value, the output and the gradient rounded to 8 bits of mantissa).
+/// 7 rows (not a whole number of the kernel's 2-row cubes) of 300 features (not a multiple of
+/// its 128 lanes; whole vectors of 4) and of 301 (one element at a time), frozen weight, in f32
+/// and, where the device has it, bf16 (the normalised value, the output and the gradient
+/// rounded to 8 bits of mantissa).
 #[test]
 fn rms_norm_and_its_gradient_equal_the_host() {
     for (name, device) in devices() {
@@ -39,14 +40,14 @@ fn rms_norm_and_its_gradient_equal_the_host() {
                 println!("{name}: no {dtype:?}, skipped");
                 continue;
             }
-            for trainable_weight in [false, true] {
+            for (width, trainable_weight) in [(300, false), (300, true), (301, false)] {
                 let autodiff = device.clone().autodiff();
-                let shape = [7, 1, 300];
+                let shape = [7, 1, width];
                 let x = Tensor::<3>::random(shape, Distribution::Normal(0.5, 2.0), &autodiff)
                     .cast(dtype)
                     .require_grad();
                 let mut weight =
-                    Tensor::<1>::random([300], Distribution::Normal(1.0, 0.5), &autodiff)
+                    Tensor::<1>::random([width], Distribution::Normal(1.0, 0.5), &autodiff)
                         .cast(dtype);
                 if trainable_weight {
                     weight = weight.require_grad();
@@ -65,7 +66,8 @@ fn rms_norm_and_its_gradient_equal_the_host() {
                     &widen(weight.to_data()),
                     &widen(upstream.to_data()),
                 );
-                let what = format!("{name} {dtype:?} trainable weight {trainable_weight}");
+                let what =
+                    format!("{name} {dtype:?} width {width} trainable weight {trainable_weight}");
                 let error = max_relative_error(&f32_values(&out.to_data()), &expected_out);
                 assert!(error < tolerance, "{what}: output relative error {error}");
                 let error = max_relative_error(&f32_values(&grad.to_data()), &expected_grad);
@@ -75,9 +77,9 @@ fn rms_norm_and_its_gradient_equal_the_host() {
                         assert!(trainable_weight, "{what}: a frozen weight got a gradient");
                         // Σ over rows of upstream · x / rms.
                         let upstream = widen(upstream.to_data());
-                        let mut expected = vec![0.0; 300];
+                        let mut expected = vec![0.0; width];
                         for (k, (u, n)) in upstream.iter().zip(&normed).enumerate() {
-                            expected[k % 300] += u * n;
+                            expected[k % width] += u * n;
                         }
                         let error =
                             max_relative_error(&f32_values(&weight_grad.to_data()), &expected);

@@ -1,7 +1,7 @@
 use burn::module::Module;
 use burn::tensor::Tensor;
 use burn_qlora::Projection;
-use burn_qlora::kernels::{batched_matmul, causal_softmax, swap_heads};
+use burn_qlora::kernels::{batched_matmul, batched_matmul_transposed, causal_softmax, swap_heads};
 
 use crate::Rope;
 
@@ -65,7 +65,7 @@ impl Attention {
         // Scores in the model's dtype, their softmax in f32, as transformers' attention does
         // for half precision.
         let scale = (self.head_dim as f64).sqrt().recip();
-        let scores = batched_matmul(q, k.swap_dims(2, 3));
+        let scores = batched_matmul_transposed(q, k);
         let attention = causal_softmax(scores, scale, offset);
         let output = swap_heads(batched_matmul(attention, v)).reshape([
             batch,
