@@ -5,8 +5,8 @@
 //!   kernels (`kernels`, features `cuda`/`wgpu`) on CubeCL devices and the reference elsewhere.
 //! - [`low_rank_down`], [`low_rank_up`]: a LoRA adapter's rank-wide products, with kernels for
 //!   their thin sides and a backward through the same kernels.
-//! - [`batched_matmul`]: a batched product of two activations (attention's), through the same
-//!   routine, with the gradients of both.
+//! - [`batched_matmul`], [`batched_matmul_transposed`]: a batched product of two activations
+//!   (attention's `p·v` and `q·kᵀ`), through the same routine, with the gradients of both.
 //! - [`frozen_matmul`]: a product with a frozen dense weight (an untied LM head), through the
 //!   4-bit products' matmul routine, with the input's gradient only.
 //! - [`cross_entropy`]: the loss over a vocabulary and its backward, one cube per row.
