@@ -30,8 +30,8 @@ pub trait CrossEntropyOps: Backend {
     })]
     fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self>;
 
-    /// The gradient of [`Self::cross_entropy`] for the logits: `grad[row] * (softmax(logits[row])
-    /// - onehot(targets[row]))`, in the logits' dtype.
+    /// The gradient of [`Self::cross_entropy`] for the logits, in the logits' dtype:
+    /// `grad[row] * (softmax(logits[row]) - onehot(targets[row]))`.
     #[fusion(meta = |logits, _, _| logits.clone())]
     fn cross_entropy_backward(
         logits: FloatTensor<Self>,
