@@ -138,6 +138,26 @@ pub(crate) fn vector_size(tensor: &CubeTensor, len: usize) -> usize {
         .unwrap_or(1)
 }
 
+/// `tensor` as a kernel walks it through its strides (a storage-tiled one, which has none,
+/// copied contiguous), its strides, and the vector size for its runs of `len` elements along
+/// the last dimension: the widest [`vector_size`] where that dimension is contiguous and every
+/// other stride a multiple of `len` (each run starts on a vector), else 1.
+pub(crate) fn strided_runs(tensor: CubeTensor, len: usize) -> (CubeTensor, Vec<usize>, usize) {
+    let tensor = if tensor.meta.is_tiled() {
+        into_contiguous(tensor)
+    } else {
+        tensor
+    };
+    let strides = tensor.meta.strides().to_vec();
+    let (last, outer) = strides.split_last().expect("at least one dimension");
+    let vector = if *last == 1 && outer.iter().all(|s| s % len.max(1) == 0) {
+        vector_size(&tensor, len)
+    } else {
+        1
+    };
+    (tensor, strides, vector)
+}
+
 impl Quant4bitOps for CubeBackend {
     fn dequantize_4bit(
         packed: CubeTensor,

@@ -44,13 +44,12 @@ mod cube {
     use burn::backend::cubecl::dtype_to_storage_type;
     use burn::tensor::Shape;
     use burn_cubecl::CubeBackend;
-    use burn_cubecl::kernel::into_contiguous;
     use burn_cubecl::ops::numeric::empty_device_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
     use super::SwapHeadsOps;
-    use crate::extension::vector_size;
+    use crate::extension::strided_runs;
     use crate::rows::{grid, grid_cube};
 
     /// Units per cube, one vector each.
@@ -58,26 +57,14 @@ mod cube {
 
     impl SwapHeadsOps for CubeBackend {
         fn swap_heads(x: CubeTensor) -> CubeTensor {
-            // A storage-tiled tensor has no plain strides to walk.
-            let x = if x.meta.is_tiled() {
-                into_contiguous(x)
-            } else {
-                x
-            };
             let [d0, d1, d2, width] = x.shape().dims();
+            let (x, strides, vector) = strided_runs(x, width);
             let output = empty_device_dtype(
                 x.client.clone(),
                 x.device.clone(),
                 Shape::new([d0, d2, d1, width]),
                 x.dtype,
             );
-            let strides: [usize; 4] = x.meta.strides().to_vec().try_into().expect("4 dimensions");
-            // Whole vectors only where each row is contiguous and starts on a vector.
-            let vector = if strides[3] == 1 && strides[..3].iter().all(|s| s % width == 0) {
-                vector_size(&x, width)
-            } else {
-                1
-            };
             let vectors = output.shape().num_elements() / vector;
             if vectors == 0 {
                 return output;

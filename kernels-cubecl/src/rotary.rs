@@ -90,7 +90,7 @@ mod cube {
     use cubecl::prelude::*;
 
     use super::RotaryOps;
-    use crate::extension::vector_size;
+    use crate::extension::strided_runs;
     use crate::rows::{grid, grid_cube};
 
     /// Units per cube, one pair of vectors each.
@@ -104,14 +104,11 @@ mod cube {
             offset: usize,
             transposed: bool,
         ) -> CubeTensor {
-            // A storage-tiled tensor has no plain strides to walk.
-            let x = if x.meta.is_tiled() {
-                into_contiguous(x)
-            } else {
-                x
-            };
             let shape = x.shape();
             let [batch, heads, seq, width] = shape.dims();
+            let half = width / 2;
+            // Whole vectors of each half-row where the rows allow (the tables' rows then do too).
+            let (x, strides, vector) = strided_runs(x, half);
             // The backward writes `[batch, seq, heads, width]` memory, returned as its
             // `[batch, heads, seq, width]` view.
             let memory = if transposed {
@@ -120,15 +117,6 @@ mod cube {
                 shape.clone()
             };
             let output = empty_device_dtype(x.client.clone(), x.device.clone(), memory, x.dtype);
-            let half = width / 2;
-            let strides = x.meta.strides().to_vec();
-            // Whole vectors of each half-row where rows are contiguous and start on a vector
-            // (the tables' rows then do too).
-            let vector = if strides[3] == 1 && strides[..3].iter().all(|s| s % half.max(1) == 0) {
-                vector_size(&x, half)
-            } else {
-                1
-            };
             let units = shape.num_elements() / 2 / vector;
             let view = |output: CubeTensor| {
                 if transposed {
