@@ -71,7 +71,7 @@ mod cube {
     use burn::tensor::{DType, Shape};
     use burn_cubecl::CubeBackend;
     use burn_cubecl::kernel::into_contiguous;
-    use burn_cubecl::ops::numeric::empty_device_dtype;
+    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
@@ -86,7 +86,7 @@ mod cube {
         fn cross_entropy(logits: CubeTensor, targets: CubeTensor) -> CubeTensor {
             let logits = into_contiguous(logits);
             let [rows, vocab] = logits.shape().dims();
-            let output = empty_device_dtype(
+            let output = empty_device_contiguous_dtype(
                 logits.client.clone(),
                 logits.device.clone(),
                 Shape::new([rows]),
@@ -120,7 +120,7 @@ mod cube {
         ) -> CubeTensor {
             let logits = into_contiguous(logits);
             let [rows, vocab] = logits.shape().dims();
-            let output = empty_device_dtype(
+            let output = empty_device_contiguous_dtype(
                 logits.client.clone(),
                 logits.device.clone(),
                 Shape::new([rows, vocab]),

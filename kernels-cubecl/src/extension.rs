@@ -7,7 +7,7 @@ use burn::backend::{Backend, backend_extension};
 use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
@@ -111,8 +111,9 @@ fn spec<const D: usize>(
     burn::backend::fusion::custom::TensorSpec::new(Shape::new(dims), dtype)
 }
 
+/// A flat `[len]` buffer for a kernel's output.
 fn empty_like(reference: &CubeTensor, len: usize, dtype: DType) -> CubeTensor {
-    empty_device_dtype(
+    empty_device_contiguous_dtype(
         reference.client.clone(),
         reference.device.clone(),
         Shape::new([len]),
@@ -230,7 +231,7 @@ impl Quant4bitOps for CubeBackend {
             "matvec_4bit needs whole words per row, got {cols} columns"
         );
         let dtype = input.dtype;
-        let output = empty_device_dtype(
+        let output = empty_device_contiguous_dtype(
             input.client.clone(),
             input.device.clone(),
             Shape::new([rows, features]),

@@ -44,7 +44,7 @@ mod cube {
     use burn::backend::cubecl::dtype_to_storage_type;
     use burn::tensor::Shape;
     use burn_cubecl::CubeBackend;
-    use burn_cubecl::ops::numeric::empty_device_dtype;
+    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
@@ -59,7 +59,7 @@ mod cube {
         fn swap_heads(x: CubeTensor) -> CubeTensor {
             let [d0, d1, d2, width] = x.shape().dims();
             let (x, strides, vector) = strided_runs(x, width);
-            let output = empty_device_dtype(
+            let output = empty_device_contiguous_dtype(
                 x.client.clone(),
                 x.device.clone(),
                 Shape::new([d0, d2, d1, width]),

@@ -106,7 +106,7 @@ mod cube {
     use burn::tensor::{DType, Shape};
     use burn_cubecl::CubeBackend;
     use burn_cubecl::kernel::into_contiguous;
-    use burn_cubecl::ops::numeric::empty_device_dtype;
+    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
@@ -184,7 +184,7 @@ mod cube {
         [rows, cols]: [usize; 2],
     ) -> (CubeTensor, CubeTensor) {
         let empty = |dims: Shape, dtype| {
-            empty_device_dtype(
+            empty_device_contiguous_dtype(
                 reference.client.clone(),
                 reference.device.clone(),
                 dims,
@@ -237,7 +237,7 @@ mod cube {
     fn rank_up(hidden: CubeTensor, weight: CubeTensor) -> CubeTensor {
         let rows = hidden.shape()[0];
         let [rank, cols] = weight.shape().dims();
-        let output = empty_device_dtype(
+        let output = empty_device_contiguous_dtype(
             hidden.client.clone(),
             hidden.device.clone(),
             Shape::new([rows, cols]),

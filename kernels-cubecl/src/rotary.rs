@@ -85,7 +85,7 @@ mod cube {
     use burn::tensor::Shape;
     use burn_cubecl::CubeBackend;
     use burn_cubecl::kernel::into_contiguous;
-    use burn_cubecl::ops::numeric::empty_device_dtype;
+    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
@@ -116,7 +116,8 @@ mod cube {
             } else {
                 shape.clone()
             };
-            let output = empty_device_dtype(x.client.clone(), x.device.clone(), memory, x.dtype);
+            let output =
+                empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), memory, x.dtype);
             let units = shape.num_elements() / 2 / vector;
             let view = |output: CubeTensor| {
                 if transposed {
