@@ -68,14 +68,14 @@ pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
 mod cube {
     use burn::backend::TensorMetadata;
     use burn::backend::cubecl::dtype_to_storage_type;
-    use burn::tensor::{DType, Shape};
+    use burn::tensor::DType;
     use burn_cubecl::CubeBackend;
     use burn_cubecl::kernel::into_contiguous;
-    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
     use super::CrossEntropyOps;
+    use crate::extension::empty_output;
     use crate::rows::{grid, grid_cube, row_reduce};
 
     /// Units per row: they stride over the vocabulary (coalesced loads) and meet in shared
@@ -86,12 +86,7 @@ mod cube {
         fn cross_entropy(logits: CubeTensor, targets: CubeTensor) -> CubeTensor {
             let logits = into_contiguous(logits);
             let [rows, vocab] = logits.shape().dims();
-            let output = empty_device_contiguous_dtype(
-                logits.client.clone(),
-                logits.device.clone(),
-                Shape::new([rows]),
-                DType::F32,
-            );
+            let output = empty_output(&logits, [rows], DType::F32);
             let dtype = logits.dtype;
             let target_dtype = targets.dtype;
             // SAFETY: one cube per row (the grid's two dimensions give the row, guarded by
@@ -120,12 +115,7 @@ mod cube {
         ) -> CubeTensor {
             let logits = into_contiguous(logits);
             let [rows, vocab] = logits.shape().dims();
-            let output = empty_device_contiguous_dtype(
-                logits.client.clone(),
-                logits.device.clone(),
-                Shape::new([rows, vocab]),
-                logits.dtype,
-            );
+            let output = empty_output(&logits, [rows, vocab], logits.dtype);
             let dtype = logits.dtype;
             let target_dtype = targets.dtype;
             let grad_dtype = grad.dtype;

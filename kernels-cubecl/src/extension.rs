@@ -111,12 +111,20 @@ fn spec<const D: usize>(
     burn::backend::fusion::custom::TensorSpec::new(Shape::new(dims), dtype)
 }
 
-/// A flat `[len]` buffer for a kernel's output.
-fn empty_like(reference: &CubeTensor, len: usize, dtype: DType) -> CubeTensor {
+/// An uninitialized output of `shape` and `dtype` on `reference`'s device, for a kernel.
+///
+/// Contiguous, as every kernel here writes its output as flat memory: Burn's default allocation
+/// may pitch the rows of a 2-D or wider tensor on CUDA (each padded to a multiple of up to 32
+/// bytes), which would misplace ragged rows.
+pub(crate) fn empty_output(
+    reference: &CubeTensor,
+    shape: impl Into<Shape>,
+    dtype: DType,
+) -> CubeTensor {
     empty_device_contiguous_dtype(
         reference.client.clone(),
         reference.device.clone(),
-        Shape::new([len]),
+        shape.into(),
         dtype,
     )
 }
@@ -169,7 +177,7 @@ impl Quant4bitOps for CubeBackend {
         block_size: usize,
         dtype: DType,
     ) -> CubeTensor {
-        let output = empty_like(&packed, num_elements, dtype);
+        let output = empty_output(&packed, [num_elements], dtype);
         let words = num_elements.div_ceil(WORD_ELEMENTS);
         let (cube_count, cube_dim) = launch_dims(&packed, words);
         let block_shift = block_size.trailing_zeros();
@@ -231,12 +239,7 @@ impl Quant4bitOps for CubeBackend {
             "matvec_4bit needs whole words per row, got {cols} columns"
         );
         let dtype = input.dtype;
-        let output = empty_device_contiguous_dtype(
-            input.client.clone(),
-            input.device.clone(),
-            Shape::new([rows, features]),
-            dtype,
-        );
+        let output = empty_output(&input, [rows, features], dtype);
         let cube_count = CubeCount::new_2d(
             features.div_ceil(MATVEC_FEATURES_PER_CUBE as usize) as u32,
             rows as u32,
@@ -270,7 +273,7 @@ impl Quant4bitOps for CubeBackend {
         map: CubeTensor,
         num_blocks: usize,
     ) -> CubeTensor {
-        let output = empty_like(&codes, num_blocks, DType::F32);
+        let output = empty_output(&codes, [num_blocks], DType::F32);
         let (cube_count, cube_dim) = launch_dims(&codes, num_blocks);
         // SAFETY: one unit per absmax, each reading its code word, its nested absmax and the map.
         unsafe {
@@ -297,8 +300,8 @@ impl Quant4bitOps for CubeBackend {
     ) -> (CubeTensor, CubeTensor) {
         let num_elements = input.meta.shape().num_elements();
         let (words, blocks) = quantized_lens(num_elements, block_size);
-        let packed = empty_like(&input, words, DType::U32);
-        let absmax = empty_like(&input, blocks, DType::F32);
+        let packed = empty_output(&input, [words], DType::U32);
+        let absmax = empty_output(&input, [blocks], DType::F32);
         let (cube_count, cube_dim) = launch_dims(&input, blocks);
         let dtype = input.dtype;
         let num_thresholds = thresholds.meta.shape().num_elements();
@@ -331,8 +334,8 @@ impl Quant4bitOps for CubeBackend {
     ) -> (CubeTensor, CubeTensor) {
         let num_blocks = absmax.meta.shape().num_elements();
         let (code_words, nested_blocks) = double_quantized_lens(num_blocks);
-        let codes = empty_like(&absmax, code_words, DType::U32);
-        let nested_absmax = empty_like(&absmax, nested_blocks, DType::F32);
+        let codes = empty_output(&absmax, [code_words], DType::U32);
+        let nested_absmax = empty_output(&absmax, [nested_blocks], DType::F32);
         let (cube_count, cube_dim) = launch_dims(&absmax, nested_blocks);
         // SAFETY: one unit per nested block of 256; it writes its nested absmax and its code words.
         unsafe {

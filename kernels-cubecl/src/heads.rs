@@ -42,14 +42,12 @@ pub fn swap_heads(x: Tensor<4>) -> Tensor<4> {
 mod cube {
     use burn::backend::TensorMetadata;
     use burn::backend::cubecl::dtype_to_storage_type;
-    use burn::tensor::Shape;
     use burn_cubecl::CubeBackend;
-    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
     use super::SwapHeadsOps;
-    use crate::extension::strided_runs;
+    use crate::extension::{empty_output, strided_runs};
     use crate::rows::{grid, grid_cube};
 
     /// Units per cube, one vector each.
@@ -59,12 +57,7 @@ mod cube {
         fn swap_heads(x: CubeTensor) -> CubeTensor {
             let [d0, d1, d2, width] = x.shape().dims();
             let (x, strides, vector) = strided_runs(x, width);
-            let output = empty_device_contiguous_dtype(
-                x.client.clone(),
-                x.device.clone(),
-                Shape::new([d0, d2, d1, width]),
-                x.dtype,
-            );
+            let output = empty_output(&x, [d0, d2, d1, width], x.dtype);
             let vectors = output.shape().num_elements() / vector;
             if vectors == 0 {
                 return output;

@@ -103,15 +103,14 @@ mod cube {
     use burn::backend::TensorMetadata;
     use burn::backend::cubecl::dtype_to_storage_type;
     use burn::backend::ops::FloatTensorOps;
-    use burn::tensor::{DType, Shape};
+    use burn::tensor::DType;
     use burn_cubecl::CubeBackend;
     use burn_cubecl::kernel::into_contiguous;
-    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
     use super::{LowRankOps, MAX_RANK};
-    use crate::extension::{launch_dims, vector_size};
+    use crate::extension::{empty_output, launch_dims, vector_size};
 
     /// Rows per cube in [`rank_down_kernel`], one per lane of a plane, and its planes, each
     /// summing its own run of `LANE_DEPTH` columns: a cube covers `CUBE_DEPTH` of the depth, and
@@ -183,17 +182,9 @@ mod cube {
         parts: usize,
         [rows, cols]: [usize; 2],
     ) -> (CubeTensor, CubeTensor) {
-        let empty = |dims: Shape, dtype| {
-            empty_device_contiguous_dtype(
-                reference.client.clone(),
-                reference.device.clone(),
-                dims,
-                dtype,
-            )
-        };
         (
-            empty(Shape::new([parts, rows * cols]), DType::F32),
-            empty(Shape::new([rows, cols]), reference.dtype),
+            empty_output(reference, [parts, rows * cols], DType::F32),
+            empty_output(reference, [rows, cols], reference.dtype),
         )
     }
 
@@ -237,12 +228,7 @@ mod cube {
     fn rank_up(hidden: CubeTensor, weight: CubeTensor) -> CubeTensor {
         let rows = hidden.shape()[0];
         let [rank, cols] = weight.shape().dims();
-        let output = empty_device_contiguous_dtype(
-            hidden.client.clone(),
-            hidden.device.clone(),
-            Shape::new([rows, cols]),
-            hidden.dtype,
-        );
+        let output = empty_output(&hidden, [rows, cols], hidden.dtype);
         let dtype = hidden.dtype;
         let vector = vector_size(&output, cols);
         let vectors = cols / vector;

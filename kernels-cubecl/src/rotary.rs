@@ -85,12 +85,11 @@ mod cube {
     use burn::tensor::Shape;
     use burn_cubecl::CubeBackend;
     use burn_cubecl::kernel::into_contiguous;
-    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
     use super::RotaryOps;
-    use crate::extension::strided_runs;
+    use crate::extension::{empty_output, strided_runs};
     use crate::rows::{grid, grid_cube};
 
     /// Units per cube, one pair of vectors each.
@@ -116,8 +115,7 @@ mod cube {
             } else {
                 shape.clone()
             };
-            let output =
-                empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), memory, x.dtype);
+            let output = empty_output(&x, memory, x.dtype);
             let units = shape.num_elements() / 2 / vector;
             let view = |output: CubeTensor| {
                 if transposed {

@@ -6,9 +6,9 @@
 //! kernels give a row `lanes` units that stride over it (coalesced loads) and meet in shared
 //! memory (rather than through plane operations: WGSL gets subgroups only behind a feature).
 
+use crate::extension::empty_output;
 use burn::backend::TensorMetadata;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
@@ -18,21 +18,12 @@ const MAX_CUBES: usize = 65_535;
 
 /// A row-wise operation's input made contiguous, an empty output of its shape and dtype, its
 /// number of rows (every dimension but the last) and their length.
-///
-/// The output is allocated contiguous, as every kernel output in this crate is: the kernels
-/// write flat memory, and Burn's default allocation may pitch the rows of a 2-D or wider tensor
-/// on CUDA (each padded to a multiple of up to 32 bytes), which would misplace ragged rows.
 pub(crate) fn row_layout(input: CubeTensor) -> (CubeTensor, CubeTensor, usize, usize) {
     let input = into_contiguous(input);
     let shape = input.shape();
     let width = shape[shape.num_dims() - 1];
     let rows = shape.num_elements() / width.max(1);
-    let output = empty_device_contiguous_dtype(
-        input.client.clone(),
-        input.device.clone(),
-        shape,
-        input.dtype,
-    );
+    let output = empty_output(&input, shape, input.dtype);
     (input, output, rows, width)
 }
 
