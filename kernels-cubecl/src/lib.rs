@@ -42,6 +42,8 @@ mod rotary;
 mod rows;
 mod softmax;
 mod state;
+#[cfg(feature = "cuda")]
+mod wgmma;
 
 pub use batched::{BatchedMatmulOps, batched_matmul, batched_matmul_transposed};
 pub use codebook::QuantType;

@@ -231,9 +231,13 @@ pub(crate) mod cube {
         }
     }
 
-    /// `lhs · rhs` for operands of one rank with the same batch dimensions: the TMA routine
-    /// where it applies, else Burn's matmul.
+    /// `lhs · rhs` for operands of one rank with the same batch dimensions: the `wgmma` kernel
+    /// where it applies, else the TMA routine where that does, else Burn's matmul.
     pub(crate) fn dense_product(lhs: CubeTensor, rhs: CubeTensor) -> CubeTensor {
+        #[cfg(feature = "cuda")]
+        if let Some(out) = crate::wgmma::product(&lhs, &rhs) {
+            return out;
+        }
         matmul_tma(&lhs, &rhs).unwrap_or_else(|| CubeBackend::float_matmul(lhs, rhs))
     }
 

@@ -173,3 +173,59 @@ fn frozen_matmul_equals_the_dense_product_and_leaves_the_weight_without_gradient
         assert!(error < TOLERANCE, "{name}: grad x relative error {error}");
     }
 }
+
+/// bf16 products at tile-aligned sizes, where an H100 takes the hand-written `wgmma` kernel (the
+/// TMA routine or Burn's matmul elsewhere): the forward `x·Wᵀ` (a column-major right-hand side),
+/// the input gradient `g·W` and the frozen head's `x·W` (row-major ones), each equal to the f32
+/// product of the same bf16 values on Flex up to the output's bf16 rounding. 256 x 384 x 256 spans
+/// several 128 x 128 tiles and eight 32-deep slices, more than the kernel's three-stage ring.
+/// WGSL has no bf16, so wgpu runs the same products in f16.
+#[test]
+fn bf16_products_at_tile_sizes_equal_the_f32_product() {
+    // bf16 keeps 8 significant bits (f16 11): each output rounds by up to 2^-9 relative.
+    const BF16_TOLERANCE: f32 = 4e-3;
+    let reference = Device::flex();
+    for (name, device) in devices() {
+        let dtype = if name == "wgpu" {
+            DType::F16
+        } else {
+            DType::BF16
+        };
+        let half_values = |tensor: Tensor<2>| {
+            let data = tensor.cast(dtype).into_data();
+            Tensor::<2>::from_data(data.convert::<f32>(), &reference)
+        };
+        let weight = Tensor::<2>::random([384, 256], Distribution::Default, &device);
+        let packed = Packed4bit::quantize(weight, QuantConfig::default()).unwrap();
+        let dense = half_values(packed.dequantize::<2>().unwrap());
+        let x = Tensor::<2>::random([256, 256], Distribution::Default, &device).cast(dtype);
+        let g = Tensor::<2>::random([256, 384], Distribution::Default, &device).cast(dtype);
+        let head = Tensor::<2>::random([256, 384], Distribution::Default, &device).cast(dtype);
+        let cases = [
+            (
+                "x·Wᵀ",
+                packed.linear(x.clone()).unwrap(),
+                half_values(x.clone()).matmul(dense.clone().transpose()),
+            ),
+            (
+                "g·W",
+                packed.matmul(g.clone()).unwrap(),
+                half_values(g).matmul(dense),
+            ),
+            (
+                "head x·W",
+                frozen_matmul(x.clone(), head.clone()),
+                half_values(x).matmul(half_values(head)),
+            ),
+        ];
+        for (product, ours, expected) in cases {
+            assert_eq!(ours.dtype(), dtype, "{name} {product}");
+            let ours = half_values(ours);
+            let error = relative_error(ours, expected);
+            assert!(
+                error < BF16_TOLERANCE,
+                "{name} {product}: relative error {error}"
+            );
+        }
+    }
+}
