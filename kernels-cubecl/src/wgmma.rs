@@ -1,5 +1,5 @@
-//! The bf16 product `A · Bᵀ` on Hopper's warpgroup MMA (`wgmma`), hand-written in CUDA
-//! (`wgmma.cu`): cubek 0.3's tiles are `mma.sync`, which reach about a third of an H100's bf16
+//! The bf16 product `A · B` on Hopper's warpgroup MMA (`wgmma`), `B` laid out either way,
+//! hand-written in CUDA (`wgmma.cu`): cubek 0.3's tiles are `mma.sync`, which reach about a third of an H100's bf16
 //! peak. It enters CubeCL as a precompiled kernel, compiled by NVRTC for `sm_90a` like the
 //! generated ones and launched on the same stream.
 
@@ -36,7 +36,8 @@ struct WgmmaProduct {
 }
 
 impl WgmmaProduct {
-    fn source(&self) -> String {
+    /// The CUDA text: `wgmma.cu` behind the sizes, the layout and the accumulator's operands.
+    fn text(&self) -> String {
         let registers = (0..ACCUMULATORS)
             .map(|i| format!("%{i}"))
             .collect::<Vec<_>>()
@@ -82,7 +83,7 @@ impl CubeKernel for WgmmaProduct {
 
     fn source(&self) -> Option<PrecompiledSource> {
         Some(PrecompiledSource {
-            source: WgmmaProduct::source(self),
+            source: self.text(),
             entrypoint_name: ENTRY_POINT.to_string(),
             lang: "cuda",
         })
@@ -107,12 +108,14 @@ pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> 
     let [rows, depth] = [lhs_shape[0], lhs_shape[1]];
     let [rhs_depth, cols] = [rhs_shape[0], rhs_shape[1]];
     let aligned = |tensor: &CubeTensor| tensor.handle.offset_start.unwrap_or(0).is_multiple_of(16);
+    let rhs_strides = rhs.meta.strides();
+    let rhs_row_major = rhs_strides[..] == [cols, 1];
     let fits = rhs_depth == depth
         && rows.is_multiple_of(BLOCK_ROWS)
         && cols.is_multiple_of(BLOCK_COLS)
         && depth.is_multiple_of(SLICE_DEPTH)
         && lhs.meta.strides()[..] == [depth, 1]
-        && (rhs.meta.strides()[..] == [1, depth] || rhs.meta.strides()[..] == [cols, 1])
+        && (rhs_row_major || rhs_strides[..] == [1, depth])
         && !lhs.meta.is_tiled()
         && !rhs.meta.is_tiled()
         && aligned(lhs)
@@ -129,7 +132,7 @@ pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> 
     let kernel = WgmmaProduct {
         cols,
         depth,
-        rhs_row_major: rhs.meta.strides()[1] == 1,
+        rhs_row_major,
     };
     lhs.client.launch(Box::new(kernel), count, arguments);
     Some(out)
