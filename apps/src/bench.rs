@@ -25,12 +25,19 @@ pub fn memory_in_use(device: &Device) -> Result<u64> {
 }
 
 /// The most bytes the device's pools ever reserved (whole pages, as torch's
-/// `max_memory_reserved` counts them).
+/// `max_memory_reserved` counts them): the paged pools' peaks, plus what the
+/// persistent pool (the model's weights, see `Llama::load`) holds now.
 pub fn peak_reserved(device: &Device) -> Result<u64> {
     let pools = device
         .memory_pool_report()
         .context("the device reports no memory pools")?;
-    Ok(pools.iter().map(|p| p.page_size * p.pages_peak).sum())
+    let reserved = device
+        .memory_pool_usage()
+        .context("the device reports no memory pools")?
+        .bytes_reserved;
+    let paged_now: u64 = pools.iter().map(|p| p.page_size * p.pages).sum();
+    let paged_peak: u64 = pools.iter().map(|p| p.page_size * p.pages_peak).sum();
+    Ok(paged_peak + reserved.saturating_sub(paged_now))
 }
 
 pub fn mib(bytes: u64) -> f64 {

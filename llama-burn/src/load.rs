@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// Where a model's tensors come from, by Hugging Face's names, each checked against its shape.
-pub trait Checkpoint {
+pub trait Checkpoint: Sync {
     fn read(&self, name: &str, shape: &[usize]) -> Result<TensorData, LlamaError>;
 }
 
@@ -164,8 +164,13 @@ impl Loader<'_> {
             options,
             device,
         };
-        let model = loader.load()?;
-        Ok((model, config))
+        // The weights live as long as the model: in the persistent pool (one buffer each, found
+        // by size) they stay out of the pages the step's activations are carved from, which the
+        // allocator walks, slice by slice, for every allocation. The cleanup returns the
+        // loader's temporaries (a projection's dense weight before quantization) to the device.
+        let model = device.memory_persistent_allocations(&loader, |loader| loader.load());
+        device.memory_cleanup();
+        Ok((model?, config))
     }
 
     fn load(&self) -> Result<Llama, LlamaError> {
