@@ -1,7 +1,7 @@
 //! The bf16 product `A · B` on Hopper's warpgroup MMA (`wgmma`), `B` laid out either way,
-//! hand-written in CUDA (`wgmma.cu`): cubek 0.3's tiles are `mma.sync`, which reach about a third of an H100's bf16
-//! peak. It enters CubeCL as a precompiled kernel, compiled by NVRTC for `sm_90a` like the
-//! generated ones and launched on the same stream.
+//! hand-written in CUDA (`wgmma.cu`): cubek 0.3's tiles are `mma.sync`, which reach about a third
+//! of an H100's bf16 peak. It enters CubeCL as a precompiled kernel, compiled by NVRTC for
+//! `sm_90a` like the generated ones and launched on the same stream.
 
 use burn::backend::TensorMetadata;
 use burn::tensor::DType;
