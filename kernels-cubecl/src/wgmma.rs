@@ -1,7 +1,8 @@
 //! The bf16 product `A · B` on Hopper's warpgroup MMA (`wgmma`), `B` laid out either way,
 //! hand-written in CUDA (`wgmma.cu`): cubek 0.3's tiles are `mma.sync`, which reach about a third
 //! of an H100's bf16 peak. It enters CubeCL as a precompiled kernel, compiled by NVRTC for
-//! `sm_90a` like the generated ones and launched on the same stream.
+//! `sm_90a` like the generated ones and launched on the same stream, with the dynamic shared
+//! memory its text declares (our patch of cubecl-cuda: `third_party/cubecl-cuda/PATCH.md`).
 
 use burn::backend::TensorMetadata;
 use burn::tensor::DType;
@@ -19,13 +20,51 @@ use crate::extension::empty_output;
 const SOURCE: &str = include_str!("wgmma.cu");
 const ENTRY_POINT: &str = "wgmma_bf16_tn";
 
-/// A block's output tile (`BM` x `BN` in the source) and the depth of one slice (`BK`).
+/// A block's output rows (`BM` in the source) and the depth of one slice (`BK`).
 const BLOCK_ROWS: usize = 128;
-const BLOCK_COLS: usize = 128;
 const SLICE_DEPTH: usize = 32;
 const THREADS: u32 = 256;
-/// f32 accumulator registers per thread: a warpgroup's 64 x 128 tile over its 128 threads.
-const ACCUMULATORS: usize = 64;
+
+/// A block's output columns (`BN`): 256 where they and its 64-deep stages divide the product,
+/// else 128.
+fn tile_cols(cols: usize, depth: usize) -> Option<usize> {
+    [256, 128].into_iter().find(|&tile| {
+        cols.is_multiple_of(tile) && depth.is_multiple_of(Ring::of(tile).stage_depth())
+    })
+}
+
+/// The shared-memory ring a tile width streams its operands through.
+struct Ring {
+    stages: usize,
+    /// 32-deep slices a stage holds (one barrier and one MMA group each).
+    slices_per_stage: usize,
+    /// Stages whose MMAs may still run while the next is issued.
+    stages_in_flight: usize,
+    /// Blocks an SM holds (`__launch_bounds__`).
+    blocks_per_sm: usize,
+}
+
+impl Ring {
+    /// Measured on an H100 (BENCHMARKS.md): 256 wide, four stages of 64 (one block an SM,
+    /// 193 KiB); 128 wide, five of 32 (two blocks an SM, 81 KiB each).
+    fn of(tile_cols: usize) -> Self {
+        let (stages, slices_per_stage, blocks_per_sm) = if tile_cols == 256 {
+            (4, 2, 1)
+        } else {
+            (5, 1, 2)
+        };
+        Self {
+            stages,
+            slices_per_stage,
+            stages_in_flight: 1,
+            blocks_per_sm,
+        }
+    }
+
+    fn stage_depth(&self) -> usize {
+        self.slices_per_stage * SLICE_DEPTH
+    }
+}
 
 /// The product for one shape and right-hand layout: both are compiled in.
 struct WgmmaProduct {
@@ -33,32 +72,55 @@ struct WgmmaProduct {
     depth: usize,
     /// Whether the `[depth, cols]` right-hand side has contiguous rows (else contiguous columns).
     rhs_row_major: bool,
+    tile_cols: usize,
 }
 
 impl WgmmaProduct {
+    /// The ring's bytes, and 1 KiB to align its start.
+    fn shared_memory_bytes(&self) -> usize {
+        let ring = Ring::of(self.tile_cols);
+        ring.stages * ring.stage_depth() * (BLOCK_ROWS + self.tile_cols) * 2 + 1024
+    }
+
     /// The CUDA text: `wgmma.cu` behind the sizes, the layout and the accumulator's operands.
     fn text(&self) -> String {
-        let registers = (0..ACCUMULATORS)
+        // A warpgroup's 64 x BN f32 tile over its 128 threads.
+        let accumulators = self.tile_cols / 2;
+        let registers = (0..accumulators)
             .map(|i| format!("%{i}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let operands = (0..ACCUMULATORS)
+        let operands = (0..accumulators)
             .map(|i| format!("\"+f\"(d[{i}])"))
             .collect::<Vec<_>>()
             .join(", ");
+        let ring = Ring::of(self.tile_cols);
         format!(
-            "#define N_DIM {}\n#define K_DIM {}\n#define B_MN_MAJOR {}\n\
-             #define ACC_REGS \"{{{registers}}}\"\n#define ACC_OPERANDS {operands}\n{SOURCE}",
+            "#define N_DIM {}\n#define K_DIM {}\n#define B_MN_MAJOR {}\n#define BN {}\n\
+             #define STAGES {}\n#define SUBSLICES {}\n#define MMA_PENDING {}\n\
+             #define MIN_BLOCKS {}\n\
+             #define DYNAMIC_SHARED_MEMORY_BYTES {}\n#define ACC_REGS \"{{{registers}}}\"\n\
+             #define ACC_OPERANDS {operands}\n#define DESCRIPTORS \"%{}, %{}\"\n\
+             #define SCALE \"%{}\"\n{SOURCE}",
             self.cols,
             self.depth,
-            u8::from(self.rhs_row_major)
+            u8::from(self.rhs_row_major),
+            self.tile_cols,
+            ring.stages,
+            ring.slices_per_stage,
+            ring.stages_in_flight,
+            ring.blocks_per_sm,
+            self.shared_memory_bytes(),
+            accumulators,
+            accumulators + 1,
+            accumulators + 2,
         )
     }
 }
 
 impl KernelMetadata for WgmmaProduct {
     fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((self.cols, self.depth, self.rhs_row_major))
+        KernelId::new::<Self>().info((self.cols, self.depth, self.rhs_row_major, self.tile_cols))
     }
 
     fn address_type(&self) -> ElemType {
@@ -93,7 +155,8 @@ impl CubeKernel for WgmmaProduct {
 /// `lhs · rhs` for a bf16 `[rows, depth]` `lhs` with contiguous rows and a contiguous `[depth,
 /// cols]` `rhs` or the transpose of a contiguous `[cols, depth]` (a linear layer's `Wᵀ`), on
 /// devices of compute capability 9.0; `None` elsewhere, for other layouts, and for sizes the
-/// kernel's tiles do not divide (rows and cols multiples of 128, depth of 32).
+/// kernel's tiles do not divide (rows and cols multiples of 128, depth of 32; 256 and 64 for its
+/// wider tile).
 pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> {
     if lhs.dtype() != DType::BF16
         || rhs.dtype() != DType::BF16
@@ -110,10 +173,9 @@ pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> 
     let aligned = |tensor: &CubeTensor| tensor.handle.offset_start.unwrap_or(0).is_multiple_of(16);
     let rhs_strides = rhs.meta.strides();
     let rhs_row_major = rhs_strides[..] == [cols, 1];
+    let tile_cols = tile_cols(cols, depth)?;
     let fits = rhs_depth == depth
         && rows.is_multiple_of(BLOCK_ROWS)
-        && cols.is_multiple_of(BLOCK_COLS)
-        && depth.is_multiple_of(SLICE_DEPTH)
         && lhs.meta.strides()[..] == [depth, 1]
         && (rhs_row_major || rhs_strides[..] == [1, depth])
         && !lhs.meta.is_tiled()
@@ -128,11 +190,12 @@ pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> 
         .with_buffer_io(lhs.handle.clone().binding(), BufferIOAttr::ReadOnly)
         .with_buffer_io(rhs.handle.clone().binding(), BufferIOAttr::ReadOnly)
         .with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);
-    let count = CubeCount::Static((rows / BLOCK_ROWS) as u32, (cols / BLOCK_COLS) as u32, 1);
+    let count = CubeCount::Static((rows / BLOCK_ROWS) as u32, (cols / tile_cols) as u32, 1);
     let kernel = WgmmaProduct {
         cols,
         depth,
         rhs_row_major,
+        tile_cols,
     };
     lhs.client.launch(Box::new(kernel), count, arguments);
     Some(out)
