@@ -2,34 +2,46 @@
 // accumulated in f32, written as bf16 C [M, N]: Hopper's warpgroup MMA (`wgmma`), which cubek
 // does not emit.
 //
-// The host prepends N_DIM and K_DIM (multiples of BN and BK; M a multiple of BM), B_MN_MAJOR (1
-// when B's rows are contiguous along N, as a linear layer's weight is for its input gradient; 0
-// when B is the transpose of a K-contiguous [N, K], as the weight is for the forward), the tile's
-// width BN (128 or 256), the ring's STAGES of SUBSLICES BK-deep slices each, the stages whose MMAs
-// may run on while the next is issued (MMA_PENDING), the blocks an SM holds (MIN_BLOCKS), the
-// ring's size DYNAMIC_SHARED_MEMORY_BYTES (the launch reserves it: see third_party/cubecl-cuda)
-// and the accumulator's BN / 2 asm operands (ACC_REGS, ACC_OPERANDS) with the indices of the
-// operands after them (DESCRIPTORS, SCALE).
+// The host prepends N_DIM and K_DIM (multiples of BN and of a stage's depth; M a multiple of BM),
+// B_MN_MAJOR (1 when B's rows are contiguous along N, as a linear layer's weight is for its input
+// gradient; 0 when B is the transpose of a K-contiguous [N, K], as the weight is for the
+// forward), the tile's width BN (128 or 256), the ring's STAGES of SUBSLICES BK-deep slices each,
+// WARP_SPECIALIZED (the main loop below), the ring's size DYNAMIC_SHARED_MEMORY_BYTES (the launch
+// reserves it: see third_party/cubecl-cuda) and the accumulator's BN / 2 asm operands (ACC_REGS,
+// ACC_OPERANDS) with the indices of the operands after them (DESCRIPTORS, SCALE).
 //
-// Each 256-thread block computes a BM x BN tile, warpgroup w the rows [64 w, 64 w + 64), through
-// m64nBNk16 instructions that read both operands from shared memory. The depth loop streams
-// stages of A and B through a STAGES-deep ring with `cp.async`, each BK-deep slice in a layout
-// wgmma's descriptors name, swizzled so that neither the copies nor the MMA reads collide on
-// banks: the 16-byte chunks of each row permuted by an XOR with the row's place among its
-// neighbours. The MMAs run asynchronously: a stage's copies go out while the MMA_PENDING stages
-// before are still being multiplied, so the copies land STAGES - 1 - MMA_PENDING stages ahead.
-// A 128 x 256 tile loads 24 KiB per 2^20 multiply-adds, against 16 KiB per 2^19 for 128 x 128:
-// the products are bound by what L2 delivers to the SMs, and the wider tile asks a third less.
+// Each block computes a BM x BN tile: two consumer warpgroups (threads 0 to 255), warpgroup w the
+// rows [64 w, 64 w + 64), through m64nBNk16 instructions that read both operands from shared
+// memory. Stages of A and B stream into a STAGES-deep ring with `cp.async`, each BK-deep slice in
+// a layout wgmma's descriptors name, swizzled so that neither the copies nor the MMA reads collide
+// on banks (the 16-byte chunks of each row permuted by an XOR with the row's place among its
+// neighbours). The consumers keep one stage's MMAs in flight while the next is issued. Two main
+// loops, each the faster for one layout on an H100 (BENCHMARKS.md):
+// - WARP_SPECIALIZED 1 (B K-major): two more warps produce. They fill a stage once both
+//   consumers marked it empty on its `mbarrier`, and mark it full once their copies landed; no
+//   block-wide barrier, and the copies run as far ahead as the ring allows.
+// - WARP_SPECIALIZED 0 (B N-major): the consumers copy too, STAGES - 2 stages ahead, with one
+//   block barrier a stage.
+// A 128 x 256 tile loads 48 KiB per 2^21 multiply-adds, half of what 128 x 128 tiles ask of L2
+// per FLOP.
 
 #define BM 128
 #define BK 32
-#define THREADS 256
+#define CONSUMER_THREADS 256
+#if WARP_SPECIALIZED
+#define COPY_THREADS 64
+#define THREADS (CONSUMER_THREADS + COPY_THREADS)
+#else
+#define COPY_THREADS CONSUMER_THREADS
+#define THREADS CONSUMER_THREADS
+#endif
+// Stages the producer keeps in flight before it announces the oldest.
+#define PRODUCER_LAG 2
 #define A_SLICE_BYTES (BM * BK * 2)
 #define B_SLICE_BYTES (BN * BK * 2)
 #define SLICE_BYTES (A_SLICE_BYTES + B_SLICE_BYTES)
 #define STAGE_BYTES (SUBSLICES * SLICE_BYTES)
 #define ROW_BYTES (BK * 2)
-#define AHEAD (STAGES - 1 - MMA_PENDING)
 #define STRING_(x) #x
 #define STRING(x) STRING_(x)
 
@@ -59,8 +71,8 @@ template <int ROWS>
 static __device__ __forceinline__ void copy_k_major(u32 slice, const bf16 *matrix, int row0, int k0,
                                                     int thread) {
 #pragma unroll
-    for (int i = 0; i < ROWS * BK / 8 / THREADS; i++) {
-        int chunk = thread + i * THREADS;
+    for (int i = 0; i < ROWS * BK / 8 / COPY_THREADS; i++) {
+        int chunk = thread + i * COPY_THREADS;
         int row = chunk / (BK / 8);
         int column = chunk % (BK / 8);
         u32 to = slice + row * ROW_BYTES + ((column ^ ((row >> 1) & 3)) << 4);
@@ -86,8 +98,8 @@ static __device__ __forceinline__ u64 b_descriptor(u32 address) {
 static __device__ __forceinline__ void copy_b(u32 slice, const bf16 *matrix, int n0, int k0,
                                               int thread) {
 #pragma unroll
-    for (int i = 0; i < BK * BN / 8 / THREADS; i++) {
-        int chunk = thread + i * THREADS;
+    for (int i = 0; i < BK * BN / 8 / COPY_THREADS; i++) {
+        int chunk = thread + i * COPY_THREADS;
         int row = chunk / (BN / 8);
         int column = chunk % (BN / 8);
         int panel = column / 8;
@@ -133,7 +145,26 @@ static __device__ __forceinline__ u32 pack(float low, float high) {
     return packed;
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
+static __device__ __forceinline__ void barrier_init(u32 barrier, u32 arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(barrier), "r"(arrivals));
+}
+
+// One arrival, releasing this thread's earlier writes to whoever waits for the phase.
+static __device__ __forceinline__ void barrier_arrive(u32 barrier) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(barrier)
+                 : "memory");
+}
+
+// Until the barrier's phase of this parity has completed.
+static __device__ __forceinline__ void barrier_wait(u32 barrier, u32 parity) {
+    asm volatile("{\n.reg .pred done;\nwait:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra wait;\n}\n" ::"r"(barrier),
+                 "r"(parity)
+                 : "memory");
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
     wgmma_bf16_tn(const bf16 *__restrict__ a, const bf16 *__restrict__ b, bf16 *__restrict__ c) {
     // The launch reserves 1 KiB more than the ring: its start rounded up to the 1024 bytes the
     // 128-byte swizzle's pattern repeats over.
@@ -144,37 +175,84 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     // The depth loop's steps, one stage each.
     const int steps = K_DIM / (BK * SUBSLICES);
     const u32 base = (shared_address(ring) + 1023) & ~1023u;
-    // This warpgroup's 64 rows within an A slice.
+    // This consumer warpgroup's 64 rows within an A slice.
     const u32 warpgroup_rows = (thread / 128) * 64 * ROW_BYTES;
-
     float d[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; i++) {
         d[i] = 0.0f;
     }
 
+#if WARP_SPECIALIZED
+    // full[s]: stage s holds the next slices (the producers arrive); empty[s]: both consumer
+    // warpgroups are done with it (their threads arrive).
+    __shared__ __align__(8) u64 full[STAGES], empty[STAGES];
+    const u32 full_barriers = shared_address(full);
+    const u32 empty_barriers = shared_address(empty);
+    if (thread == 0) {
 #pragma unroll
-    for (int s = 0; s < AHEAD; s++) {
+        for (int s = 0; s < STAGES; s++) {
+            barrier_init(full_barriers + 8 * s, COPY_THREADS);
+            barrier_init(empty_barriers + 8 * s, CONSUMER_THREADS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (thread >= CONSUMER_THREADS) {
+        const int producer = thread - CONSUMER_THREADS;
+        for (int step = 0; step < steps; step++) {
+            const int s = step % STAGES;
+            if (step >= STAGES) {
+                barrier_wait(empty_barriers + 8 * s, (step / STAGES - 1) & 1);
+            }
+            copy_stage(base + s * STAGE_BYTES, a, b, m0, n0, step * BK * SUBSLICES, producer);
+            asm volatile("cp.async.commit_group;\n" ::);
+            // The stage PRODUCER_LAG back has landed: this thread's copies of it made visible to
+            // the MMAs' async proxy, then announced.
+            if (step >= PRODUCER_LAG) {
+                asm volatile("cp.async.wait_group %0;\n" ::"n"(PRODUCER_LAG));
+                asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+                barrier_arrive(full_barriers + 8 * ((step - PRODUCER_LAG) % STAGES));
+            }
+        }
+        asm volatile("cp.async.wait_group 0;\n" ::);
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        for (int step = steps > PRODUCER_LAG ? steps - PRODUCER_LAG : 0; step < steps; step++) {
+            barrier_arrive(full_barriers + 8 * (step % STAGES));
+        }
+        return;
+    }
+#else
+    // The copies run STAGES - 2 stages ahead: the stage they overwrite is the one whose MMAs the
+    // consumers waited for at the end of the step before.
+#pragma unroll
+    for (int s = 0; s < STAGES - 2; s++) {
         if (s < steps) {
             copy_stage(base + s * STAGE_BYTES, a, b, m0, n0, s * BK * SUBSLICES, thread);
         }
         asm volatile("cp.async.commit_group;\n" ::);
     }
+#endif
 
     for (int step = 0; step < steps; step++) {
+        const int s = step % STAGES;
+#if WARP_SPECIALIZED
+        barrier_wait(full_barriers + 8 * s, (step / STAGES) & 1);
+#else
         // This stage's copies landed, everyone's (the barrier), and every warpgroup has finished
         // the MMAs of the stage the next copy overwrites.
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(AHEAD - 1));
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 3));
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
-        const int next = step + AHEAD;
+        const int next = step + STAGES - 2;
         if (next < steps) {
             copy_stage(base + (next % STAGES) * STAGE_BYTES, a, b, m0, n0, next * BK * SUBSLICES,
                        thread);
         }
         asm volatile("cp.async.commit_group;\n" ::);
-
-        const u32 stage = base + (step % STAGES) * STAGE_BYTES;
+#endif
+        const u32 stage = base + s * STAGE_BYTES;
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
         for (int j = 0; j < SUBSLICES; j++) {
@@ -187,8 +265,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
             }
         }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        // The latest MMA_PENDING stages' MMAs stay in flight; those before are done.
-        MMA_WAIT(MMA_PENDING);
+        // This stage's MMAs stay in flight; the stage before is done with.
+        MMA_WAIT(1);
+#if WARP_SPECIALIZED
+        if (step >= 1) {
+            barrier_arrive(empty_barriers + 8 * ((step - 1) % STAGES));
+        }
+#endif
     }
     MMA_WAIT(0);
 

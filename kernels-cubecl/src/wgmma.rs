@@ -23,47 +23,20 @@ const ENTRY_POINT: &str = "wgmma_bf16_tn";
 /// A block's output rows (`BM` in the source) and the depth of one slice (`BK`).
 const BLOCK_ROWS: usize = 128;
 const SLICE_DEPTH: usize = 32;
-const THREADS: u32 = 256;
+/// Two consumer warpgroups, and two producer warps where the main loop is warp-specialized.
+const CONSUMER_THREADS: u32 = 256;
+const PRODUCER_THREADS: u32 = 64;
+/// The ring: four stages of two slices (a 64-deep stage; 193 KiB at 256 wide, one block an SM),
+/// the best of the shapes tried at 256 wide on an H100 (BENCHMARKS.md). 128-wide tiles, which no
+/// 7B product takes, use the same.
+const STAGES: usize = 4;
+const SLICES_PER_STAGE: usize = 2;
 
-/// A block's output columns (`BN`): 256 where they and its 64-deep stages divide the product,
-/// else 128.
-fn tile_cols(cols: usize, depth: usize) -> Option<usize> {
-    [256, 128].into_iter().find(|&tile| {
-        cols.is_multiple_of(tile) && depth.is_multiple_of(Ring::of(tile).stage_depth())
-    })
-}
-
-/// The shared-memory ring a tile width streams its operands through.
-struct Ring {
-    stages: usize,
-    /// 32-deep slices a stage holds (one barrier and one MMA group each).
-    slices_per_stage: usize,
-    /// Stages whose MMAs may still run while the next is issued.
-    stages_in_flight: usize,
-    /// Blocks an SM holds (`__launch_bounds__`).
-    blocks_per_sm: usize,
-}
-
-impl Ring {
-    /// Measured on an H100 (BENCHMARKS.md): 256 wide, four stages of 64 (one block an SM,
-    /// 193 KiB); 128 wide, five of 32 (two blocks an SM, 81 KiB each).
-    fn of(tile_cols: usize) -> Self {
-        let (stages, slices_per_stage, blocks_per_sm) = if tile_cols == 256 {
-            (4, 2, 1)
-        } else {
-            (5, 1, 2)
-        };
-        Self {
-            stages,
-            slices_per_stage,
-            stages_in_flight: 1,
-            blocks_per_sm,
-        }
-    }
-
-    fn stage_depth(&self) -> usize {
-        self.slices_per_stage * SLICE_DEPTH
-    }
+/// A block's output columns (`BN`): 256 where they divide the product, else 128.
+fn tile_cols(cols: usize) -> Option<usize> {
+    [256, 128]
+        .into_iter()
+        .find(|&tile| cols.is_multiple_of(tile))
 }
 
 /// The product for one shape and right-hand layout: both are compiled in.
@@ -76,10 +49,25 @@ struct WgmmaProduct {
 }
 
 impl WgmmaProduct {
+    /// Producer warps feed the consumers for a K-major right-hand side (a linear layer's forward);
+    /// for an N-major one (its input gradient) the consumers copy themselves, which measured
+    /// faster there (BENCHMARKS.md).
+    fn warp_specialized(&self) -> bool {
+        !self.rhs_row_major
+    }
+
+    fn threads(&self) -> u32 {
+        CONSUMER_THREADS
+            + if self.warp_specialized() {
+                PRODUCER_THREADS
+            } else {
+                0
+            }
+    }
+
     /// The ring's bytes, and 1 KiB to align its start.
     fn shared_memory_bytes(&self) -> usize {
-        let ring = Ring::of(self.tile_cols);
-        ring.stages * ring.stage_depth() * (BLOCK_ROWS + self.tile_cols) * 2 + 1024
+        STAGES * SLICES_PER_STAGE * SLICE_DEPTH * (BLOCK_ROWS + self.tile_cols) * 2 + 1024
     }
 
     /// The CUDA text: `wgmma.cu` behind the sizes, the layout and the accumulator's operands.
@@ -94,11 +82,10 @@ impl WgmmaProduct {
             .map(|i| format!("\"+f\"(d[{i}])"))
             .collect::<Vec<_>>()
             .join(", ");
-        let ring = Ring::of(self.tile_cols);
         format!(
             "#define N_DIM {}\n#define K_DIM {}\n#define B_MN_MAJOR {}\n#define BN {}\n\
-             #define STAGES {}\n#define SUBSLICES {}\n#define MMA_PENDING {}\n\
-             #define MIN_BLOCKS {}\n\
+             #define STAGES {STAGES}\n#define SUBSLICES {SLICES_PER_STAGE}\n\
+             #define WARP_SPECIALIZED {}\n\
              #define DYNAMIC_SHARED_MEMORY_BYTES {}\n#define ACC_REGS \"{{{registers}}}\"\n\
              #define ACC_OPERANDS {operands}\n#define DESCRIPTORS \"%{}, %{}\"\n\
              #define SCALE \"%{}\"\n{SOURCE}",
@@ -106,10 +93,7 @@ impl WgmmaProduct {
             self.depth,
             u8::from(self.rhs_row_major),
             self.tile_cols,
-            ring.stages,
-            ring.slices_per_stage,
-            ring.stages_in_flight,
-            ring.blocks_per_sm,
+            u8::from(self.warp_specialized()),
             self.shared_memory_bytes(),
             accumulators,
             accumulators + 1,
@@ -132,7 +116,7 @@ impl CubeKernel for WgmmaProduct {
     /// No IR: the definition carries the block size the launch uses.
     fn define(&self) -> KernelDefinition {
         let settings = KernelSettings::new(
-            CubeDim::new_1d(THREADS).0,
+            CubeDim::new_1d(self.threads()).0,
             ExecutionMode::Unchecked,
             AddressType::U32,
         );
@@ -155,8 +139,7 @@ impl CubeKernel for WgmmaProduct {
 /// `lhs · rhs` for a bf16 `[rows, depth]` `lhs` with contiguous rows and a contiguous `[depth,
 /// cols]` `rhs` or the transpose of a contiguous `[cols, depth]` (a linear layer's `Wᵀ`), on
 /// devices of compute capability 9.0; `None` elsewhere, for other layouts, and for sizes the
-/// kernel's tiles do not divide (rows and cols multiples of 128, depth of 32; 256 and 64 for its
-/// wider tile).
+/// kernel's tiles do not divide (rows and cols multiples of 128, depth of 64).
 pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> {
     if lhs.dtype() != DType::BF16
         || rhs.dtype() != DType::BF16
@@ -173,9 +156,10 @@ pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> 
     let aligned = |tensor: &CubeTensor| tensor.handle.offset_start.unwrap_or(0).is_multiple_of(16);
     let rhs_strides = rhs.meta.strides();
     let rhs_row_major = rhs_strides[..] == [cols, 1];
-    let tile_cols = tile_cols(cols, depth)?;
+    let tile_cols = tile_cols(cols)?;
     let fits = rhs_depth == depth
         && rows.is_multiple_of(BLOCK_ROWS)
+        && depth.is_multiple_of(SLICES_PER_STAGE * SLICE_DEPTH)
         && lhs.meta.strides()[..] == [depth, 1]
         && (rhs_row_major || rhs_strides[..] == [1, depth])
         && !lhs.meta.is_tiled()
