@@ -178,8 +178,8 @@ fn frozen_matmul_equals_the_dense_product_and_leaves_the_weight_without_gradient
 /// TMA routine or Burn's matmul elsewhere): the forward `x·Wᵀ` (a column-major right-hand side),
 /// the input gradient `g·W` and the frozen head's `x·W` (row-major ones), each equal to the f32
 /// product of the same bf16 values on Flex up to the output's bf16 rounding. Outputs 512 and 256
-/// wide take the kernel's 256-wide tiles, 384 wide its 128-wide ones, each layout both; depths of
-/// 256 to 512 are eight to sixteen 32-deep slices, more than either tile's ring holds.
+/// wide take the kernel's 256-wide tiles, 384 wide its 128-wide ones, each layout both; a depth
+/// of 512 is eight 64-deep stages, twice round the kernel's four-stage ring.
 /// WGSL has no bf16, so wgpu runs the same products in f16.
 #[test]
 fn bf16_products_at_tile_sizes_equal_the_f32_product() {
@@ -197,16 +197,16 @@ fn bf16_products_at_tile_sizes_equal_the_f32_product() {
             Tensor::<2>::from_data(data.convert::<f32>(), &reference)
         };
         let quantized = |rows: usize| {
-            let weight = Tensor::<2>::random([rows, 256], Distribution::Default, &device);
+            let weight = Tensor::<2>::random([rows, 512], Distribution::Default, &device);
             let packed = Packed4bit::quantize(weight, QuantConfig::default()).unwrap();
             let dense = half_values(packed.dequantize::<2>().unwrap());
             (packed, dense)
         };
         let (wide, wide_dense) = quantized(512);
         let (narrow, narrow_dense) = quantized(384);
-        let x = Tensor::<2>::random([256, 256], Distribution::Default, &device).cast(dtype);
+        let x = Tensor::<2>::random([256, 512], Distribution::Default, &device).cast(dtype);
         let g = Tensor::<2>::random([256, 512], Distribution::Default, &device).cast(dtype);
-        let head = Tensor::<2>::random([256, 384], Distribution::Default, &device).cast(dtype);
+        let head = Tensor::<2>::random([512, 384], Distribution::Default, &device).cast(dtype);
         let cases = [
             (
                 "x·Wᵀ 512 wide",
@@ -219,7 +219,7 @@ fn bf16_products_at_tile_sizes_equal_the_f32_product() {
                 half_values(x.clone()).matmul(narrow_dense.transpose()),
             ),
             (
-                "g·W 256 wide",
+                "g·W 512 wide",
                 wide.matmul(g.clone()).unwrap(),
                 half_values(g).matmul(wide_dense),
             ),
