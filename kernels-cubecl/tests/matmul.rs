@@ -240,3 +240,79 @@ fn bf16_products_at_tile_sizes_equal_the_f32_product() {
         }
     }
 }
+
+/// A linear layer's 4-bit forward is bitwise the product with the dequantized weight through the
+/// dense routine (`frozen_matmul`), for NF4 with and without double quantization and FP4, at both
+/// `wgmma` tile widths on CUDA (512 and 384 rows), over a 3-D input: the dequantization rounds
+/// each value once and nothing else differs. WGSL has no bf16, so wgpu runs it in f16.
+#[test]
+fn forward_4bit_equals_the_dequantized_product_bitwise() {
+    for (name, device) in devices() {
+        let dtype = if name == "wgpu" {
+            DType::F16
+        } else {
+            DType::BF16
+        };
+        for config in [
+            QuantConfig::default(),
+            QuantConfig::new(QuantType::Nf4, 64, false),
+            QuantConfig::new(QuantType::Fp4, 64, true),
+        ] {
+            for rows in [512, 384] {
+                let weight = Tensor::<2>::random([rows, 512], Distribution::Default, &device);
+                let packed = Packed4bit::quantize(weight, config).unwrap();
+                let dense = packed.dequantize::<2>().unwrap().cast(dtype);
+                let x =
+                    Tensor::<3>::random([2, 128, 512], Distribution::Default, &device).cast(dtype);
+                let ours = packed.linear(x.clone()).unwrap();
+                let theirs = frozen_matmul(x, dense.transpose());
+                let difference = (ours.cast(DType::F32) - theirs.cast(DType::F32))
+                    .abs()
+                    .max()
+                    .into_scalar::<f32>();
+                assert_eq!(difference, 0.0, "{name} {config:?} {rows} rows");
+            }
+        }
+    }
+}
+
+/// The same forward against bitsandbytes' own dequantized bf16 weights: for the golden bf16
+/// states whose sizes the `wgmma` kernel's tiles divide (128 x 64 and 256 x 320), NF4 and FP4,
+/// with and without double quantization, `x · Wᵀ` equals `x` times bitsandbytes' `dequant`
+/// values through the dense routine, bitwise. wgpu is left out: WGSL has no bf16.
+#[test]
+fn forward_4bit_with_golden_states_equals_bitsandbytes_dequantized_product() {
+    let cases: Vec<_> = golden_cases()
+        .into_iter()
+        .filter(|case| {
+            case.shape.len() == 2
+                && case.input_dtype == DType::BF16
+                && case.shape[0] % 128 == 0
+                && case.shape[1] % 64 == 0
+        })
+        .collect();
+    if cases.is_empty() {
+        println!("skipped: no golden folder");
+        return;
+    }
+    for (name, device) in devices().into_iter().filter(|(name, _)| *name != "wgpu") {
+        for case in &cases {
+            let [features, cols] = [case.shape[0], case.shape[1]];
+            let packed = Packed4bit::from_state(&case.state(), &device).unwrap();
+            let theirs = Tensor::<2>::from_data(
+                TensorData::new(case.dequant.clone(), [features, cols]),
+                &device,
+            )
+            .cast(DType::BF16);
+            let x =
+                Tensor::<2>::random([256, cols], Distribution::Default, &device).cast(DType::BF16);
+            let ours = packed.linear(x.clone()).unwrap();
+            let expected = frozen_matmul(x, theirs.transpose());
+            let difference = (ours.cast(DType::F32) - expected.cast(DType::F32))
+                .abs()
+                .max()
+                .into_scalar::<f32>();
+            assert_eq!(difference, 0.0, "{name} {}", case.name);
+        }
+    }
+}
