@@ -266,10 +266,7 @@ fn forward_4bit_equals_the_dequantized_product_bitwise() {
                     Tensor::<3>::random([2, 128, 512], Distribution::Default, &device).cast(dtype);
                 let ours = packed.linear(x.clone()).unwrap();
                 let theirs = frozen_matmul(x, dense.transpose());
-                let difference = (ours.cast(DType::F32) - theirs.cast(DType::F32))
-                    .abs()
-                    .max()
-                    .into_scalar::<f32>();
+                let difference = largest_difference(ours, theirs);
                 assert_eq!(difference, 0.0, "{name} {config:?} {rows} rows");
             }
         }
@@ -308,11 +305,16 @@ fn forward_4bit_with_golden_states_equals_bitsandbytes_dequantized_product() {
                 Tensor::<2>::random([256, cols], Distribution::Default, &device).cast(DType::BF16);
             let ours = packed.linear(x.clone()).unwrap();
             let expected = frozen_matmul(x, theirs.transpose());
-            let difference = (ours.cast(DType::F32) - expected.cast(DType::F32))
-                .abs()
-                .max()
-                .into_scalar::<f32>();
+            let difference = largest_difference(ours, expected);
             assert_eq!(difference, 0.0, "{name} {}", case.name);
         }
     }
+}
+
+/// The largest absolute difference between two tensors of one shape, in f32.
+fn largest_difference<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+    (a.cast(DType::F32) - b.cast(DType::F32))
+        .abs()
+        .max()
+        .into_scalar::<f32>()
 }
