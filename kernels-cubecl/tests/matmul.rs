@@ -6,7 +6,7 @@
 mod common;
 
 use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
-use common::{devices, golden_cases};
+use common::{GoldenCase, devices, golden_cases};
 use integration_tests::relative_error;
 use kernels_cubecl::{Packed4bit, QuantConfig, QuantType, frozen_matmul};
 
@@ -105,13 +105,8 @@ fn matvec_with_golden_states_equals_bitsandbytes_dequantized_product() {
     }
     for (name, device) in devices() {
         for case in &cases {
-            let [features, cols] = [case.shape[0], case.shape[1]];
-            let packed = Packed4bit::from_state(&case.state(), &device).unwrap();
-            let theirs = Tensor::<2>::from_data(
-                TensorData::new(case.dequant.clone(), [features, cols]),
-                &device,
-            );
-            let x = Tensor::<2>::random([1, cols], Distribution::Default, &device);
+            let (packed, theirs) = golden_weight(case, &device);
+            let x = Tensor::<2>::random([1, case.shape[1]], Distribution::Default, &device);
             let y = packed.linear(x.clone()).unwrap();
             let error = relative_error(y, x.matmul(theirs.transpose()));
             assert!(
@@ -294,15 +289,10 @@ fn forward_4bit_with_golden_states_equals_bitsandbytes_dequantized_product() {
     }
     for (name, device) in devices().into_iter().filter(|(name, _)| *name != "wgpu") {
         for case in &cases {
-            let [features, cols] = [case.shape[0], case.shape[1]];
-            let packed = Packed4bit::from_state(&case.state(), &device).unwrap();
-            let theirs = Tensor::<2>::from_data(
-                TensorData::new(case.dequant.clone(), [features, cols]),
-                &device,
-            )
-            .cast(DType::BF16);
-            let x =
-                Tensor::<2>::random([256, cols], Distribution::Default, &device).cast(DType::BF16);
+            let (packed, theirs) = golden_weight(case, &device);
+            let theirs = theirs.cast(DType::BF16);
+            let x = Tensor::<2>::random([256, case.shape[1]], Distribution::Default, &device)
+                .cast(DType::BF16);
             let ours = packed.linear(x.clone()).unwrap();
             let expected = frozen_matmul(x, theirs.transpose());
             let difference = largest_difference(ours, expected);
@@ -317,4 +307,12 @@ fn largest_difference<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
         .abs()
         .max()
         .into_scalar::<f32>()
+}
+
+/// A 2-D golden case's state on `device`, and bitsandbytes' dequantized weight beside it.
+fn golden_weight(case: &GoldenCase, device: &Device) -> (Packed4bit, Tensor<2>) {
+    let packed = Packed4bit::from_state(&case.state(), device).unwrap();
+    let shape = [case.shape[0], case.shape[1]];
+    let theirs = Tensor::<2>::from_data(TensorData::new(case.dequant.clone(), shape), device);
+    (packed, theirs)
 }
