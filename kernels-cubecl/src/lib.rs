@@ -15,6 +15,7 @@
 //! - [`rotary`]: rotary position embeddings read from the strided heads, written contiguous.
 //! - [`swap_heads`]: attention's head transposes (`[batch, seq, heads, width]` and back),
 //!   written contiguous a vector at a time.
+//! - [`swiglu`]: SwiGLU's gating `silu(gate) · up`, and both gradients from one kernel.
 //! - [`bnb_format`]: the safetensors layout transformers writes for 4-bit weights.
 
 mod batched;
@@ -42,6 +43,7 @@ mod rotary;
 mod rows;
 mod softmax;
 mod state;
+mod swiglu;
 #[cfg(feature = "cuda")]
 mod wgmma;
 
@@ -60,6 +62,7 @@ pub use rms_norm::{RmsNormOps, rms_norm};
 pub use rotary::{RotaryOps, rotary};
 pub use softmax::{CausalSoftmaxOps, causal_softmax};
 pub use state::{Absmax, NestedAbsmax, QuantState};
+pub use swiglu::{SwigluOps, swiglu};
 
 /// Whether the device's backend has this crate's backend extensions (the 4-bit matmul, the
 /// low-rank products) in this build: CubeCL devices with `cuda`/`wgpu`, Flex with `flex`.
