@@ -2,7 +2,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig};
 use burn::tensor::{DType, Tensor};
-use kernels_cubecl::{low_rank_down, low_rank_up};
+use kernels_cubecl::{low_rank_down, low_rank_up_add};
 use serde::{Deserialize, Serialize};
 
 use crate::{FrozenLinear, MergeError};
@@ -127,7 +127,7 @@ impl LoraLinear {
             self.dropout.forward(input.clone()),
             self.lora_a.weight.val(),
         );
-        self.base.forward(input) + low_rank_up(hidden, lora_b)
+        low_rank_up_add(self.base.forward(input), hidden, lora_b)
     }
 
     /// `scaling * B·A` in Burn's `[d_input, d_output]` layout, f32.

@@ -54,7 +54,7 @@ pub use cross_entropy::{CrossEntropyOps, cross_entropy};
 pub use error::QuantError;
 pub use frozen::{FrozenMatmulOps, frozen_matmul};
 pub use heads::{SwapHeadsOps, swap_heads};
-pub use low_rank::{LowRankOps, MAX_RANK, low_rank_down, low_rank_up};
+pub use low_rank::{LowRankOps, MAX_RANK, low_rank_down, low_rank_up, low_rank_up_add};
 #[cfg(any(feature = "cube", feature = "flex"))]
 pub use matmul::{AbsmaxPrimitive, Matmul4bitOps, Weight4bitPrimitive};
 pub use packed::{DeviceAbsmax, Packed4bit};

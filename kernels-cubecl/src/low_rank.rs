@@ -43,6 +43,15 @@ pub trait LowRankOps: Backend {
     })]
     fn low_rank_up(hidden: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
 
+    /// `base + hidden · weight` for a `[m, n]` base: a LoRA layer's output (the base layer's
+    /// plus the adapter's), summed in f32 and rounded once.
+    #[fusion(meta = |base, _, _| base.clone())]
+    fn low_rank_up_add(
+        base: FloatTensor<Self>,
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
     /// `inputᵀ · grad` for a `[m, k]` input and a thin `[m, r]` gradient: `[k, r]`, the
     /// gradient of a thin weight.
     #[fusion(meta = |input, grad| {
@@ -71,6 +80,41 @@ pub fn low_rank_down<const D: usize>(input: Tensor<D>, weight: Tensor<2>) -> Ten
 /// If `hidden` does not end in `r` features, as `Tensor::matmul` would.
 pub fn low_rank_up<const D: usize>(hidden: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
     low_rank_product(hidden, weight, Dispatch::low_rank_up)
+}
+
+/// `base + hidden · weight` over `hidden`'s last dimension for a thin hidden `[.., r]`, a `[r,
+/// n]` weight (a LoRA `B`, scaling included) and a base output `[.., n]` (the frozen layer's):
+/// [`low_rank_up`] and the add as one kernel, in `base`'s dtype.
+///
+/// # Panics
+///
+/// If `hidden` does not end in `r` features or `base` is not `hidden`'s rows by `n`.
+pub fn low_rank_up_add<const D: usize>(
+    base: Tensor<D>,
+    hidden: Tensor<D>,
+    weight: Tensor<2>,
+) -> Tensor<D> {
+    let dims = base.dims();
+    let [rank, cols] = weight.dims();
+    let hidden_dims = hidden.dims();
+    assert!(
+        dims[D - 1] == cols && hidden_dims[D - 1] == rank && dims[..D - 1] == hidden_dims[..D - 1],
+        "low-rank product: base {dims:?} is not hidden {hidden_dims:?} times [{rank}, {cols}]"
+    );
+    if !crate::has_extensions(&base.device()) {
+        let hidden = hidden.cast(base.dtype());
+        return base + low_rank_up(hidden, weight);
+    }
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let weight = weight.cast(base.dtype());
+    let hidden = hidden.cast(base.dtype()).reshape([rows, rank]);
+    let base = base.reshape([rows, cols]);
+    Tensor::<2>::from_dispatch(Dispatch::low_rank_up_add(
+        base.into_dispatch(),
+        hidden.into_dispatch(),
+        weight.into_dispatch(),
+    ))
+    .reshape(dims)
 }
 
 /// `product` of `lhs` flattened to rows and the weight cast to `lhs`' dtype; Burn's matmul on
@@ -160,7 +204,25 @@ mod cube {
             {
                 return Self::float_matmul(hidden, weight);
             }
-            rank_up(into_contiguous(hidden), into_contiguous(weight))
+            rank_up(into_contiguous(hidden), into_contiguous(weight), None)
+        }
+
+        fn low_rank_up_add(base: CubeTensor, hidden: CubeTensor, weight: CubeTensor) -> CubeTensor {
+            let rows = hidden.shape()[0];
+            let [rank, cols] = weight.shape().dims();
+            if rank > MAX_RANK
+                || rows == 0
+                || cols == 0
+                || rows.div_ceil(UP_ROWS) > MAX_CUBES
+                || cols.div_ceil(UP_UNITS) > MAX_CUBES
+            {
+                return Self::float_add(base, Self::float_matmul(hidden, weight));
+            }
+            rank_up(
+                into_contiguous(hidden),
+                into_contiguous(weight),
+                Some(into_contiguous(base)),
+            )
         }
 
         fn low_rank_gradient(input: CubeTensor, grad: CubeTensor) -> CubeTensor {
@@ -225,10 +287,14 @@ mod cube {
     }
 
     /// `hidden · weight` through [`rank_up_kernel`]; both contiguous.
-    fn rank_up(hidden: CubeTensor, weight: CubeTensor) -> CubeTensor {
+    fn rank_up(hidden: CubeTensor, weight: CubeTensor, base: Option<CubeTensor>) -> CubeTensor {
         let rows = hidden.shape()[0];
         let [rank, cols] = weight.shape().dims();
         let output = empty_output(&hidden, [rows, cols], hidden.dtype);
+        let add = base.is_some();
+        // Without a base the kernel reads none: the weight stands in for the argument (a
+        // buffer may not be bound twice, read and written, in one wgpu dispatch).
+        let base = base.unwrap_or_else(|| weight.clone());
         let dtype = hidden.dtype;
         let vector = vector_size(&output, cols);
         let vectors = cols / vector;
@@ -247,10 +313,12 @@ mod cube {
                 vector,
                 hidden.into_buffer_arg(),
                 weight.into_buffer_arg(),
+                base.into_buffer_arg(),
                 output.clone().into_buffer_arg(),
                 rows,
                 vectors,
                 rank,
+                add,
                 dtype_to_storage_type(dtype),
             );
         }
@@ -386,17 +454,21 @@ mod cube {
         }
     }
 
-    /// `output[row, c] = Σ_r hidden[row, r] · weight[r, c]` for a thin hidden: each unit holds
-    /// one column vector of every weight row in registers and writes it for `UP_ROWS` rows, the
-    /// hidden row the same for every unit of a cube (a broadcast load).
+    /// `output[row, c] = Σ_r hidden[row, r] · weight[r, c]` for a thin hidden, plus `base[row,
+    /// c]` when `add`: each unit holds one column vector of every weight row in registers and
+    /// writes it for `UP_ROWS` rows, the hidden row the same for every unit of a cube (a
+    /// broadcast load).
+    #[allow(clippy::too_many_arguments)]
     #[cube(launch_unchecked)]
     fn rank_up_kernel<F: Float, N: Size>(
         hidden: &[F],
         weight: &[Vector<F, N>],
+        base: &[Vector<F, N>],
         output: &mut [Vector<F, N>],
         rows: usize,
         vectors: usize,
         #[comptime] rank: usize,
+        #[comptime] add: bool,
         #[define(F)] _dtype: ElemType,
     ) {
         let column = CUBE_POS_X as usize * UP_UNITS + UNIT_POS as usize;
@@ -424,9 +496,13 @@ mod cube {
                     h[r] = f32::cast_from(hidden[row * rank + r]);
                 }
                 let mut out = Vector::<F, N>::empty();
+                let mut start = Vector::<f32, N>::empty().fill(f32::new(0.0));
+                if comptime![add] {
+                    start = Vector::<f32, N>::cast_from(base[row * vectors + column]);
+                }
                 #[unroll]
                 for e in 0..width {
-                    let mut sum = f32::new(0.0);
+                    let mut sum = start.extract(e);
                     #[unroll]
                     for r in 0..rank {
                         sum += h[r] * columns[r * width + e];
@@ -557,6 +633,10 @@ mod flex {
             Self::float_matmul(hidden, weight)
         }
 
+        fn low_rank_up_add(base: FlexTensor, hidden: FlexTensor, weight: FlexTensor) -> FlexTensor {
+            Self::float_add(base, Self::float_matmul(hidden, weight))
+        }
+
         fn low_rank_gradient(input: FlexTensor, grad: FlexTensor) -> FlexTensor {
             Self::float_matmul(Self::float_transpose(input), grad)
         }
@@ -652,6 +732,41 @@ mod autodiff {
         }
     }
 
+    /// The backward of `low_rank_up_add`: the base's gradient is the output's, the other two
+    /// those of `low_rank_up`.
+    #[derive(Debug)]
+    struct LowRankUpAddBackward;
+
+    impl<B: LowRankOps> Backward<B, 3> for LowRankUpAddBackward {
+        type State = (Option<NodeId>, Option<NodeId>);
+
+        fn backward(
+            self,
+            ops: Ops<Self::State, 3>,
+            grads: &mut Gradients,
+            checkpointer: &mut Checkpointer,
+        ) {
+            let (hidden, weight) = ops.state;
+            let hidden = hidden.map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
+            let weight = weight.map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
+            let grad = grads.consume::<B>(&ops.node);
+            let [base_node, hidden_node, weight_node] = ops.parents;
+            if let Some(node) = hidden_node {
+                let weight = weight.expect("the weight is kept when the hidden is tracked");
+                let of_hidden = B::low_rank_down(grad.clone(), B::float_transpose(weight));
+                grads.register::<B>(node.id, of_hidden);
+            }
+            if let Some(node) = weight_node {
+                let hidden = hidden.expect("the hidden is kept when the weight is tracked");
+                let of_weight = B::float_transpose(B::low_rank_gradient(grad.clone(), hidden));
+                grads.register::<B>(node.id, of_weight);
+            }
+            if let Some(node) = base_node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+
     impl<B: LowRankOps, C: CheckpointStrategy> LowRankOps for Autodiff<B, C> {
         fn low_rank_down(input: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
             record::<B, C>(Product::Down, input, weight, B::low_rank_down)
@@ -666,6 +781,36 @@ mod autodiff {
             grad: FloatTensor<Self>,
         ) -> FloatTensor<Self> {
             record::<B, C>(Product::Gradient, input, grad, B::low_rank_gradient)
+        }
+
+        fn low_rank_up_add(
+            base: FloatTensor<Self>,
+            hidden: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            let hidden_tracked = hidden.is_tracked();
+            let weight_tracked = weight.is_tracked();
+            match LowRankUpAddBackward
+                .prepare::<C>([base.node(), hidden.node(), weight.node()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(mut prep) => {
+                    let hidden_state = weight_tracked.then(|| prep.checkpoint(&hidden));
+                    let weight_state = hidden_tracked.then(|| prep.checkpoint(&weight));
+                    let output = B::low_rank_up_add(
+                        base.into_primitive(),
+                        hidden.into_primitive(),
+                        weight.into_primitive(),
+                    );
+                    prep.finish((hidden_state, weight_state), output)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(B::low_rank_up_add(
+                    base.into_primitive(),
+                    hidden.into_primitive(),
+                    weight.into_primitive(),
+                )),
+            }
         }
     }
 }

@@ -6,7 +6,7 @@ mod common;
 use burn::backend::Dispatch;
 use burn::tensor::{DType, Distribution, Tensor};
 use common::{burn_f32_matmul_tolerance, devices, f32_values};
-use kernels_cubecl::{LowRankOps, MAX_RANK, low_rank_down, low_rank_up};
+use kernels_cubecl::{LowRankOps, MAX_RANK, low_rank_down, low_rank_up, low_rank_up_add};
 
 /// Relative (Frobenius) error allowed in f32: the kernels sum in another order than the host.
 const TOLERANCE: f64 = 1e-5;
@@ -133,6 +133,71 @@ fn low_rank_products_and_gradients_equal_the_host_products() {
             } else {
                 TOLERANCE
             };
+            for (part, expected, actual) in expected {
+                let error = expected.relative_error(&actual);
+                assert!(error < tolerance, "{what}: {part} relative error {error}");
+            }
+        }
+    }
+}
+
+/// A LoRA layer's output, `base + h·B` in one kernel, and the gradients of `sum(y * upstream)`
+/// for the base, `h` and `B`, against the host; widths 70 (two-element vectors) and 64, ranks 1,
+/// 8 and one above `MAX_RANK` (Burn's matmul and add).
+#[test]
+fn low_rank_up_add_and_its_gradients_equal_the_host() {
+    for (name, device) in devices() {
+        for (rank, width) in [(1, 70), (8, 64), (8, 70), (MAX_RANK + 8, 64)] {
+            let autodiff = device.clone().autodiff();
+            let random = |dims: [usize; 3]| {
+                Tensor::<3>::random(dims, Distribution::Default, &autodiff).require_grad()
+            };
+            let base = random([4, 150, width]);
+            let hidden = random([4, 150, rank]);
+            let b =
+                Tensor::<2>::random([rank, width], Distribution::Default, &autodiff).require_grad();
+            let upstream = Tensor::<3>::random([4, 150, width], Distribution::Default, &autodiff);
+
+            let y = low_rank_up_add(base.clone(), hidden.clone(), b.clone());
+            let grads = (y.clone() * upstream.clone()).sum().backward();
+
+            let (hbase, hh, hb, hu) = (
+                Host::of(&base),
+                Host::of(&hidden),
+                Host::of(&b),
+                Host::of(&upstream),
+            );
+            let product = hh.matmul(&hb);
+            let sum = Host {
+                values: (hbase.values.iter().zip(&product.values))
+                    .map(|(base, product)| base + product)
+                    .collect(),
+                ..product
+            };
+            let expected = [
+                ("y", sum, Host::of(&y)),
+                (
+                    "base grad",
+                    Host::of(&upstream),
+                    Host::of(&base.grad(&grads).expect("the base has a gradient")),
+                ),
+                (
+                    "h grad",
+                    hu.matmul(&hb.transpose()),
+                    Host::of(&hidden.grad(&grads).expect("h has a gradient")),
+                ),
+                (
+                    "B grad",
+                    hh.transpose().matmul(&hu),
+                    Host::of(&b.grad(&grads).expect("B has a gradient")),
+                ),
+            ];
+            let tolerance = if rank > MAX_RANK {
+                burn_f32_matmul_tolerance(name, TOLERANCE)
+            } else {
+                TOLERANCE
+            };
+            let what = format!("{name}, rank {rank}, width {width}");
             for (part, expected, actual) in expected {
                 let error = expected.relative_error(&actual);
                 assert!(error < tolerance, "{what}: {part} relative error {error}");
