@@ -3,8 +3,9 @@
 //! - [`reference`]: plain-Rust quantize/dequantize, step for step bitsandbytes' kernels.
 //! - [`Packed4bit`]: a quantized weight on a Burn device; `quantize`/`dequantize` run the CubeCL
 //!   kernels (`kernels`, features `cuda`/`wgpu`) on CubeCL devices and the reference elsewhere.
-//! - [`low_rank_down`], [`low_rank_up`]: a LoRA adapter's rank-wide products, with kernels for
-//!   their thin sides and a backward through the same kernels.
+//! - [`low_rank_down`], [`low_rank_up`], [`low_rank_up_add`]: a LoRA adapter's rank-wide
+//!   products (the last adding the base layer's output), with kernels for their thin sides and a
+//!   backward through the same kernels.
 //! - [`batched_matmul`], [`batched_matmul_transposed`]: a batched product of two activations
 //!   (attention's `p·v` and `q·kᵀ`), through the same routine, with the gradients of both.
 //! - [`frozen_matmul`]: a product with a frozen dense weight (an untied LM head), through the
