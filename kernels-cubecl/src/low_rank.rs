@@ -662,6 +662,15 @@ mod autodiff {
         Gradient,
     }
 
+    /// The two operands a backward kept (each only where the other's gradient needs it).
+    fn retrieve<B: LowRankOps>(
+        checkpointer: &mut Checkpointer,
+        (lhs, rhs): (Option<NodeId>, Option<NodeId>),
+    ) -> (Option<FloatTensor<B>>, Option<FloatTensor<B>>) {
+        let mut retrieve = |id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id);
+        (lhs.map(&mut retrieve), rhs.map(&mut retrieve))
+    }
+
     /// The backward of a low-rank product `lhs · rhs` (`lhsᵀ · rhs` for [`Product::Gradient`]):
     /// each side's gradient is again a product with one thin side (the table in the module's
     /// documentation).
@@ -677,9 +686,7 @@ mod autodiff {
             grads: &mut Gradients,
             checkpointer: &mut Checkpointer,
         ) {
-            let (lhs, rhs) = ops.state;
-            let lhs = lhs.map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
-            let rhs = rhs.map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
+            let (lhs, rhs) = retrieve::<B>(checkpointer, ops.state);
             let product = self.0;
             binary::<B, _, _>(
                 ops.parents,
@@ -746,9 +753,7 @@ mod autodiff {
             grads: &mut Gradients,
             checkpointer: &mut Checkpointer,
         ) {
-            let (hidden, weight) = ops.state;
-            let hidden = hidden.map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
-            let weight = weight.map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
+            let (hidden, weight) = retrieve::<B>(checkpointer, ops.state);
             let grad = grads.consume::<B>(&ops.node);
             let [base_node, hidden_node, weight_node] = ops.parents;
             if let Some(node) = hidden_node {

@@ -72,30 +72,51 @@ mod cube {
     use super::SwigluOps;
     use crate::extension::{empty_output, launch_dims, vector_size};
 
+    /// A unit per vector of the contiguous `gate`: the widest vector that divides it, how many,
+    /// and the launch's cubes.
+    struct Layout {
+        vector: usize,
+        units: usize,
+        cube_count: CubeCount,
+        cube_dim: CubeDim,
+    }
+
+    impl Layout {
+        /// `None` for an empty tensor.
+        fn of(gate: &CubeTensor) -> Option<Self> {
+            let elements = gate.shape().num_elements();
+            let vector = vector_size(gate, elements);
+            let units = elements / vector;
+            let (cube_count, cube_dim) = launch_dims(gate, units);
+            (units > 0).then_some(Self {
+                vector,
+                units,
+                cube_count,
+                cube_dim,
+            })
+        }
+    }
+
     impl SwigluOps for CubeBackend {
         fn swiglu(gate: CubeTensor, up: CubeTensor) -> CubeTensor {
             let (gate, up) = (into_contiguous(gate), into_contiguous(up));
             let output = empty_output(&gate, gate.shape(), gate.dtype);
-            let elements = output.shape().num_elements();
-            let vector = vector_size(&gate, elements);
-            let units = elements / vector;
-            if units == 0 {
+            let Some(layout) = Layout::of(&gate) else {
                 return output;
-            }
-            let (cube_count, cube_dim) = launch_dims(&gate, units);
+            };
             let dtype = gate.dtype;
             // SAFETY: each of `units` units reads one vector of the contiguous `gate` and `up`
             // and writes the same vector of the output, all `units` vectors long.
             unsafe {
                 swiglu_kernel::launch_unchecked(
                     &output.client,
-                    cube_count,
-                    cube_dim,
-                    vector,
+                    layout.cube_count,
+                    layout.cube_dim,
+                    layout.vector,
                     gate.into_buffer_arg(),
                     up.into_buffer_arg(),
                     output.clone().into_buffer_arg(),
-                    units,
+                    layout.units,
                     dtype_to_storage_type(dtype),
                 );
             }
@@ -111,27 +132,23 @@ mod cube {
             let mut dims = gate.shape().to_vec();
             dims[0] *= 2;
             let output = empty_output(&gate, Shape::from(dims), gate.dtype);
-            let elements = gate.shape().num_elements();
-            let vector = vector_size(&gate, elements);
-            let units = elements / vector;
-            if units == 0 {
+            let Some(layout) = Layout::of(&gate) else {
                 return output;
-            }
-            let (cube_count, cube_dim) = launch_dims(&gate, units);
+            };
             let dtype = gate.dtype;
             // SAFETY: each of `units` units reads one vector of the contiguous `gate`, `up` and
             // `grad` and writes it in both halves of the output, `2 units` vectors long.
             unsafe {
                 swiglu_backward_kernel::launch_unchecked(
                     &output.client,
-                    cube_count,
-                    cube_dim,
-                    vector,
+                    layout.cube_count,
+                    layout.cube_dim,
+                    layout.vector,
                     gate.into_buffer_arg(),
                     up.into_buffer_arg(),
                     grad.into_buffer_arg(),
                     output.clone().into_buffer_arg(),
-                    units,
+                    layout.units,
                     dtype_to_storage_type(dtype),
                 );
             }
