@@ -196,12 +196,7 @@ mod cube {
         fn low_rank_up(hidden: CubeTensor, weight: CubeTensor) -> CubeTensor {
             let rows = hidden.shape()[0];
             let [rank, cols] = weight.shape().dims();
-            if rank > MAX_RANK
-                || rows == 0
-                || cols == 0
-                || rows.div_ceil(UP_ROWS) > MAX_CUBES
-                || cols.div_ceil(UP_UNITS) > MAX_CUBES
-            {
+            if !rank_up_fits(rows, rank, cols) {
                 return Self::float_matmul(hidden, weight);
             }
             rank_up(into_contiguous(hidden), into_contiguous(weight), None)
@@ -210,12 +205,7 @@ mod cube {
         fn low_rank_up_add(base: CubeTensor, hidden: CubeTensor, weight: CubeTensor) -> CubeTensor {
             let rows = hidden.shape()[0];
             let [rank, cols] = weight.shape().dims();
-            if rank > MAX_RANK
-                || rows == 0
-                || cols == 0
-                || rows.div_ceil(UP_ROWS) > MAX_CUBES
-                || cols.div_ceil(UP_UNITS) > MAX_CUBES
-            {
+            if !rank_up_fits(rows, rank, cols) {
                 return Self::float_add(base, Self::float_matmul(hidden, weight));
             }
             rank_up(
@@ -284,6 +274,16 @@ mod cube {
             );
         }
         sum_parts(partial, output, splits, rank, false)
+    }
+
+    /// Whether [`rank_up_kernel`] takes a `[rows, rank] x [rank, cols]` product (else Burn's
+    /// matmul does).
+    fn rank_up_fits(rows: usize, rank: usize, cols: usize) -> bool {
+        rank <= MAX_RANK
+            && rows > 0
+            && cols > 0
+            && rows.div_ceil(UP_ROWS) <= MAX_CUBES
+            && cols.div_ceil(UP_UNITS) <= MAX_CUBES
     }
 
     /// `hidden · weight` through [`rank_up_kernel`]; both contiguous.
