@@ -104,7 +104,7 @@ fn double_quantized_lens(num_blocks: usize) -> (usize, usize) {
 /// The shape and dtype of an operation's output, for Burn's fusion, which records the operation
 /// before running it.
 #[cfg(feature = "fusion")]
-fn spec<const D: usize>(
+pub(crate) fn spec<const D: usize>(
     dims: [usize; D],
     dtype: DType,
 ) -> burn::backend::fusion::custom::TensorSpec {

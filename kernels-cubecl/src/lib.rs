@@ -11,6 +11,9 @@
 //! - [`frozen_matmul`]: a product with a frozen dense weight (an untied LM head), through the
 //!   4-bit products' matmul routine, with the input's gradient only.
 //! - [`cross_entropy`]: the loss over a vocabulary and its backward, one cube per row.
+//! - [`causal_attention`]: causal attention with grouped-query heads: on CUDA FlashAttention-2-style
+//!   kernels (`flash_attention.cu`, no scores in memory), elsewhere the batched products and the
+//!   causal softmax.
 //! - [`causal_softmax`], [`rms_norm`]: attention's causal softmax and RMSNorm (frozen weight)
 //!   with their backwards, a row to a group of units.
 //! - [`rotary`]: rotary position embeddings read from the strided heads, written contiguous.
@@ -19,6 +22,7 @@
 //! - [`swiglu`]: SwiGLU's gating `silu(gate) · up`, and both gradients from one kernel.
 //! - [`bnb_format`]: the safetensors layout transformers writes for 4-bit weights.
 
+mod attention;
 mod batched;
 pub mod bnb_format;
 pub mod codebook;
@@ -27,6 +31,8 @@ mod cross_entropy;
 mod error;
 #[cfg(feature = "cube")]
 mod extension;
+#[cfg(feature = "cuda")]
+mod flash_attention;
 #[cfg(feature = "flex")]
 mod flex_host;
 mod frozen;
@@ -48,6 +54,9 @@ mod swiglu;
 #[cfg(feature = "cuda")]
 mod wgmma;
 
+#[cfg(feature = "cuda")]
+pub use attention::FlashAttentionOps;
+pub use attention::causal_attention;
 pub use batched::{BatchedMatmulOps, batched_matmul, batched_matmul_transposed};
 pub use codebook::QuantType;
 pub use config::{NESTED_BLOCK_SIZE, QuantConfig};

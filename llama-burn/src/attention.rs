@@ -1,7 +1,7 @@
 use burn::module::Module;
 use burn::tensor::Tensor;
 use burn_qlora::Projection;
-use burn_qlora::kernels::{batched_matmul, batched_matmul_transposed, causal_softmax, swap_heads};
+use burn_qlora::kernels::causal_attention;
 
 use crate::Rope;
 
@@ -39,20 +39,18 @@ impl Attention {
     /// and values are appended to it.
     pub fn forward(&self, x: Tensor<3>, rope: &Rope, cache: Option<&mut LayerCache>) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
-        // `[batch, seq, heads, head_dim]`; the rotary kernel reads the queries' and keys' heads
-        // through the swapped view, the values' are transposed whole for `p·v`.
+        // `[batch, seq, heads, head_dim]`, read through the swapped view: the rotary kernel
+        // writes the queries' and keys' heads contiguous, attention reads the values' in place.
         let heads = |projection: &Projection, count: usize| {
             projection
                 .forward(x.clone())
                 .reshape([batch, seq, count, self.head_dim])
+                .swap_dims(1, 2)
         };
         let offset = cache.as_ref().map_or(0, |cache| cache.len());
-        let q = rope.apply(heads(&self.q_proj, self.num_heads).swap_dims(1, 2), offset);
-        let mut k = rope.apply(
-            heads(&self.k_proj, self.num_kv_heads).swap_dims(1, 2),
-            offset,
-        );
-        let mut v = swap_heads(heads(&self.v_proj, self.num_kv_heads));
+        let q = rope.apply(heads(&self.q_proj, self.num_heads), offset);
+        let mut k = rope.apply(heads(&self.k_proj, self.num_kv_heads), offset);
+        let mut v = heads(&self.v_proj, self.num_kv_heads);
         if let Some(cache) = cache {
             if let Some((past_k, past_v)) = cache.keys_values.take() {
                 k = Tensor::cat(vec![past_k, k], 2);
@@ -60,30 +58,14 @@ impl Attention {
             }
             cache.keys_values = Some((k.clone(), v.clone()));
         }
-        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
 
-        // Scores in the model's dtype, their softmax in f32, as transformers' attention does
-        // for half precision.
+        // The softmax in f32, as transformers' attention does for half precision.
         let scale = (self.head_dim as f64).sqrt().recip();
-        let scores = batched_matmul_transposed(q, k);
-        let attention = causal_softmax(scores, scale, offset);
-        let output = swap_heads(batched_matmul(attention, v)).reshape([
+        let output = causal_attention(q, k, v, scale, offset).reshape([
             batch,
             seq,
             self.num_heads * self.head_dim,
         ]);
         self.o_proj.forward(output)
-    }
-
-    /// Each key/value head repeated for the query heads that share it.
-    fn repeat_kv(&self, x: Tensor<4>) -> Tensor<4> {
-        let groups = self.num_heads / self.num_kv_heads;
-        if groups == 1 {
-            return x;
-        }
-        let [batch, kv_heads, seq, head_dim] = x.dims();
-        x.unsqueeze_dim::<5>(2)
-            .expand([batch, kv_heads, groups, seq, head_dim])
-            .reshape([batch, kv_heads * groups, seq, head_dim])
     }
 }
