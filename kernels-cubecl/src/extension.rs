@@ -13,9 +13,9 @@ use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
 use crate::NESTED_BLOCK_SIZE;
 use crate::kernels::{
-    MATVEC_FEATURES_PER_CUBE, MATVEC_LANES, WORD_ELEMENTS, dequantize_4bit_kernel,
-    dequantize_4bit_vector_kernel, dequantize_absmax_kernel, matvec_4bit_kernel,
-    quantize_4bit_kernel, quantize_absmax_kernel,
+    DEQUANTIZE_CUBE_WORDS, MATVEC_FEATURES_PER_CUBE, MATVEC_LANES, WORD_ELEMENTS,
+    dequantize_4bit_double_kernel, dequantize_4bit_kernel, dequantize_4bit_vector_kernel,
+    dequantize_absmax_kernel, matvec_4bit_kernel, quantize_4bit_kernel, quantize_absmax_kernel,
 };
 
 #[backend_extension(
@@ -29,6 +29,23 @@ pub trait Quant4bitOps: Backend {
     fn dequantize_4bit(
         packed: IntTensor<Self>,
         absmax: FloatTensor<Self>,
+        code: FloatTensor<Self>,
+        offset: f32,
+        num_elements: usize,
+        block_size: usize,
+        dtype: DType,
+    ) -> FloatTensor<Self>;
+
+    /// [`Self::dequantize_4bit`] of a weight whose absmax is double-quantized (`absmax_codes`,
+    /// `nested_absmax`, `map`, `offset`: [`Self::dequantize_absmax`]'s inputs), decoding the
+    /// absmax in the same launch where the kernel takes the shape; the same values.
+    #[allow(clippy::too_many_arguments)]
+    #[fusion(meta = |_, _, _, _, _, _, num_elements, _, dtype| spec([*num_elements], *dtype))]
+    fn dequantize_4bit_double(
+        packed: IntTensor<Self>,
+        absmax_codes: IntTensor<Self>,
+        nested_absmax: FloatTensor<Self>,
+        map: FloatTensor<Self>,
         code: FloatTensor<Self>,
         offset: f32,
         num_elements: usize,
@@ -218,6 +235,60 @@ impl Quant4bitOps for CubeBackend {
                 offset,
                 num_elements,
                 block_shift,
+                dtype_to_storage_type(dtype),
+            );
+        }
+        output
+    }
+
+    fn dequantize_4bit_double(
+        packed: CubeTensor,
+        absmax_codes: CubeTensor,
+        nested_absmax: CubeTensor,
+        map: CubeTensor,
+        code: CubeTensor,
+        offset: f32,
+        num_elements: usize,
+        block_size: usize,
+        dtype: DType,
+    ) -> CubeTensor {
+        let num_blocks = num_elements.div_ceil(block_size);
+        let output = empty_output(&packed, [num_elements], dtype);
+        let lanes = vector_size(&output, WORD_ELEMENTS);
+        if !num_elements.is_multiple_of(WORD_ELEMENTS) || lanes == 1 {
+            let absmax = Self::dequantize_absmax(absmax_codes, nested_absmax, map, num_blocks);
+            return Self::dequantize_4bit(
+                packed,
+                absmax,
+                code,
+                offset,
+                num_elements,
+                block_size,
+                dtype,
+            );
+        }
+        let words = num_elements / WORD_ELEMENTS;
+        let cube_dim = CubeDim::new_1d(DEQUANTIZE_CUBE_WORDS as u32);
+        let cube_count = calculate_cube_count_elemwise(&output.client, words, cube_dim);
+        // SAFETY: a cube's first units read the absmax codes and nested absmax of the cube's
+        // blocks (guarded by `num_blocks`); each unit then reads one word, 16 codes and its
+        // block's decoded absmax, and writes that word's eight values, guarded by `words`.
+        unsafe {
+            dequantize_4bit_double_kernel::launch_unchecked(
+                &output.client,
+                cube_count,
+                cube_dim,
+                lanes,
+                into_contiguous(packed).into_buffer_arg(),
+                into_contiguous(absmax_codes).into_buffer_arg(),
+                into_contiguous(nested_absmax).into_buffer_arg(),
+                into_contiguous(map).into_buffer_arg(),
+                into_contiguous(code).into_buffer_arg(),
+                output.clone().into_buffer_arg(),
+                offset,
+                words,
+                num_blocks,
+                block_size.trailing_zeros(),
                 dtype_to_storage_type(dtype),
             );
         }

@@ -7,6 +7,8 @@
 
 use cubecl::prelude::*;
 
+use crate::NESTED_BLOCK_SIZE;
+
 /// Elements in one packed word: four bytes of two 4-bit codes.
 pub const WORD_ELEMENTS: usize = 8;
 
@@ -62,8 +64,66 @@ pub fn dequantize_4bit_vector_kernel<F: Float, N: Size>(
     if word_index >= num_words {
         terminate!();
     }
-    let word = packed[word_index];
     let scale = absmax[(word_index * WORD_ELEMENTS) >> block_shift as usize] + offset;
+    write_word::<F, N>(packed[word_index], scale, code, output, word_index);
+}
+
+/// Units (one packed word each) per cube of [`dequantize_4bit_double_kernel`].
+pub const DEQUANTIZE_CUBE_WORDS: usize = 256;
+
+/// [`dequantize_4bit_vector_kernel`] for a double-quantized absmax, decoded in the same launch:
+/// the cube's first units decode the absmax of the cube's blocks, `map[code] *
+/// nested[block / 256]`, into shared memory, then every unit adds the offset to its block's.
+/// The product is rounded to f32 in shared memory before the offset is added, as bitsandbytes'
+/// two steps round it: across the barrier no compiler can fuse them into one rounded
+/// multiply-add. Cubes are `DEQUANTIZE_CUBE_WORDS` units; blocks are powers of two of at least
+/// 32 elements, so a cube's words start on a block or lie inside one.
+#[allow(clippy::too_many_arguments)]
+#[cube(launch_unchecked)]
+pub fn dequantize_4bit_double_kernel<F: Float, N: Size>(
+    packed: &[u32],
+    absmax_codes: &[u32],
+    nested_absmax: &[f32],
+    map: &[f32],
+    code: &[f32],
+    output: &mut [Vector<F, N>],
+    offset: f32,
+    num_words: usize,
+    num_blocks: usize,
+    #[comptime] block_shift: u32,
+    #[define(F)] _dtype: ElemType,
+) {
+    let unit = UNIT_POS as usize;
+    let first_word = CUBE_POS * DEQUANTIZE_CUBE_WORDS;
+    let first_block = (first_word * WORD_ELEMENTS) >> block_shift as usize;
+    let cube_blocks =
+        comptime![((DEQUANTIZE_CUBE_WORDS * WORD_ELEMENTS) >> block_shift as usize).max(1)];
+    let mut decoded = Shared::<[f32]>::new_slice(cube_blocks);
+    let block = first_block + unit;
+    if unit < cube_blocks && block < num_blocks {
+        let byte = (absmax_codes[block / 4] >> (((block % 4) * 8) as u32)) & 0xFF;
+        decoded[unit] = map[byte as usize] * nested_absmax[block / NESTED_BLOCK_SIZE];
+    }
+    // Every unit reaches the barrier; those past the end leave after it.
+    sync_cube();
+    let word_index = first_word + unit;
+    if word_index < num_words {
+        let local_block = ((word_index * WORD_ELEMENTS) >> block_shift as usize) - first_block;
+        let scale = decoded[local_block] + offset;
+        write_word::<F, N>(packed[word_index], scale, code, output, word_index);
+    }
+}
+
+/// Writes the eight values of packed word `word_index`, `code[nibble] * scale`, as vectors of
+/// `N`.
+#[cube]
+fn write_word<F: Float, N: Size>(
+    word: u32,
+    scale: f32,
+    code: &[f32],
+    output: &mut [Vector<F, N>],
+    word_index: usize,
+) {
     let lanes = N::value();
     let vectors = comptime![WORD_ELEMENTS / lanes];
     #[unroll]
@@ -168,7 +228,7 @@ pub fn dequantize_absmax_kernel(
         terminate!();
     }
     let code = (codes[index / 4] >> (((index % 4) * 8) as u32)) & 0xFF;
-    output[index] = map[code as usize] * nested_absmax[index / 256];
+    output[index] = map[code as usize] * nested_absmax[index / NESTED_BLOCK_SIZE];
 }
 
 /// Quantizes one block per unit: its absmax, then every value times the absmax's inverse, coded.

@@ -93,7 +93,7 @@ fn decoded_absmax<B: crate::extension::Quant4bitOps>(
 }
 
 /// The flat dense weight in `dtype` from its packed words, absmax and code book, through the
-/// CubeCL kernels.
+/// CubeCL kernels: one launch, a double-quantized absmax decoded inside it.
 #[cfg(feature = "cube")]
 pub(crate) fn dequantize_flat<B: crate::extension::Quant4bitOps>(
     words: IntTensor<B>,
@@ -103,8 +103,27 @@ pub(crate) fn dequantize_flat<B: crate::extension::Quant4bitOps>(
     block_size: usize,
     dtype: burn::tensor::DType,
 ) -> FloatTensor<B> {
-    let (absmax, offset) = decoded_absmax(absmax, num_elements, block_size);
-    B::dequantize_4bit(words, absmax, code, offset, num_elements, block_size, dtype)
+    match absmax {
+        AbsmaxPrimitive::Plain(absmax) => {
+            B::dequantize_4bit(words, absmax, code, 0.0, num_elements, block_size, dtype)
+        }
+        AbsmaxPrimitive::Double {
+            codes,
+            nested_absmax,
+            map,
+            offset,
+        } => B::dequantize_4bit_double(
+            words,
+            codes,
+            nested_absmax,
+            map,
+            code,
+            offset,
+            num_elements,
+            block_size,
+            dtype,
+        ),
+    }
 }
 
 #[backend_extension(
