@@ -190,7 +190,7 @@ mod cube {
             {
                 return Self::float_matmul(input, weight);
             }
-            rank_down(into_contiguous(input), into_contiguous(weight))
+            rank_down(into_contiguous(input), weight)
         }
 
         fn low_rank_up(hidden: CubeTensor, weight: CubeTensor) -> CubeTensor {
@@ -199,7 +199,7 @@ mod cube {
             if !rank_up_fits(rows, rank, cols) {
                 return Self::float_matmul(hidden, weight);
             }
-            rank_up(into_contiguous(hidden), into_contiguous(weight), None)
+            rank_up(into_contiguous(hidden), weight, None)
         }
 
         fn low_rank_up_add(base: CubeTensor, hidden: CubeTensor, weight: CubeTensor) -> CubeTensor {
@@ -208,11 +208,7 @@ mod cube {
             if !rank_up_fits(rows, rank, cols) {
                 return Self::float_add(base, Self::float_matmul(hidden, weight));
             }
-            rank_up(
-                into_contiguous(hidden),
-                into_contiguous(weight),
-                Some(into_contiguous(base)),
-            )
+            rank_up(into_contiguous(hidden), weight, Some(into_contiguous(base)))
         }
 
         fn low_rank_gradient(input: CubeTensor, grad: CubeTensor) -> CubeTensor {
@@ -225,6 +221,19 @@ mod cube {
                 return Self::float_matmul(Self::float_transpose(input), grad);
             }
             rank_gradient(into_contiguous(input), into_contiguous(grad))
+        }
+    }
+
+    /// A thin weight as the kernels read it, and whether it is read transposed: the backward's
+    /// `Aᵀ` and `Bᵀ` are views of contiguous adapter weights, read in place rather than copied
+    /// (a launch and a copy each, 14 a layer and step); any other layout is made contiguous.
+    fn thin_weight(weight: CubeTensor) -> (CubeTensor, bool) {
+        let [rows, _] = weight.shape().dims();
+        let transposed = !weight.meta.is_tiled() && weight.meta.strides()[..] == [1, rows];
+        if transposed {
+            (weight, true)
+        } else {
+            (into_contiguous(weight), false)
         }
     }
 
@@ -241,17 +250,23 @@ mod cube {
     }
 
     /// `input · weight` through [`rank_down_kernel`] (f32 sums per slice of the depth) and
-    /// [`sum_parts_kernel`]; both contiguous.
+    /// [`sum_parts_kernel`]; the input contiguous, the weight contiguous or transposed.
     fn rank_down(input: CubeTensor, weight: CubeTensor) -> CubeTensor {
         let [rows, depth] = input.shape().dims();
         let rank = weight.shape()[1];
+        let (weight, transposed) = thin_weight(weight);
         let splits = depth.div_ceil(CUBE_DEPTH);
         let (partial, output) = partial_and_output(&input, splits, [rows, rank]);
         let dtype = input.dtype;
         // Rows start on whole vectors; vector sizes and `LANE_DEPTH` are powers of two, so a
-        // lane's run of the depth is whole vectors too.
+        // lane's run of the depth is whole vectors too. A transposed weight's rank rows are
+        // `depth` long, read in the input's vectors.
         let input_vector = vector_size(&input, depth).min(LANE_DEPTH);
-        let weight_vector = vector_size(&weight, rank);
+        let weight_vector = if transposed {
+            input_vector
+        } else {
+            vector_size(&weight, rank)
+        };
         let cube_count = CubeCount::new_2d(rows.div_ceil(DOWN_ROWS) as u32, splits as u32);
         let cube_dim = CubeDim::new_2d(DOWN_ROWS as u32, DOWN_PLANES as u32);
         // SAFETY: each unit reads whole vectors of its row of `input` (`depth` is a multiple of
@@ -270,6 +285,7 @@ mod cube {
                 rows,
                 depth,
                 rank,
+                transposed,
                 dtype_to_storage_type(dtype),
             );
         }
@@ -286,10 +302,12 @@ mod cube {
             && cols.div_ceil(UP_UNITS) <= MAX_CUBES
     }
 
-    /// `hidden · weight` through [`rank_up_kernel`]; both contiguous.
+    /// `hidden · weight` through [`rank_up_kernel`]; the hidden contiguous, the weight
+    /// contiguous or transposed.
     fn rank_up(hidden: CubeTensor, weight: CubeTensor, base: Option<CubeTensor>) -> CubeTensor {
         let rows = hidden.shape()[0];
         let [rank, cols] = weight.shape().dims();
+        let (weight, transposed) = thin_weight(weight);
         let output = empty_output(&hidden, [rows, cols], hidden.dtype);
         let add = base.is_some();
         // Without a base the kernel reads none: the weight stands in for the argument (a
@@ -298,6 +316,12 @@ mod cube {
         let dtype = hidden.dtype;
         let vector = vector_size(&output, cols);
         let vectors = cols / vector;
+        // A transposed weight is read a column's `rank` values at a time.
+        let weight_vector = if transposed {
+            vector_size(&weight, rank)
+        } else {
+            vector
+        };
         let cube_count = CubeCount::new_2d(
             vectors.div_ceil(UP_UNITS) as u32,
             rows.div_ceil(UP_ROWS) as u32,
@@ -311,6 +335,7 @@ mod cube {
                 cube_count,
                 CubeDim::new_1d(UP_UNITS as u32),
                 vector,
+                weight_vector,
                 hidden.into_buffer_arg(),
                 weight.into_buffer_arg(),
                 base.into_buffer_arg(),
@@ -319,6 +344,7 @@ mod cube {
                 vectors,
                 rank,
                 add,
+                transposed,
                 dtype_to_storage_type(dtype),
             );
         }
@@ -386,7 +412,10 @@ mod cube {
     ///
     /// Each lane owns a row: the lanes of a plane read their rows' vectors side by side and all
     /// read the same weight row at once (one broadcast load of `R` ranks), so no sums cross
-    /// lanes. The planes sum neighbouring runs of the depth and meet in shared memory.
+    /// lanes. The planes sum neighbouring runs of the depth and meet in shared memory. A
+    /// `transposed` weight is stored `[rank, depth]`: each rank row is read in the input's
+    /// vectors (`R` = `N`), as many loads as the row-major weight takes.
+    #[allow(clippy::too_many_arguments)]
     #[cube(launch_unchecked)]
     fn rank_down_kernel<F: Float, N: Size, R: Size>(
         input: &[Vector<F, N>],
@@ -395,6 +424,7 @@ mod cube {
         rows: usize,
         depth: usize,
         #[comptime] rank: usize,
+        #[comptime] transposed: bool,
         #[define(F)] _dtype: ElemType,
     ) {
         let lane = UNIT_POS_X as usize;
@@ -417,15 +447,28 @@ mod cube {
                 let k = start + v * width;
                 if k < depth {
                     let x = input[(row * depth + k) / width];
-                    #[unroll]
-                    for e in 0..width {
-                        let value = f32::cast_from(x.extract(e));
+                    if comptime![transposed] {
                         #[unroll]
-                        for part in 0..parts {
-                            let w = weight[(k + e) * parts + part];
+                        for r in 0..rank {
+                            let w = weight[(r * depth + k) / width];
                             #[unroll]
-                            for l in 0..rank_width {
-                                sums[part * rank_width + l] += value * f32::cast_from(w.extract(l));
+                            for e in 0..width {
+                                sums[r] +=
+                                    f32::cast_from(x.extract(e)) * f32::cast_from(w.extract(e));
+                            }
+                        }
+                    } else {
+                        #[unroll]
+                        for e in 0..width {
+                            let value = f32::cast_from(x.extract(e));
+                            #[unroll]
+                            for part in 0..parts {
+                                let w = weight[(k + e) * parts + part];
+                                #[unroll]
+                                for l in 0..rank_width {
+                                    sums[part * rank_width + l] +=
+                                        value * f32::cast_from(w.extract(l));
+                                }
                             }
                         }
                     }
@@ -457,18 +500,20 @@ mod cube {
     /// `output[row, c] = Σ_r hidden[row, r] · weight[r, c]` for a thin hidden, plus `base[row,
     /// c]` when `add`: each unit holds one column vector of every weight row in registers and
     /// writes it for `UP_ROWS` rows, the hidden row the same for every unit of a cube (a
-    /// broadcast load).
+    /// broadcast load). A `transposed` weight is stored `[cols, rank]`: a unit's columns are
+    /// then one contiguous run, read `R` ranks at a time (`R` = `N` otherwise).
     #[allow(clippy::too_many_arguments)]
     #[cube(launch_unchecked)]
-    fn rank_up_kernel<F: Float, N: Size>(
+    fn rank_up_kernel<F: Float, N: Size, R: Size>(
         hidden: &[F],
-        weight: &[Vector<F, N>],
+        weight: &[Vector<F, R>],
         base: &[Vector<F, N>],
         output: &mut [Vector<F, N>],
         rows: usize,
         vectors: usize,
         #[comptime] rank: usize,
         #[comptime] add: bool,
+        #[comptime] transposed: bool,
         #[define(F)] _dtype: ElemType,
     ) {
         let column = CUBE_POS_X as usize * UP_UNITS + UNIT_POS as usize;
@@ -476,13 +521,29 @@ mod cube {
             terminate!();
         }
         let width = N::value();
+        let rank_width = R::value();
         let mut columns = Array::<f32>::new(comptime!(rank * width));
-        #[unroll]
-        for r in 0..rank {
-            let w = weight[r * vectors + column];
+        if comptime![transposed] {
+            let parts = comptime![rank / rank_width];
             #[unroll]
             for e in 0..width {
-                columns[r * width + e] = f32::cast_from(w.extract(e));
+                #[unroll]
+                for part in 0..parts {
+                    let w = weight[(column * width + e) * parts + part];
+                    #[unroll]
+                    for l in 0..rank_width {
+                        columns[(part * rank_width + l) * width + e] = f32::cast_from(w.extract(l));
+                    }
+                }
+            }
+        } else {
+            #[unroll]
+            for r in 0..rank {
+                let w = weight[r * vectors + column];
+                #[unroll]
+                for e in 0..width {
+                    columns[r * width + e] = f32::cast_from(w.extract(e));
+                }
             }
         }
         let first_row = CUBE_POS_Y as usize * UP_ROWS;

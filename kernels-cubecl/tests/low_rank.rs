@@ -141,6 +141,38 @@ fn low_rank_products_and_gradients_equal_the_host_products() {
     }
 }
 
+/// The backward hands the kernels `Aᵀ` and `Bᵀ` as transposed views, which they read in place:
+/// `x·Wᵀ` and `h·Wᵀ` for weights stored the other way round equal the host's products. Depth 1300
+/// and width 70 (vectors of four and two f32), ranks 1, 5 and 8 (single elements, then vectors of
+/// the rank).
+#[test]
+fn low_rank_products_read_transposed_weights() {
+    for (name, device) in devices() {
+        for rank in [1, 5, 8] {
+            let random =
+                |dims: [usize; 2]| Tensor::<2>::random(dims, Distribution::Default, &device);
+            let x = random([600, 1300]);
+            let down_stored = random([rank, 1300]);
+            let hidden = random([600, rank]);
+            let up_stored = random([70, rank]);
+
+            let down = low_rank_down(x.clone(), down_stored.clone().transpose());
+            let up = low_rank_up(hidden.clone(), up_stored.clone().transpose());
+
+            let what = format!("{name}, rank {rank}");
+            let expected_down = Host::of(&x).matmul(&Host::of(&down_stored).transpose());
+            let expected_up = Host::of(&hidden).matmul(&Host::of(&up_stored).transpose());
+            for (part, expected, actual) in [
+                ("x·Wᵀ", expected_down, Host::of(&down)),
+                ("h·Wᵀ", expected_up, Host::of(&up)),
+            ] {
+                let error = expected.relative_error(&actual);
+                assert!(error < TOLERANCE, "{what}: {part} relative error {error}");
+            }
+        }
+    }
+}
+
 /// A LoRA layer's output, `base + h·B` in one kernel, and the gradients of `sum(y * upstream)`
 /// for the base, `h` and `B`, against the host; widths 70 (two-element vectors) and 64, ranks 1,
 /// 8 and one above `MAX_RANK` (Burn's matmul and add).
