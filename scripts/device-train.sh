@@ -8,6 +8,10 @@
 # `train`: QLoRA training at LLaMA-2-7B shapes with activation checkpointing on and off;
 # `fusion`: the same training and decoding with Burn's kernel fusion (.bin/fusion/);
 # `decode`: batch-1 decoding, 4-bit and bf16, and transformers' bf16 decoding beside it;
+# `peer`: the same training through transformers + bitsandbytes + PEFT (scripts/peer-train.py),
+# checkpointing on and off; bitsandbytes (not on the machine's image) travels unpacked in .peer/
+# (git-ignored, carried): here `pip download --no-deps --only-binary=:all: bitsandbytes==0.50.2`
+# and the wheel unzipped into .peer/, less the libraries of the CUDA versions the machine lacks;
 # `matvec`: the kernels' timings alone (no check) and torch's dense matrix-vector products;
 # `tune`: the 4-bit matmul's products under each TMA tiling of TILINGS (rows,cols,depth,planes;
 # see kernels-cubecl/src/matmul.rs), the tuned one first;
@@ -49,6 +53,9 @@ for part in "${parts[@]}"; do
       run decode ./.bin/bench-decode --backend cuda --weights qlora
       run decode ./.bin/bench-decode --backend cuda --weights bf16
       run decode python3 scripts/peer-decode.py ;;
+    peer)
+      PYTHONPATH=$PWD/.peer run peer python3 scripts/peer-train.py --activation-checkpointing
+      PYTHONPATH=$PWD/.peer run peer python3 scripts/peer-train.py ;;
     matvec)
       run matvec ./.bin/bench-kernels --backend cuda --dtype bf16 --skip-check --samples 51
       run matvec python3 scripts/peer-matvec.py ;;
