@@ -11,7 +11,8 @@ import time
 
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
+
+from peer_llama import random_llama_7b
 
 
 def main():
@@ -21,24 +22,12 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=129)
     args = parser.parse_args()
 
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=args.layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        initializer_range=0.02,
-    )
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).eval()
+    model = random_llama_7b(args.layers).eval()
     torch.cuda.synchronize()
     resident = torch.cuda.memory_allocated() / 2**30
 
-    prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), device="cuda")
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, args.prompt_tokens), device="cuda")
     times = []
     start = time.perf_counter()
     with torch.inference_mode():

@@ -18,7 +18,8 @@ import peft
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+
+from peer_llama import random_llama_7b
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -61,21 +62,8 @@ def main():
     parser.add_argument("--activation-checkpointing", action="store_true")
     args = parser.parse_args()
 
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=args.layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        initializer_range=0.02,
-        use_cache=False,
-    )
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config)
+    model = random_llama_7b(args.layers)
+    model.config.use_cache = False
     quantize_projections(model)
     torch.cuda.empty_cache()
     model = get_peft_model(
@@ -87,7 +75,7 @@ def main():
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device="cuda")
+    tokens = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len), device="cuda")
     torch.cuda.reset_peak_memory_stats()
 
     times = []
