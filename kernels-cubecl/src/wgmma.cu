@@ -1,53 +1,44 @@
 // C = A · B for bf16 A [M, K] with rows contiguous along K and B [K, N] laid out either way,
-// accumulated in f32, written as bf16 C [M, N]: Hopper's warpgroup MMA (`wgmma`), which cubek
-// does not emit.
+// accumulated in f32, written as bf16 C [M, N]: Hopper's warpgroup MMA (`wgmma`) fed by its
+// tensor memory accelerator (TMA), neither of which cubek emits.
 //
-// The host prepends N_DIM and K_DIM (multiples of BN and of a stage's depth; M a multiple of BM),
-// B_MN_MAJOR (1 when B's rows are contiguous along N, as a linear layer's weight is for its input
-// gradient; 0 when B is the transpose of a K-contiguous [N, K], as the weight is for the
-// forward), the tile's width BN (128 or 256), the ring's STAGES of SUBSLICES BK-deep slices each,
-// WARP_SPECIALIZED (the main loop below), the ring's size DYNAMIC_SHARED_MEMORY_BYTES (the launch
-// reserves it: see third_party/cubecl-cuda) and the accumulator's BN / 2 asm operands (ACC_REGS,
-// ACC_OPERANDS) with the indices of the operands after them (DESCRIPTORS, SCALE).
+// The host prepends N_DIM and K_DIM (multiples of BN and of BK; M a multiple of BM), B_MN_MAJOR
+// (1 when B's rows are contiguous along N, as a linear layer's weight is for its input gradient;
+// 0 when B is the transpose of a K-contiguous [N, K], as the weight is for the forward), the
+// tile's width BN (128 or 256), the ring's STAGES, its size DYNAMIC_SHARED_MEMORY_BYTES (the
+// launch reserves it: see third_party/cubecl-cuda) and the accumulator's BN / 2 asm operands
+// (ACC_REGS, ACC_OPERANDS) with the indices of the operands after them (DESCRIPTORS, SCALE).
+// The launch passes A's and B's tensor maps by value: boxes of 64 elements along each matrix's
+// contiguous dimension (128 bytes) with the 128-byte swizzle, BM or BN rows of A or K-major B,
+// 64 rows of N-major B.
 //
 // Each block computes a BM x BN tile: two consumer warpgroups (threads 0 to 255), warpgroup w the
 // rows [64 w, 64 w + 64), through m64nBNk16 instructions that read both operands from shared
-// memory. Stages of A and B stream into a STAGES-deep ring with `cp.async`, each BK-deep slice in
-// a layout wgmma's descriptors name, swizzled so that neither the copies nor the MMA reads collide
-// on banks (the 16-byte chunks of each row permuted by an XOR with the row's place among its
-// neighbours). The consumers keep one stage's MMAs in flight while the next is issued. Two main
-// loops, each the faster for one layout on an H100 (BENCHMARKS.md):
-// - WARP_SPECIALIZED 1 (B K-major): two more warps produce. They fill a stage once both
-//   consumers marked it empty on its `mbarrier`, and mark it full once their copies landed; no
-//   block-wide barrier, and the copies run as far ahead as the ring allows.
-// - WARP_SPECIALIZED 0 (B N-major): the consumers copy too, STAGES - 2 stages ahead, with one
-//   block barrier a stage.
-// A 128 x 256 tile loads 48 KiB per 2^21 multiply-adds, half of what 128 x 128 tiles ask of L2
-// per FLOP.
+// memory, and one producer warp whose first thread keeps a STAGES-deep ring of BK-deep stages
+// filled. It issues a stage's boxes once both consumer warpgroups marked the stage empty on its
+// `mbarrier`; the copies complete the stage's full barrier themselves (its transaction count).
+// The TMA writes the layout the `wgmma` descriptors name: rows of 128 bytes whose 16-byte chunks
+// are permuted by an XOR with the row's place among eight, so that the MMAs' reads do not collide
+// on banks. The consumers keep one stage's MMAs in flight while they wait for the next.
 
 #define BM 128
-#define BK 32
+#define BK 64
 #define CONSUMER_THREADS 256
-#if WARP_SPECIALIZED
-#define COPY_THREADS 64
-#define THREADS (CONSUMER_THREADS + COPY_THREADS)
-#else
-#define COPY_THREADS CONSUMER_THREADS
-#define THREADS CONSUMER_THREADS
-#endif
-// Stages the producer keeps in flight before it announces the oldest.
-#define PRODUCER_LAG 2
-#define A_SLICE_BYTES (BM * BK * 2)
-#define B_SLICE_BYTES (BN * BK * 2)
-#define SLICE_BYTES (A_SLICE_BYTES + B_SLICE_BYTES)
-#define STAGE_BYTES (SUBSLICES * SLICE_BYTES)
-#define ROW_BYTES (BK * 2)
+#define THREADS (CONSUMER_THREADS + 32)
+#define A_STAGE_BYTES (BM * BK * 2)
+#define B_STAGE_BYTES (BN * BK * 2)
+#define STAGE_BYTES (A_STAGE_BYTES + B_STAGE_BYTES)
 #define STRING_(x) #x
 #define STRING(x) STRING_(x)
 
 typedef unsigned short bf16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
+
+// CUDA's `CUtensorMap`: opaque, 128 bytes aligned to 64.
+struct __align__(64) TensorMap {
+    u64 opaque[16];
+};
 
 static __device__ __forceinline__ u32 shared_address(const void *pointer) {
     u32 address;
@@ -57,73 +48,32 @@ static __device__ __forceinline__ u32 shared_address(const void *pointer) {
     return address;
 }
 
-// K-major slices: rows of BK = 32 elements (64 bytes), with the 64-byte swizzle (chunk c of row r
-// at chunk c ^ ((r / 2) % 4)); groups of eight rows 512 bytes apart.
+// K-major operands: rows of BK = 64 elements (128 bytes), groups of eight rows 1024 bytes apart,
+// the 128-byte swizzle; 16 deeper is 32 bytes further along the rows (2 in the address field).
 static __device__ __forceinline__ u64 k_major_descriptor(u32 address) {
     return (u64)((address & 0x3FFFF) >> 4)
-           | ((u64)1 << 16)                      // leading byte offset: unused when swizzled
-           | ((u64)((8 * ROW_BYTES) >> 4) << 32) // stride byte offset: eight rows to a group
-           | ((u64)2 << 62);                     // 64-byte swizzle
+           | ((u64)1 << 16)             // leading byte offset: unused when swizzled
+           | ((u64)(1024 >> 4) << 32)   // stride byte offset: eight rows to a group
+           | ((u64)1 << 62);            // 128-byte swizzle
 }
-
-// Rows [row0, row0 + ROWS) x columns [k0, k0 + BK) of a K-contiguous matrix into a K-major slice.
-template <int ROWS>
-static __device__ __forceinline__ void copy_k_major(u32 slice, const bf16 *matrix, int row0, int k0,
-                                                    int thread) {
-#pragma unroll
-    for (int i = 0; i < ROWS * BK / 8 / COPY_THREADS; i++) {
-        int chunk = thread + i * COPY_THREADS;
-        int row = chunk / (BK / 8);
-        int column = chunk % (BK / 8);
-        u32 to = slice + row * ROW_BYTES + ((column ^ ((row >> 1) & 3)) << 4);
-        const bf16 *from = matrix + (u64)(row0 + row) * K_DIM + k0 + column * 8;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(to), "l"(from));
-    }
-}
+#define K_MAJOR_DEPTH_STEP 2
 
 #if B_MN_MAJOR
-// N-major slices: the BN columns as panels of 64 (128 bytes), each panel BK rows of 128 bytes
-// with the 128-byte swizzle (chunk c of row k at chunk c ^ (k % 8)); the panels BK rows apart
-// (leading byte offset), groups of eight rows 1024 bytes apart (stride byte offset).
+// N-major B: the BN columns as panels of 64 (128-byte rows, one box each), each panel BK rows
+// deep; the panels BK rows apart (leading byte offset), groups of eight rows 1024 bytes apart
+// (stride byte offset); 16 deeper is two groups further.
 #define PANEL_BYTES (BK * 128)
 static __device__ __forceinline__ u64 b_descriptor(u32 address) {
     return (u64)((address & 0x3FFFF) >> 4) | ((u64)(PANEL_BYTES >> 4) << 16)
            | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
 }
-// 16 rows deeper: two groups of eight rows.
 #define B_DEPTH_STEP (2 * 1024 >> 4)
 #define TRANSPOSE_B "1"
-
-// Rows [k0, k0 + BK) x columns [n0, n0 + BN) of an N-contiguous [K, N] matrix.
-static __device__ __forceinline__ void copy_b(u32 slice, const bf16 *matrix, int n0, int k0,
-                                              int thread) {
-#pragma unroll
-    for (int i = 0; i < BK * BN / 8 / COPY_THREADS; i++) {
-        int chunk = thread + i * COPY_THREADS;
-        int row = chunk / (BN / 8);
-        int column = chunk % (BN / 8);
-        int panel = column / 8;
-        u32 to = slice + panel * PANEL_BYTES + row * 128 + (((column % 8) ^ (row & 7)) << 4);
-        const bf16 *from = matrix + (u64)(k0 + row) * N_DIM + n0 + column * 8;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(to), "l"(from));
-    }
-}
 #else
 #define b_descriptor k_major_descriptor
-// 16 deeper is 32 bytes further along the rows.
-#define B_DEPTH_STEP 2
+#define B_DEPTH_STEP K_MAJOR_DEPTH_STEP
 #define TRANSPOSE_B "0"
-#define copy_b copy_k_major<BN>
 #endif
-
-static __device__ __forceinline__ void copy_stage(u32 stage, const bf16 *a, const bf16 *b, int m0,
-                                                  int n0, int k0, int thread) {
-#pragma unroll
-    for (int j = 0; j < SUBSLICES; j++) {
-        copy_k_major<BM>(stage + j * SLICE_BYTES, a, m0, k0 + j * BK, thread);
-        copy_b(stage + j * SLICE_BYTES + A_SLICE_BYTES, b, n0, k0 + j * BK, thread);
-    }
-}
 
 static __device__ __forceinline__ void mma(float *d, u64 a, u64 b) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE ", 0;\n"
@@ -149,9 +99,16 @@ static __device__ __forceinline__ void barrier_init(u32 barrier, u32 arrivals) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(barrier), "r"(arrivals));
 }
 
-// One arrival, releasing this thread's earlier writes to whoever waits for the phase.
+// One arrival, releasing this thread's earlier reads and writes to whoever waits for the phase.
 static __device__ __forceinline__ void barrier_arrive(u32 barrier) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(barrier)
+                 : "memory");
+}
+
+// The producer's arrival on a full barrier, which completes once `bytes` more have landed.
+static __device__ __forceinline__ void barrier_expect(u32 barrier, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(barrier),
+                 "r"(bytes)
                  : "memory");
 }
 
@@ -164,35 +121,36 @@ static __device__ __forceinline__ void barrier_wait(u32 barrier, u32 parity) {
                  : "memory");
 }
 
+// The box of `map` at (inner, outer) into shared memory at `to`, counted on `barrier`.
+static __device__ __forceinline__ void load_box(u32 to, const TensorMap *map, int inner, int outer,
+                                                u32 barrier) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(to),
+                 "l"((u64)map), "r"(inner), "r"(outer), "r"(barrier)
+                 : "memory");
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
-    wgmma_bf16_tn(const bf16 *__restrict__ a, const bf16 *__restrict__ b, bf16 *__restrict__ c) {
+    wgmma_bf16_tn(const __grid_constant__ TensorMap a_map, const __grid_constant__ TensorMap b_map,
+                  bf16 *__restrict__ c) {
     // The launch reserves 1 KiB more than the ring: its start rounded up to the 1024 bytes the
     // 128-byte swizzle's pattern repeats over.
     extern __shared__ unsigned char ring[];
     const int thread = threadIdx.x;
     const int m0 = blockIdx.x * BM;
     const int n0 = blockIdx.y * BN;
-    // The depth loop's steps, one stage each.
-    const int steps = K_DIM / (BK * SUBSLICES);
+    const int steps = K_DIM / BK;
     const u32 base = (shared_address(ring) + 1023) & ~1023u;
-    // This consumer warpgroup's 64 rows within an A slice.
-    const u32 warpgroup_rows = (thread / 128) * 64 * ROW_BYTES;
-    float d[BN / 2];
-#pragma unroll
-    for (int i = 0; i < BN / 2; i++) {
-        d[i] = 0.0f;
-    }
 
-#if WARP_SPECIALIZED
-    // full[s]: stage s holds the next slices (the producers arrive); empty[s]: both consumer
-    // warpgroups are done with it (their threads arrive).
+    // full[s]: stage s holds the next boxes (the producer's arrival and the copies' bytes);
+    // empty[s]: both consumer warpgroups are done with it (their threads arrive).
     __shared__ __align__(8) u64 full[STAGES], empty[STAGES];
     const u32 full_barriers = shared_address(full);
     const u32 empty_barriers = shared_address(empty);
     if (thread == 0) {
 #pragma unroll
         for (int s = 0; s < STAGES; s++) {
-            barrier_init(full_barriers + 8 * s, COPY_THREADS);
+            barrier_init(full_barriers + 8 * s, 1);
             barrier_init(empty_barriers + 8 * s, CONSUMER_THREADS);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -200,78 +158,57 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     __syncthreads();
 
     if (thread >= CONSUMER_THREADS) {
-        const int producer = thread - CONSUMER_THREADS;
-        for (int step = 0; step < steps; step++) {
-            const int s = step % STAGES;
-            if (step >= STAGES) {
-                barrier_wait(empty_barriers + 8 * s, (step / STAGES - 1) & 1);
+        if (thread == CONSUMER_THREADS) {
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)&a_map) : "memory");
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)&b_map) : "memory");
+            for (int step = 0; step < steps; step++) {
+                const int s = step % STAGES;
+                if (step >= STAGES) {
+                    barrier_wait(empty_barriers + 8 * s, (step / STAGES - 1) & 1);
+                }
+                const u32 full_barrier = full_barriers + 8 * s;
+                const u32 stage = base + s * STAGE_BYTES;
+                const int k0 = step * BK;
+                barrier_expect(full_barrier, STAGE_BYTES);
+                load_box(stage, &a_map, k0, m0, full_barrier);
+#if B_MN_MAJOR
+#pragma unroll
+                for (int panel = 0; panel < BN / 64; panel++) {
+                    load_box(stage + A_STAGE_BYTES + panel * PANEL_BYTES, &b_map, n0 + 64 * panel,
+                             k0, full_barrier);
+                }
+#else
+                load_box(stage + A_STAGE_BYTES, &b_map, k0, n0, full_barrier);
+#endif
             }
-            copy_stage(base + s * STAGE_BYTES, a, b, m0, n0, step * BK * SUBSLICES, producer);
-            asm volatile("cp.async.commit_group;\n" ::);
-            // The stage PRODUCER_LAG back has landed: this thread's copies of it made visible to
-            // the MMAs' async proxy, then announced.
-            if (step >= PRODUCER_LAG) {
-                asm volatile("cp.async.wait_group %0;\n" ::"n"(PRODUCER_LAG));
-                asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-                barrier_arrive(full_barriers + 8 * ((step - PRODUCER_LAG) % STAGES));
-            }
-        }
-        asm volatile("cp.async.wait_group 0;\n" ::);
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        for (int step = steps > PRODUCER_LAG ? steps - PRODUCER_LAG : 0; step < steps; step++) {
-            barrier_arrive(full_barriers + 8 * (step % STAGES));
         }
         return;
     }
-#else
-    // The copies run STAGES - 2 stages ahead: the stage they overwrite is the one whose MMAs the
-    // consumers waited for at the end of the step before.
-#pragma unroll
-    for (int s = 0; s < STAGES - 2; s++) {
-        if (s < steps) {
-            copy_stage(base + s * STAGE_BYTES, a, b, m0, n0, s * BK * SUBSLICES, thread);
-        }
-        asm volatile("cp.async.commit_group;\n" ::);
-    }
-#endif
 
+    // This consumer warpgroup's 64 rows within an A stage.
+    const u32 warpgroup_rows = (thread / 128) * 64 * 128;
+    float d[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; i++) {
+        d[i] = 0.0f;
+    }
     for (int step = 0; step < steps; step++) {
         const int s = step % STAGES;
-#if WARP_SPECIALIZED
         barrier_wait(full_barriers + 8 * s, (step / STAGES) & 1);
-#else
-        // This stage's copies landed, everyone's (the barrier), and every warpgroup has finished
-        // the MMAs of the stage the next copy overwrites.
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 3));
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        __syncthreads();
-        const int next = step + STAGES - 2;
-        if (next < steps) {
-            copy_stage(base + (next % STAGES) * STAGE_BYTES, a, b, m0, n0, next * BK * SUBSLICES,
-                       thread);
-        }
-        asm volatile("cp.async.commit_group;\n" ::);
-#endif
         const u32 stage = base + s * STAGE_BYTES;
+        const u64 a_stage = k_major_descriptor(stage + warpgroup_rows);
+        const u64 b_stage = b_descriptor(stage + A_STAGE_BYTES);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-        for (int j = 0; j < SUBSLICES; j++) {
-            const u64 a_slice = k_major_descriptor(stage + j * SLICE_BYTES + warpgroup_rows);
-            const u64 b_slice = b_descriptor(stage + j * SLICE_BYTES + A_SLICE_BYTES);
-#pragma unroll
-            for (int k = 0; k < BK / 16; k++) {
-                // 16 deeper is 32 bytes further along A's rows: 2 in the descriptor's address.
-                mma(d, a_slice + 2 * k, b_slice + B_DEPTH_STEP * k);
-            }
+        for (int k = 0; k < BK / 16; k++) {
+            mma(d, a_stage + K_MAJOR_DEPTH_STEP * k, b_stage + B_DEPTH_STEP * k);
         }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         // This stage's MMAs stay in flight; the stage before is done with.
         MMA_WAIT(1);
-#if WARP_SPECIALIZED
         if (step >= 1) {
             barrier_arrive(empty_barriers + 8 * ((step - 1) % STAGES));
         }
-#endif
     }
     MMA_WAIT(0);
 

@@ -1,17 +1,20 @@
-//! The bf16 product `A · B` on Hopper's warpgroup MMA (`wgmma`), `B` laid out either way,
-//! hand-written in CUDA (`wgmma.cu`): cubek 0.3's tiles are `mma.sync`, which reach about a third
-//! of an H100's bf16 peak. It enters CubeCL as a precompiled kernel, compiled by NVRTC for
-//! `sm_90a` like the generated ones and launched on the same stream, with the dynamic shared
-//! memory its text declares (our patch of cubecl-cuda: `third_party/cubecl-cuda/PATCH.md`).
+//! The bf16 product `A · B` on Hopper's warpgroup MMA (`wgmma`) fed by the TMA, `B` laid out
+//! either way, hand-written in CUDA (`wgmma.cu`): cubek 0.3's tiles are `mma.sync`, which reach
+//! about a third of an H100's bf16 peak. It enters CubeCL as a precompiled kernel, compiled by
+//! NVRTC for `sm_90a` like the generated ones and launched on the same stream, with the dynamic
+//! shared memory its text declares (our patch of cubecl-cuda: `third_party/cubecl-cuda/PATCH.md`)
+//! and its operands' tensor maps, which cubecl-cuda encodes at launch and passes by value.
 
 use burn::backend::TensorMetadata;
 use burn::tensor::DType;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::ir::attributes::BufferIOAttr;
 use cubecl::ir::metadata::Info;
-use cubecl::ir::{AddressType, ElemType, UIntKind};
+use cubecl::ir::{AddressType, ElemType, FloatKind, UIntKind};
 use cubecl::prelude::*;
-use cubecl::server::KernelArguments;
+use cubecl::server::{KernelArguments, TensorMapBinding, TensorMapMeta};
+use cubecl::zspace::metadata::Metadata;
+use cubecl::zspace::{Shape, Strides};
 use cubecl::{CubeKernel, PrecompiledSource};
 
 use crate::extension::empty_output;
@@ -20,17 +23,15 @@ use crate::extension::empty_output;
 const SOURCE: &str = include_str!("wgmma.cu");
 const ENTRY_POINT: &str = "wgmma_bf16_tn";
 
-/// A block's output rows (`BM` in the source) and the depth of one slice (`BK`).
+/// A block's output rows (`BM` in the source) and the depth of one stage (`BK`): 64 bf16 are the
+/// 128 bytes the TMA's widest swizzle spans.
 const BLOCK_ROWS: usize = 128;
-const SLICE_DEPTH: usize = 32;
-/// Two consumer warpgroups, and two producer warps where the main loop is warp-specialized.
-const CONSUMER_THREADS: u32 = 256;
-const PRODUCER_THREADS: u32 = 64;
-/// The ring: four stages of two slices (a 64-deep stage; 193 KiB at 256 wide, one block an SM),
-/// the best of the shapes tried at 256 wide on an H100 (BENCHMARKS.md). 128-wide tiles, which no
-/// 7B product takes, use the same.
+const STAGE_DEPTH: usize = 64;
+/// Two consumer warpgroups and one producer warp.
+const THREADS: u32 = 256 + 32;
+/// The ring's stages: 193 KiB at 256 wide, one block an SM. 128-wide tiles, which no 7B product
+/// takes, use the same.
 const STAGES: usize = 4;
-const SLICES_PER_STAGE: usize = 2;
 
 /// A block's output columns (`BN`): 256 where they divide the product, else 128.
 fn tile_cols(cols: usize) -> Option<usize> {
@@ -49,25 +50,9 @@ struct WgmmaProduct {
 }
 
 impl WgmmaProduct {
-    /// Producer warps feed the consumers for a K-major right-hand side (a linear layer's forward);
-    /// for an N-major one (its input gradient) the consumers copy themselves, which measured
-    /// faster there (BENCHMARKS.md).
-    fn warp_specialized(&self) -> bool {
-        !self.rhs_row_major
-    }
-
-    fn threads(&self) -> u32 {
-        CONSUMER_THREADS
-            + if self.warp_specialized() {
-                PRODUCER_THREADS
-            } else {
-                0
-            }
-    }
-
     /// The ring's bytes, and 1 KiB to align its start.
     fn shared_memory_bytes(&self) -> usize {
-        STAGES * SLICES_PER_STAGE * SLICE_DEPTH * (BLOCK_ROWS + self.tile_cols) * 2 + 1024
+        STAGES * STAGE_DEPTH * (BLOCK_ROWS + self.tile_cols) * 2 + 1024
     }
 
     /// The CUDA text: `wgmma.cu` behind the sizes, the layout and the accumulator's operands.
@@ -84,16 +69,13 @@ impl WgmmaProduct {
             .join(", ");
         format!(
             "#define N_DIM {}\n#define K_DIM {}\n#define B_MN_MAJOR {}\n#define BN {}\n\
-             #define STAGES {STAGES}\n#define SUBSLICES {SLICES_PER_STAGE}\n\
-             #define WARP_SPECIALIZED {}\n\
-             #define DYNAMIC_SHARED_MEMORY_BYTES {}\n#define ACC_REGS \"{{{registers}}}\"\n\
+             #define STAGES {STAGES}\n#define DYNAMIC_SHARED_MEMORY_BYTES {}\n#define ACC_REGS \"{{{registers}}}\"\n\
              #define ACC_OPERANDS {operands}\n#define DESCRIPTORS \"%{}, %{}\"\n\
              #define SCALE \"%{}\"\n{SOURCE}",
             self.cols,
             self.depth,
             u8::from(self.rhs_row_major),
             self.tile_cols,
-            u8::from(self.warp_specialized()),
             self.shared_memory_bytes(),
             accumulators,
             accumulators + 1,
@@ -116,7 +98,7 @@ impl CubeKernel for WgmmaProduct {
     /// No IR: the definition carries the block size the launch uses.
     fn define(&self) -> KernelDefinition {
         let settings = KernelSettings::new(
-            CubeDim::new_1d(self.threads()).0,
+            CubeDim::new_1d(THREADS).0,
             ExecutionMode::Unchecked,
             AddressType::U32,
         );
@@ -159,7 +141,7 @@ pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> 
     let tile_cols = tile_cols(cols)?;
     let fits = rhs_depth == depth
         && rows.is_multiple_of(BLOCK_ROWS)
-        && depth.is_multiple_of(SLICES_PER_STAGE * SLICE_DEPTH)
+        && depth.is_multiple_of(STAGE_DEPTH)
         && lhs.meta.strides()[..] == [depth, 1]
         && (rhs_row_major || rhs_strides[..] == [1, depth])
         && !lhs.meta.is_tiled()
@@ -170,10 +152,19 @@ pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> 
         return None;
     }
     let out = empty_output(lhs, [rows, cols], DType::BF16);
-    let arguments = KernelArguments::new()
-        .with_buffer_io(lhs.handle.clone().binding(), BufferIOAttr::ReadOnly)
-        .with_buffer_io(rhs.handle.clone().binding(), BufferIOAttr::ReadOnly)
-        .with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);
+    // The weight's boxes: `tile_cols` of its contiguous `[cols, depth]` rows for the forward,
+    // 64 x 64 panels of the `[depth, cols]` matrix for the input gradient.
+    let rhs_map = if rhs_row_major {
+        tensor_map(rhs, [depth, cols], [STAGE_DEPTH, 64])
+    } else {
+        tensor_map(rhs, [cols, depth], [tile_cols, STAGE_DEPTH])
+    };
+    let mut arguments = KernelArguments::new().with_tensor_maps(vec![
+        tensor_map(lhs, [rows, depth], [BLOCK_ROWS, STAGE_DEPTH]),
+        rhs_map,
+    ]);
+    arguments.declared_io = vec![BufferIOAttr::ReadOnly; 2];
+    let arguments = arguments.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);
     let count = CubeCount::Static((rows / BLOCK_ROWS) as u32, (cols / tile_cols) as u32, 1);
     let kernel = WgmmaProduct {
         cols,
@@ -183,4 +174,27 @@ pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> 
     };
     lhs.client.launch(Box::new(kernel), count, arguments);
     Some(out)
+}
+
+/// The tensor map of a contiguous bf16 `[rows, cols]` matrix read in `box_shape` boxes (`cols`
+/// 64 wide: one 128-byte swizzled row each), with the L2 promotion CUTLASS uses.
+fn tensor_map(
+    tensor: &CubeTensor,
+    [rows, cols]: [usize; 2],
+    box_shape: [usize; 2],
+) -> TensorMapBinding {
+    let metadata = Metadata::new(Shape::new([rows, cols]), Strides::new(&[cols, 1]));
+    let map = TensorMapMeta {
+        format: TensorMapFormat::Tiled(TiledArgs {
+            tile_size: Shape::new(box_shape),
+        }),
+        metadata,
+        elem_stride: Strides::new(&[1, 1]),
+        interleave: TensorMapInterleave::None,
+        swizzle: TensorMapSwizzle::B128,
+        prefetch: TensorMapPrefetch::B256,
+        oob_fill: OobFill::Zero,
+        elem_ty: ElemType::Float(FloatKind::BF16),
+    };
+    TensorMapBinding::new(tensor.handle.clone().binding(), map)
 }
