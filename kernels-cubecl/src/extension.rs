@@ -9,6 +9,7 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::Client;
 use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
 use crate::NESTED_BLOCK_SIZE;
@@ -156,9 +157,13 @@ pub(crate) fn launch_dims(tensor: &CubeTensor, units: usize) -> (cubecl::CubeCou
 /// The widest vector of `tensor`'s dtype the runtime likes whose length divides `len` (1 if
 /// none).
 pub(crate) fn vector_size(tensor: &CubeTensor, len: usize) -> usize {
-    tensor
-        .client
-        .io_optimized_vector_sizes(tensor.dtype.size())
+    io_vector_size(&tensor.client, tensor.dtype, len)
+}
+
+/// [`vector_size`] for a `dtype` tensor not allocated yet.
+fn io_vector_size(client: &Client, dtype: DType, len: usize) -> usize {
+    client
+        .io_optimized_vector_sizes(dtype.size())
         .filter(|size| len.is_multiple_of(*size))
         .max()
         .unwrap_or(1)
@@ -199,7 +204,7 @@ impl Quant4bitOps for CubeBackend {
         let (cube_count, cube_dim) = launch_dims(&packed, words);
         let block_shift = block_size.trailing_zeros();
         // The widest store the runtime likes that divides a word's eight values.
-        let lanes = vector_size(&output, WORD_ELEMENTS);
+        let lanes = io_vector_size(&packed.client, dtype, WORD_ELEMENTS);
         if num_elements.is_multiple_of(WORD_ELEMENTS) && lanes > 1 {
             // SAFETY: `words` units each read one word, the absmax of its block and 16 codes, and
             // write the eight values of that word, all inside the output.
@@ -253,8 +258,7 @@ impl Quant4bitOps for CubeBackend {
         dtype: DType,
     ) -> CubeTensor {
         let num_blocks = num_elements.div_ceil(block_size);
-        let output = empty_output(&packed, [num_elements], dtype);
-        let lanes = vector_size(&output, WORD_ELEMENTS);
+        let lanes = io_vector_size(&packed.client, dtype, WORD_ELEMENTS);
         if !num_elements.is_multiple_of(WORD_ELEMENTS) || lanes == 1 {
             let absmax = Self::dequantize_absmax(absmax_codes, nested_absmax, map, num_blocks);
             return Self::dequantize_4bit(
@@ -267,6 +271,7 @@ impl Quant4bitOps for CubeBackend {
                 dtype,
             );
         }
+        let output = empty_output(&packed, [num_elements], dtype);
         let words = num_elements / WORD_ELEMENTS;
         let cube_dim = CubeDim::new_1d(DEQUANTIZE_CUBE_WORDS as u32);
         let cube_count = calculate_cube_count_elemwise(&output.client, words, cube_dim);

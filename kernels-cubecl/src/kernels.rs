@@ -101,8 +101,7 @@ pub fn dequantize_4bit_double_kernel<F: Float, N: Size>(
     let mut decoded = Shared::<[f32]>::new_slice(cube_blocks);
     let block = first_block + unit;
     if unit < cube_blocks && block < num_blocks {
-        let byte = (absmax_codes[block / 4] >> (((block % 4) * 8) as u32)) & 0xFF;
-        decoded[unit] = map[byte as usize] * nested_absmax[block / NESTED_BLOCK_SIZE];
+        decoded[unit] = decode_absmax(absmax_codes, nested_absmax, map, block);
     }
     // Every unit reaches the barrier; those past the end leave after it.
     sync_cube();
@@ -214,7 +213,7 @@ pub fn matvec_4bit_kernel<F: Float>(
     }
 }
 
-/// Decodes the 8-bit absmax codes (four a word) without the offset: `map[code] * nested[i / 256]`.
+/// Decodes the 8-bit absmax codes without the offset (see [`decode_absmax`]).
 #[cube(launch_unchecked)]
 pub fn dequantize_absmax_kernel(
     codes: &[u32],
@@ -227,8 +226,15 @@ pub fn dequantize_absmax_kernel(
     if index >= num_blocks {
         terminate!();
     }
-    let code = (codes[index / 4] >> (((index % 4) * 8) as u32)) & 0xFF;
-    output[index] = map[code as usize] * nested_absmax[index / NESTED_BLOCK_SIZE];
+    output[index] = decode_absmax(codes, nested_absmax, map, index);
+}
+
+/// Block `block`'s absmax without the offset, from its 8-bit code (four a word):
+/// `map[code] * nested[block / 256]`.
+#[cube]
+fn decode_absmax(codes: &[u32], nested_absmax: &[f32], map: &[f32], block: usize) -> f32 {
+    let code = (codes[block / 4] >> (((block % 4) * 8) as u32)) & 0xFF;
+    map[code as usize] * nested_absmax[block / NESTED_BLOCK_SIZE]
 }
 
 /// Quantizes one block per unit: its absmax, then every value times the absmax's inverse, coded.
