@@ -16,6 +16,20 @@ pack() {
     xz -f -T0 "$dir/$bin"
   done
 }
+if [ "${1:-}" = host ]; then
+  # For `device-train.sh host-profile`: bench-train with its symbols (a second full build, as
+  # the profile's strip setting is part of every crate's fingerprint), and this machine's perf
+  # with the libraries it links, which the device machine's image lacks.
+  CARGO_PROFILE_RELEASE_STRIP=none CUDARC_CUDA_VERSION=13000 cargo build --release -p apps \
+    --features cuda,fusion --bin bench-train
+  mkdir -p .bin/host/perf/lib
+  xz -T0 -c target/release/bench-train >.bin/host/bench-train.xz
+  cp /usr/bin/perf .bin/host/perf/
+  ldd /usr/bin/perf | awk '$3 ~ /^\// && $3 !~ /lib(c|m)\.so/ {print $3}' | xargs -I{} cp -L {} .bin/host/perf/lib/
+  tar -C .bin/host -cJf .bin/host/perf.tar.xz perf && rm -r .bin/host/perf
+  du -sh .bin/host
+  exit
+fi
 pack .bin cuda bench-kernels bench-layer bench-train bench-decode
 pack .bin/fusion cuda,fusion bench-train bench-decode
 du -sh .bin

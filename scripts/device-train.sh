@@ -16,7 +16,13 @@
 # `tune`: the 4-bit matmul's products under each TMA tiling of TILINGS (rows,cols,depth,planes;
 # see kernels-cubecl/src/matmul.rs), the tuned one first;
 # `profile` (`profile-fusion`): every kernel's GPU time in two training steps of 2 layers,
-# checkpointing on, through Nsight Compute, without (with) fusion; scripts/kernel-times.py sums them.
+# checkpointing on, through Nsight Compute, without (with) fusion; scripts/kernel-times.py sums them;
+# `host-profile`: the host's threads over a checkpointed 7B run, sampled by perf with DWARF call
+# stacks (`scripts/build-device-bins.sh host` packs .bin/host/); perf.data comes back in $OUT,
+# xz-compressed, with the machine's libcuda. Report here after `perf buildid-cache -a` on
+# target/release/bench-train and that libcuda, e.g. `perf report -i perf.data --no-children
+# --comm DSD-0-0 --sort sym -g none` (main thread: bench-train, Burn fusion's thread: DSU-0-0,
+# CubeCL's CUDA server: DSD-0-0).
 # Logs go to $OUT (or ./bench-logs).
 set -u -o pipefail
 out=${OUT:-bench-logs}
@@ -70,5 +76,17 @@ for part in "${parts[@]}"; do
       run "$part" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
         --log-file "$out/$part.csv" "./$bin/bench-train" --backend cuda --layers 2 --warmup 1 \
         --steps 1 --activation-checkpointing ;;
+    host-profile)
+      tar -C .bin/host -xJf .bin/host/perf.tar.xz
+      xz -dkf .bin/host/bench-train.xz && chmod +x .bin/host/bench-train
+      # The first run fills the kernel cache, so the second's warm-up ends within the delay
+      # (~8 s) and the recording holds only timed steps.
+      run host-warm ./.bin/host/bench-train --backend cuda --activation-checkpointing --steps 5
+      LD_LIBRARY_PATH=".bin/host/perf/lib:$LD_LIBRARY_PATH" run host-profile .bin/host/perf/perf \
+        record -F 299 --call-graph dwarf,12288 -D "${HOST_PROFILE_DELAY_MS:-9500}" \
+        -o /tmp/perf.data -- ./.bin/host/bench-train --backend cuda --activation-checkpointing \
+        --steps 25
+      xz -T0 -c /tmp/perf.data >"$out/perf.data.xz"
+      xz -T0 -c "$(find / -name 'libcuda.so.*.*' -type f 2>/dev/null | head -1)" >"$out/libcuda.xz" ;;
   esac
 done
