@@ -23,10 +23,12 @@ use crate::extension::empty_output;
 const SOURCE: &str = include_str!("wgmma.cu");
 const ENTRY_POINT: &str = "wgmma_bf16_tn";
 
-/// A block's output rows (`BM` in the source) and the depth of one stage (`BK`): 64 bf16 are the
-/// 128 bytes the TMA's widest swizzle spans.
+/// The bf16 elements of one 128-byte row, the span of the TMA's widest swizzle: every box is that
+/// wide along its matrix's contiguous dimension.
+const SWIZZLE_ELEMENTS: usize = 64;
+/// A block's output rows (`BM` in the source) and the depth of one stage (`BK`): one swizzled row.
 const BLOCK_ROWS: usize = 128;
-const STAGE_DEPTH: usize = 64;
+const STAGE_DEPTH: usize = SWIZZLE_ELEMENTS;
 /// Two consumer warpgroups and one producer warp.
 const THREADS: u32 = 256 + 32;
 /// The ring's stages: 193 KiB at 256 wide, one block an SM. 128-wide tiles, which no 7B product
@@ -153,9 +155,10 @@ pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> 
     }
     let out = empty_output(lhs, [rows, cols], DType::BF16);
     // The weight's boxes: `tile_cols` of its contiguous `[cols, depth]` rows for the forward,
-    // 64 x 64 panels of the `[depth, cols]` matrix for the input gradient.
+    // stage-deep panels one swizzled row wide of the `[depth, cols]` matrix for the input
+    // gradient.
     let rhs_map = if rhs_row_major {
-        tensor_map(rhs, [depth, cols], [STAGE_DEPTH, 64])
+        tensor_map(rhs, [depth, cols], [STAGE_DEPTH, SWIZZLE_ELEMENTS])
     } else {
         tensor_map(rhs, [cols, depth], [tile_cols, STAGE_DEPTH])
     };
@@ -176,8 +179,8 @@ pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> 
     Some(out)
 }
 
-/// The tensor map of a contiguous bf16 `[rows, cols]` matrix read in `box_shape` boxes (`cols`
-/// 64 wide: one 128-byte swizzled row each), with the L2 promotion CUTLASS uses.
+/// The tensor map of a contiguous bf16 `[rows, cols]` matrix read in `box_shape` boxes
+/// (`SWIZZLE_ELEMENTS` wide: one 128-byte swizzled row each), with the L2 promotion CUTLASS uses.
 fn tensor_map(
     tensor: &CubeTensor,
     [rows, cols]: [usize; 2],
