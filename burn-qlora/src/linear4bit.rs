@@ -1,7 +1,7 @@
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{DType, Tensor};
-use kernels_cubecl::{Packed4bit, QuantConfig, QuantError};
+use kernels_cubecl::{Packed4bit, QuantConfig, QuantError, lora_4bit_linear};
 
 /// A frozen linear layer whose weight stays packed in 4 bits (NF4 or FP4), bitsandbytes'
 /// `Linear4bit`. The forward dequantizes the weight for the product and drops it after; the
@@ -42,6 +42,29 @@ impl Linear4bit {
             .weight
             .linear(input)
             .unwrap_or_else(|err| panic!("4-bit linear: {err}"));
+        self.add_bias(output)
+    }
+
+    /// `input · Wᵀ + (input · lora_a) · (scaling · lora_b) + bias`: the layer with a LoRA
+    /// adapter in Burn's layout (`lora_a` `[d_input, r]`, `lora_b` `[r, d_output]`), as one
+    /// operation each way.
+    ///
+    /// # Panics
+    ///
+    /// As [`Self::forward`], and if the adapter does not fit the layer.
+    pub fn forward_with_adapter<const D: usize>(
+        &self,
+        input: Tensor<D>,
+        lora_a: Tensor<2>,
+        lora_b: Tensor<2>,
+        scaling: f64,
+    ) -> Tensor<D> {
+        let output = lora_4bit_linear(input, &self.weight, lora_a, lora_b, scaling)
+            .unwrap_or_else(|err| panic!("4-bit LoRA linear: {err}"));
+        self.add_bias(output)
+    }
+
+    fn add_bias<const D: usize>(&self, output: Tensor<D>) -> Tensor<D> {
         match &self.bias {
             Some(bias) => {
                 let bias = bias.val().cast(output.dtype()).unsqueeze();

@@ -122,6 +122,17 @@ impl LoraLinear {
         // does: casting two rank-r matrices is free, casting the activations would copy every
         // input in f32 and keep that copy for the backward. The scaling goes into B likewise.
         // The products take the low-rank kernels: Burn's matmul tiles a rank-wide side badly.
+        // Over a 4-bit base without dropout the whole layer is one operation each way.
+        if let FrozenLinear::Packed(base) = &self.base
+            && self.dropout.prob == 0.0
+        {
+            return base.forward_with_adapter(
+                input,
+                self.lora_a.weight.val(),
+                self.lora_b.weight.val(),
+                self.scaling,
+            );
+        }
         let lora_b = self.lora_b.weight.val().mul_scalar(self.scaling);
         let hidden = low_rank_down(
             self.dropout.forward(input.clone()),

@@ -6,6 +6,7 @@
 //! - [`low_rank_down`], [`low_rank_up`], [`low_rank_up_add`]: a LoRA adapter's rank-wide
 //!   products (the last adding the base layer's output), with kernels for their thin sides and a
 //!   backward through the same kernels.
+//! - [`lora_4bit_linear`]: a LoRA projection over a 4-bit base as one operation each way.
 //! - [`batched_matmul`], [`batched_matmul_transposed`]: a batched product of two activations
 //!   (attention's `p·v` and `q·kᵀ`), through the same routine, with the gradients of both.
 //! - [`frozen_matmul`]: a product with a frozen dense weight (an untied LM head), through the
@@ -39,6 +40,8 @@ mod frozen;
 mod heads;
 #[cfg(feature = "cube")]
 pub mod kernels;
+#[cfg(any(feature = "cube", feature = "flex"))]
+mod lora_4bit;
 mod low_rank;
 #[cfg(any(feature = "cube", feature = "flex"))]
 mod matmul;
@@ -64,6 +67,8 @@ pub use cross_entropy::{CrossEntropyOps, cross_entropy};
 pub use error::QuantError;
 pub use frozen::{FrozenMatmulOps, frozen_matmul};
 pub use heads::{SwapHeadsOps, swap_heads};
+#[cfg(any(feature = "cube", feature = "flex"))]
+pub use lora_4bit::{Lora4bitOps, Lora4bitPassOps, lora_4bit_linear};
 pub use low_rank::{LowRankOps, MAX_RANK, low_rank_down, low_rank_up, low_rank_up_add};
 #[cfg(any(feature = "cube", feature = "flex"))]
 pub use matmul::{AbsmaxPrimitive, Matmul4bitOps, Weight4bitPrimitive};

@@ -143,7 +143,7 @@ fn low_rank_product<const D: usize>(
 }
 
 #[cfg(feature = "cube")]
-mod cube {
+pub(crate) mod cube {
     use burn::backend::TensorMetadata;
     use burn::backend::cubecl::dtype_to_storage_type;
     use burn::backend::ops::FloatTensorOps;
@@ -227,7 +227,7 @@ mod cube {
     /// A thin weight as the kernels read it, and whether it is read transposed: the backward's
     /// `Aᵀ` and `Bᵀ` are views of contiguous adapter weights, read in place rather than copied
     /// (a launch and a copy each, 14 a layer and step); any other layout is made contiguous.
-    fn thin_weight(weight: CubeTensor) -> (CubeTensor, bool) {
+    pub(crate) fn thin_weight(weight: CubeTensor) -> (CubeTensor, bool) {
         let [rows, _] = weight.shape().dims();
         let transposed = !weight.meta.is_tiled() && weight.meta.strides()[..] == [1, rows];
         if transposed {

@@ -580,14 +580,43 @@ mod flex {
 }
 
 mod autodiff {
-    use burn::backend::Autodiff;
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
     use burn::backend::autodiff::grads::Gradients;
     use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
     use burn::backend::tensor::FloatTensor;
+    use burn::backend::{Autodiff, Backend};
 
     use super::{AbsmaxPrimitive, Matmul4bitOps, Weight4bitPrimitive};
+
+    impl<B: Backend, C: CheckpointStrategy> Weight4bitPrimitive<Autodiff<B, C>> {
+        /// The weight on the inner backend: it is frozen, its float parts constants of the graph.
+        pub(crate) fn into_inner(self) -> Weight4bitPrimitive<B> {
+            Weight4bitPrimitive {
+                words: self.words,
+                absmax: match self.absmax {
+                    AbsmaxPrimitive::Plain(absmax) => {
+                        AbsmaxPrimitive::Plain(absmax.into_primitive())
+                    }
+                    AbsmaxPrimitive::Double {
+                        codes,
+                        nested_absmax,
+                        map,
+                        offset,
+                    } => AbsmaxPrimitive::Double {
+                        codes,
+                        nested_absmax: nested_absmax.into_primitive(),
+                        map: map.into_primitive(),
+                        offset,
+                    },
+                },
+                code: self.code.into_primitive(),
+                quant_type: self.quant_type,
+                block_size: self.block_size,
+                shape: self.shape,
+            }
+        }
+    }
 
     /// The backward of `matmul_4bit` with respect to `lhs`: the same product the other way
     /// round, dequantizing the packed weight once more.
@@ -616,30 +645,7 @@ mod autodiff {
             weight: Weight4bitPrimitive<Self>,
             transpose: bool,
         ) -> FloatTensor<Self> {
-            // The weight is frozen: its float parts are constants of the graph.
-            let weight = Weight4bitPrimitive::<B> {
-                words: weight.words,
-                absmax: match weight.absmax {
-                    AbsmaxPrimitive::Plain(absmax) => {
-                        AbsmaxPrimitive::Plain(absmax.into_primitive())
-                    }
-                    AbsmaxPrimitive::Double {
-                        codes,
-                        nested_absmax,
-                        map,
-                        offset,
-                    } => AbsmaxPrimitive::Double {
-                        codes,
-                        nested_absmax: nested_absmax.into_primitive(),
-                        map: map.into_primitive(),
-                        offset,
-                    },
-                },
-                code: weight.code.into_primitive(),
-                quant_type: weight.quant_type,
-                block_size: weight.block_size,
-                shape: weight.shape,
-            };
+            let weight = weight.into_inner();
             match Matmul4bitBackward
                 .prepare::<C>([lhs.node()])
                 .compute_bound()
@@ -664,23 +670,29 @@ pub(crate) fn product<const D: usize>(
     weight: &Packed4bit,
     transpose: bool,
 ) -> Result<Tensor<D>, QuantError> {
-    if !crate::has_extensions(&weight.device()) {
-        return Err(QuantError::Device(format!(
-            "no 4-bit matmul for {:?}: use a CubeCL (cuda, wgpu) or Flex device",
-            weight.device()
-        )));
-    }
-    let primitive = Weight4bitPrimitive::<Dispatch> {
-        words: weight.words.clone().into_dispatch(),
-        absmax: AbsmaxPrimitive::new(&weight.absmax),
-        code: weight.code.clone().into_dispatch(),
-        quant_type: weight.quant_type,
-        block_size: weight.block_size,
-        shape: weight.matrix_shape("linear")?,
-    };
     Ok(Tensor::from_dispatch(Dispatch::matmul_4bit(
         input.into_dispatch(),
-        primitive,
+        weight.primitive()?,
         transpose,
     )))
+}
+
+impl Packed4bit {
+    /// The weight as the operations' primitive; an error on devices without them.
+    pub(crate) fn primitive(&self) -> Result<Weight4bitPrimitive<Dispatch>, QuantError> {
+        if !crate::has_extensions(&self.device()) {
+            return Err(QuantError::Device(format!(
+                "no 4-bit matmul for {:?}: use a CubeCL (cuda, wgpu) or Flex device",
+                self.device()
+            )));
+        }
+        Ok(Weight4bitPrimitive {
+            words: self.words.clone().into_dispatch(),
+            absmax: AbsmaxPrimitive::new(&self.absmax),
+            code: self.code.clone().into_dispatch(),
+            quant_type: self.quant_type,
+            block_size: self.block_size,
+            shape: self.matrix_shape("linear")?,
+        })
+    }
 }

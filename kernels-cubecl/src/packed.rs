@@ -164,6 +164,22 @@ impl Packed4bit {
         input: Tensor<D>,
         transpose: bool,
     ) -> Result<Tensor<D>, QuantError> {
+        self.check_input(&input, transpose)?;
+        #[cfg(any(feature = "cube", feature = "flex"))]
+        return crate::matmul::product(input, self, transpose);
+        #[cfg(not(any(feature = "cube", feature = "flex")))]
+        Err(QuantError::Device(
+            "built without a backend for the 4-bit matmul: enable flex, wgpu or cuda".into(),
+        ))
+    }
+
+    /// Whether `input` can take the product `input · Wᵀ` (`transpose`) or `input · W`: its last
+    /// dimension, dtype and device.
+    pub(crate) fn check_input<const D: usize>(
+        &self,
+        input: &Tensor<D>,
+        transpose: bool,
+    ) -> Result<(), QuantError> {
         let [rows, cols] = self.matrix_shape("linear")?;
         let depth = if transpose { cols } else { rows };
         let dims = input.dims();
@@ -184,12 +200,7 @@ impl Packed4bit {
                 self.device()
             )));
         }
-        #[cfg(any(feature = "cube", feature = "flex"))]
-        return crate::matmul::product(input, self, transpose);
-        #[cfg(not(any(feature = "cube", feature = "flex")))]
-        Err(QuantError::Device(
-            "built without a backend for the 4-bit matmul: enable flex, wgpu or cuda".into(),
-        ))
+        Ok(())
     }
 
     /// `[rows, cols]` for a rank-2 weight.

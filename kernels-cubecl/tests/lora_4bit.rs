@@ -1,0 +1,168 @@
+//! A LoRA projection over a 4-bit base as one operation (`lora_4bit_linear`) on every device:
+//! against bitsandbytes' dequantized weights with the adapter in f32, and against the same layer
+//! composed of the separate operations in bf16 (f16 on wgpu, whose WGSL has no bf16).
+
+mod common;
+
+use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
+use common::{burn_f32_matmul_tolerance, devices, golden_cases};
+use integration_tests::relative_error;
+use kernels_cubecl::{Packed4bit, QuantConfig, lora_4bit_linear, low_rank_down, low_rank_up_add};
+
+/// PEFT's scaling for alpha 16, rank 8.
+const SCALING: f64 = 2.0;
+const RANK: usize = 8;
+
+/// A layer's inputs: `x` `[2, 3, cols]`, the adapter (f32) and the output's upstream gradient,
+/// all on `device` (an autodiff one).
+struct Inputs {
+    x: Tensor<3>,
+    lora_a: Tensor<2>,
+    lora_b: Tensor<2>,
+    upstream: Tensor<3>,
+}
+
+impl Inputs {
+    fn random([rows, cols]: [usize; 2], dtype: DType, device: &Device) -> Self {
+        let normal = |std| Distribution::Normal(0.0, std);
+        Self {
+            x: Tensor::<3>::random([2, 3, cols], Distribution::Default, device).cast(dtype),
+            lora_a: Tensor::random([cols, RANK], normal(0.1), device),
+            lora_b: Tensor::random([RANK, rows], normal(0.1), device),
+            upstream: Tensor::<3>::random([2, 3, rows], Distribution::Default, device).cast(dtype),
+        }
+    }
+
+    /// `layer`'s output and the gradients of `x`, `A` and `B` of `sum(upstream · output)`.
+    fn run(&self, layer: impl Fn(Tensor<3>, Tensor<2>, Tensor<2>) -> Tensor<3>) -> [Tensor<3>; 4] {
+        let (x, lora_a, lora_b) = (
+            self.x.clone().require_grad(),
+            self.lora_a.clone().require_grad(),
+            self.lora_b.clone().require_grad(),
+        );
+        let y = layer(x.clone(), lora_a.clone(), lora_b.clone());
+        let grads = (y.clone() * self.upstream.clone()).sum().backward();
+        let grad_a = lora_a.grad(&grads).expect("A has a gradient");
+        let grad_b = lora_b.grad(&grads).expect("B has a gradient");
+        [
+            y.inner(),
+            x.grad(&grads).expect("x has a gradient"),
+            grad_a.unsqueeze(),
+            grad_b.unsqueeze(),
+        ]
+    }
+}
+
+const PARTS: [&str; 4] = ["y", "grad x", "grad A", "grad B"];
+
+/// For every 2-D f32 golden state (NF4 and FP4, with and without double quantization), the
+/// fused layer's output and gradients equal those of `x·Wᵀ + (x·A)·(s·B)` with bitsandbytes'
+/// dequantized `W`, through Burn's f32 matmul on the CPU.
+#[test]
+fn lora_4bit_linear_with_golden_states_equals_the_dense_lora_layer() {
+    let cases: Vec<_> = golden_cases()
+        .into_iter()
+        .filter(|case| case.shape.len() == 2 && case.input_dtype == DType::F32)
+        .collect();
+    if cases.is_empty() {
+        println!("skipped: no golden folder");
+        return;
+    }
+    let host = Device::flex().autodiff();
+    for (name, plain) in devices() {
+        let device = plain.clone().autodiff();
+        // The kernels sum in f32 as the reference does; CUDA's f32 base product is TF32's.
+        let tolerance = burn_f32_matmul_tolerance(name, 1e-5) as f32;
+        for case in &cases {
+            let shape = [case.shape[0], case.shape[1]];
+            let packed = Packed4bit::from_state(&case.state(), &plain).unwrap();
+            let theirs =
+                Tensor::<2>::from_data(TensorData::new(case.dequant.clone(), shape), &host);
+            let inputs = Inputs::random(shape, DType::F32, &device);
+            let ours = inputs.run(|x, a, b| lora_4bit_linear(x, &packed, a, b, SCALING).unwrap());
+            let on_host = Inputs {
+                x: inputs.x.to_device(&host),
+                lora_a: inputs.lora_a.to_device(&host),
+                lora_b: inputs.lora_b.to_device(&host),
+                upstream: inputs.upstream.to_device(&host),
+            };
+            let expected = on_host.run(|x, a, b| {
+                let base = x.clone().matmul(theirs.clone().transpose().unsqueeze());
+                base + x
+                    .matmul(a.unsqueeze())
+                    .matmul(b.mul_scalar(SCALING).unsqueeze())
+            });
+            for ((part, ours), expected) in PARTS.iter().zip(ours).zip(expected) {
+                let error = relative_error(ours.to_device(&host), expected);
+                assert!(
+                    error < tolerance,
+                    "{name} {} {part}: relative error {error}",
+                    case.name
+                );
+            }
+        }
+    }
+}
+
+/// In bf16 the fused layer gives the numbers of the layer composed of the separate operations
+/// (4-bit product, `x·A`, `h·B` with the add, each with its own backward): the output and the
+/// adapter's gradients bitwise; the input's gradient rounds once where the composed layer
+/// rounds its two parts before adding them.
+#[test]
+fn lora_4bit_linear_gives_the_composed_layers_numbers() {
+    for (name, plain) in devices() {
+        let dtype = if name == "wgpu" {
+            DType::F16
+        } else {
+            DType::BF16
+        };
+        let device = plain.clone().autodiff();
+        // 384 x 512: the `wgmma` kernel's tiles on CUDA.
+        let shape = [384, 512];
+        let weight = Tensor::<2>::random(shape, Distribution::Default, &plain);
+        let packed = Packed4bit::quantize(weight, QuantConfig::default()).unwrap();
+        let inputs = Inputs::random(shape, dtype, &device);
+        let ours = inputs.run(|x, a, b| lora_4bit_linear(x, &packed, a, b, SCALING).unwrap());
+        let composed = inputs.run(|x, a, b| {
+            let hidden = low_rank_down(x.clone(), a);
+            low_rank_up_add(packed.linear(x).unwrap(), hidden, b.mul_scalar(SCALING))
+        });
+        for ((part, ours), composed) in PARTS.iter().zip(ours).zip(composed) {
+            assert_eq!(ours.dtype(), composed.dtype(), "{name} {part}");
+            if *part == "grad x" {
+                // Two roundings against one: within a unit of the last place, about 2^-8.
+                let error = relative_error(ours.cast(DType::F32), composed.cast(DType::F32));
+                assert!(error < 1e-2, "{name} {part}: relative error {error}");
+            } else {
+                let difference = (ours.cast(DType::F32) - composed.cast(DType::F32))
+                    .abs()
+                    .max()
+                    .into_scalar::<f32>();
+                assert_eq!(difference, 0.0, "{name} {part}");
+            }
+        }
+    }
+}
+
+#[test]
+fn lora_4bit_linear_refuses_an_adapter_that_does_not_fit() {
+    for (name, device) in devices() {
+        let weight = Tensor::<2>::random([64, 128], Distribution::Default, &device);
+        let packed = Packed4bit::quantize(weight, QuantConfig::default()).unwrap();
+        let x = Tensor::<2>::zeros([4, 128], &device);
+        let lora_a = Tensor::<2>::zeros([128, RANK], &device);
+        let lora_b = Tensor::<2>::zeros([RANK, 48], &device);
+        let err = lora_4bit_linear(x.clone(), &packed, lora_a.clone(), lora_b, SCALING)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("LoRA adapter") && err.contains("B [8, 48]"),
+            "{name}: {err}"
+        );
+        let lora_b = Tensor::<2>::zeros([RANK, 64], &device);
+        let err = lora_4bit_linear(x.narrow(1, 0, 100), &packed, lora_a, lora_b, SCALING)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("128 input features"), "{name}: {err}");
+    }
+}
