@@ -218,6 +218,60 @@ fn backward<B: Matmul4bitOps + LowRankOps + AdapterCast>(
     (B::float_reshape(grad_input, dims), grad_a, grad_b)
 }
 
+/// The two traits for a backend whose products and [`AdapterCast`] run [`forward`] and
+/// [`backward`] (CubeCL's and Flex).
+macro_rules! impl_lora_4bit_ops {
+    ($backend:ty, $tensor:ty) => {
+        impl Lora4bitOps for $backend {
+            fn lora_4bit_linear(
+                input: $tensor,
+                weight: Weight4bitPrimitive<Self>,
+                lora_a: $tensor,
+                lora_b: $tensor,
+                scaling: f64,
+            ) -> $tensor {
+                forward::<Self>(input, weight, lora_a, lora_b, scaling).0
+            }
+        }
+
+        impl Lora4bitPassOps for $backend {
+            fn lora_4bit_forward(
+                input: $tensor,
+                weight: Weight4bitPrimitive<Self>,
+                lora_a: $tensor,
+                lora_b: $tensor,
+                scaling: f64,
+            ) -> ($tensor, $tensor, $tensor, $tensor) {
+                forward::<Self>(input, weight, lora_a, lora_b, scaling)
+            }
+
+            #[allow(clippy::too_many_arguments)]
+            fn lora_4bit_backward(
+                grad: $tensor,
+                input: $tensor,
+                hidden: $tensor,
+                weight: Weight4bitPrimitive<Self>,
+                lora_a: $tensor,
+                scaled_b: $tensor,
+                scaling: f64,
+                adapter_dtype: burn::tensor::DType,
+            ) -> ($tensor, $tensor, $tensor) {
+                backward::<Self>(
+                    grad,
+                    input,
+                    hidden,
+                    weight,
+                    lora_a,
+                    scaled_b,
+                    scaling,
+                    adapter_dtype,
+                )
+            }
+        }
+    };
+}
+use impl_lora_4bit_ops;
+
 #[cfg(feature = "cube")]
 mod cube {
     use burn::backend::TensorMetadata;
@@ -233,51 +287,7 @@ mod cube {
     use crate::low_rank::cube::thin_weight;
     use crate::matmul::Weight4bitPrimitive;
 
-    impl Lora4bitOps for CubeBackend {
-        fn lora_4bit_linear(
-            input: CubeTensor,
-            weight: Weight4bitPrimitive<Self>,
-            lora_a: CubeTensor,
-            lora_b: CubeTensor,
-            scaling: f64,
-        ) -> CubeTensor {
-            forward::<Self>(input, weight, lora_a, lora_b, scaling).0
-        }
-    }
-
-    impl Lora4bitPassOps for CubeBackend {
-        fn lora_4bit_forward(
-            input: CubeTensor,
-            weight: Weight4bitPrimitive<Self>,
-            lora_a: CubeTensor,
-            lora_b: CubeTensor,
-            scaling: f64,
-        ) -> (CubeTensor, CubeTensor, CubeTensor, CubeTensor) {
-            forward::<Self>(input, weight, lora_a, lora_b, scaling)
-        }
-
-        fn lora_4bit_backward(
-            grad: CubeTensor,
-            input: CubeTensor,
-            hidden: CubeTensor,
-            weight: Weight4bitPrimitive<Self>,
-            lora_a: CubeTensor,
-            scaled_b: CubeTensor,
-            scaling: f64,
-            adapter_dtype: DType,
-        ) -> (CubeTensor, CubeTensor, CubeTensor) {
-            backward::<Self>(
-                grad,
-                input,
-                hidden,
-                weight,
-                lora_a,
-                scaled_b,
-                scaling,
-                adapter_dtype,
-            )
-        }
-    }
+    super::impl_lora_4bit_ops!(CubeBackend, CubeTensor);
 
     impl AdapterCast for CubeBackend {
         fn cast_adapter(
@@ -362,51 +372,7 @@ mod flex {
     use super::{AdapterCast, Lora4bitOps, Lora4bitPassOps, backward, forward};
     use crate::matmul::Weight4bitPrimitive;
 
-    impl Lora4bitOps for Flex {
-        fn lora_4bit_linear(
-            input: FlexTensor,
-            weight: Weight4bitPrimitive<Self>,
-            lora_a: FlexTensor,
-            lora_b: FlexTensor,
-            scaling: f64,
-        ) -> FlexTensor {
-            forward::<Self>(input, weight, lora_a, lora_b, scaling).0
-        }
-    }
-
-    impl Lora4bitPassOps for Flex {
-        fn lora_4bit_forward(
-            input: FlexTensor,
-            weight: Weight4bitPrimitive<Self>,
-            lora_a: FlexTensor,
-            lora_b: FlexTensor,
-            scaling: f64,
-        ) -> (FlexTensor, FlexTensor, FlexTensor, FlexTensor) {
-            forward::<Self>(input, weight, lora_a, lora_b, scaling)
-        }
-
-        fn lora_4bit_backward(
-            grad: FlexTensor,
-            input: FlexTensor,
-            hidden: FlexTensor,
-            weight: Weight4bitPrimitive<Self>,
-            lora_a: FlexTensor,
-            scaled_b: FlexTensor,
-            scaling: f64,
-            adapter_dtype: DType,
-        ) -> (FlexTensor, FlexTensor, FlexTensor) {
-            backward::<Self>(
-                grad,
-                input,
-                hidden,
-                weight,
-                lora_a,
-                scaled_b,
-                scaling,
-                adapter_dtype,
-            )
-        }
-    }
+    super::impl_lora_4bit_ops!(Flex, FlexTensor);
 
     impl AdapterCast for Flex {
         fn cast_adapter(

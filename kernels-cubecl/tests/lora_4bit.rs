@@ -5,7 +5,7 @@
 mod common;
 
 use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
-use common::{burn_f32_matmul_tolerance, devices, golden_cases};
+use common::{burn_f32_matmul_tolerance, devices, golden_matrices, half_dtype};
 use integration_tests::relative_error;
 use kernels_cubecl::{Packed4bit, QuantConfig, lora_4bit_linear, low_rank_down, low_rank_up_add};
 
@@ -60,12 +60,8 @@ const PARTS: [&str; 4] = ["y", "grad x", "grad A", "grad B"];
 /// dequantized `W`, through Burn's f32 matmul on the CPU.
 #[test]
 fn lora_4bit_linear_with_golden_states_equals_the_dense_lora_layer() {
-    let cases: Vec<_> = golden_cases()
-        .into_iter()
-        .filter(|case| case.shape.len() == 2 && case.input_dtype == DType::F32)
-        .collect();
+    let cases = golden_matrices(DType::F32, |_| true);
     if cases.is_empty() {
-        println!("skipped: no golden folder");
         return;
     }
     let host = Device::flex().autodiff();
@@ -111,11 +107,7 @@ fn lora_4bit_linear_with_golden_states_equals_the_dense_lora_layer() {
 #[test]
 fn lora_4bit_linear_gives_the_composed_layers_numbers() {
     for (name, plain) in devices() {
-        let dtype = if name == "wgpu" {
-            DType::F16
-        } else {
-            DType::BF16
-        };
+        let dtype = half_dtype(name);
         let device = plain.clone().autodiff();
         // 384 x 512: the `wgmma` kernel's tiles on CUDA.
         let shape = [384, 512];

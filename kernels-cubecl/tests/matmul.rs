@@ -6,7 +6,7 @@
 mod common;
 
 use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
-use common::{GoldenCase, devices, golden_cases};
+use common::{GoldenCase, devices, golden_matrices, half_dtype};
 use integration_tests::relative_error;
 use kernels_cubecl::{Packed4bit, QuantConfig, QuantType, frozen_matmul};
 
@@ -95,12 +95,8 @@ fn matmul_4bit_with_few_rows_equals_the_dense_product() {
 /// state's weight equals that row times bitsandbytes' `dequant` values.
 #[test]
 fn matvec_with_golden_states_equals_bitsandbytes_dequantized_product() {
-    let cases: Vec<_> = golden_cases()
-        .into_iter()
-        .filter(|case| case.shape.len() == 2 && case.input_dtype == DType::F32)
-        .collect();
+    let cases = golden_matrices(DType::F32, |_| true);
     if cases.is_empty() {
-        println!("skipped: no golden folder");
         return;
     }
     // The reference product runs on the CPU, as above: on CUDA Burn's f32 matmul is TF32's.
@@ -187,11 +183,7 @@ fn bf16_products_at_tile_sizes_equal_the_f32_product() {
     const BF16_TOLERANCE: f32 = 4e-3;
     let reference = Device::flex();
     for (name, device) in devices() {
-        let dtype = if name == "wgpu" {
-            DType::F16
-        } else {
-            DType::BF16
-        };
+        let dtype = half_dtype(name);
         let half_values = |tensor: Tensor<2>| {
             let data = tensor.cast(dtype).into_data();
             Tensor::<2>::from_data(data.convert::<f32>(), &reference)
@@ -248,11 +240,7 @@ fn bf16_products_at_tile_sizes_equal_the_f32_product() {
 #[test]
 fn forward_4bit_equals_the_dequantized_product_bitwise() {
     for (name, device) in devices() {
-        let dtype = if name == "wgpu" {
-            DType::F16
-        } else {
-            DType::BF16
-        };
+        let dtype = half_dtype(name);
         for config in [
             QuantConfig::default(),
             QuantConfig::new(QuantType::Nf4, 64, false),
@@ -279,17 +267,10 @@ fn forward_4bit_equals_the_dequantized_product_bitwise() {
 /// values through the dense routine, bitwise. wgpu is left out: WGSL has no bf16.
 #[test]
 fn forward_4bit_with_golden_states_equals_bitsandbytes_dequantized_product() {
-    let cases: Vec<_> = golden_cases()
-        .into_iter()
-        .filter(|case| {
-            case.shape.len() == 2
-                && case.input_dtype == DType::BF16
-                && case.shape[0] % 128 == 0
-                && case.shape[1] % 64 == 0
-        })
-        .collect();
+    let cases = golden_matrices(DType::BF16, |case| {
+        case.shape[0] % 128 == 0 && case.shape[1] % 64 == 0
+    });
     if cases.is_empty() {
-        println!("skipped: no golden folder");
         return;
     }
     for (name, device) in devices().into_iter().filter(|(name, _)| *name != "wgpu") {

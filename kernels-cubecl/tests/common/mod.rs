@@ -64,6 +64,19 @@ impl GoldenCase {
     }
 }
 
+/// The 2-D golden cases whose input was `dtype` that `keep` accepts; none, with the reason
+/// printed, without the golden folder.
+pub fn golden_matrices(dtype: DType, keep: impl Fn(&GoldenCase) -> bool) -> Vec<GoldenCase> {
+    let cases: Vec<_> = golden_cases()
+        .into_iter()
+        .filter(|case| case.shape.len() == 2 && case.input_dtype == dtype && keep(case))
+        .collect();
+    if cases.is_empty() {
+        println!("skipped: no golden folder");
+    }
+    cases
+}
+
 pub fn golden_cases() -> Vec<GoldenCase> {
     let Some(dir) = golden_dir() else {
         return Vec::new();
@@ -137,6 +150,16 @@ pub fn devices() -> Vec<(&'static str, Device)> {
     #[cfg(feature = "cuda")]
     devices.push(("cuda", Device::cuda(0usize)));
     devices
+}
+
+/// The 16-bit float a half-precision test runs in on `name`'s device: bf16, but f16 on wgpu,
+/// whose WGSL has no bf16.
+pub fn half_dtype(name: &str) -> DType {
+    if name == "wgpu" {
+        DType::F16
+    } else {
+        DType::BF16
+    }
 }
 
 /// The CubeCL devices alone (empty without the `wgpu`/`cuda` features).
