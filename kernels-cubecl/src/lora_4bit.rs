@@ -5,10 +5,10 @@
 //! tensor level records about a dozen operations a projection (casts and scaling of the f32
 //! adapter, reshapes, the products, the backward's add of the two input gradients), and every
 //! one costs the host: autodiff bookkeeping, then Burn fusion's thread, which sets the pace of a
-//! 7B step. Here the host records one, and the backward adds the adapter's input gradient
-//! `(g·(s·B)ᵀ)·Aᵀ` to the base's `g·W` inside the `h·B`-shaped kernel. The casts of the adapter
-//! to the compute dtype (and of its gradients back) take one small kernel each way, where
-//! Burn's operations took three launches at the backend level. The numbers are the composed
+//! 7B step without activation checkpointing. Here the host records one, and the backward adds
+//! the adapter's input gradient `(g·(s·B)ᵀ)·Aᵀ` to the base's `g·W` inside the `h·B`-shaped
+//! kernel. The casts of the adapter to the compute dtype (and of its gradients back) take one
+//! small kernel each way, both matrices in one launch. The numbers are the composed
 //! layer's: the same kernels in the same order, the adapter cast to the input's dtype (the
 //! scaling applied in f32 first), its gradients cast back to f32 and scaled there.
 
