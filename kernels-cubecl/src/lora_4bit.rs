@@ -30,12 +30,7 @@ use crate::{Packed4bit, QuantError};
 pub trait Lora4bitOps: Backend {
     /// `input · Wᵀ + (input · lora_a) · (scaling · lora_b)` for a `[rows, cols]` weight, `input`
     /// `[.., cols]`, `lora_a` `[cols, r]`, `lora_b` `[r, rows]`, in `input`'s dtype.
-    #[fusion(meta = |input, weight, _lora_a, _lora_b, _scaling| {
-        let mut spec = input.clone();
-        let last = spec.shape.len() - 1;
-        spec.shape[last] = weight.shape[0];
-        spec
-    })]
+    #[fusion(meta = |input, weight, _lora_a, _lora_b, _scaling| output_spec(input, weight.shape[0]))]
     fn lora_4bit_linear(
         input: FloatTensor<Self>,
         #[extension_type] weight: Weight4bitPrimitive<Self>,
@@ -56,18 +51,15 @@ pub trait Lora4bitPassOps: Backend {
     /// hidden `input · lora_a` (`[rows of input, r]`), `lora_a` and `scaling · lora_b` in
     /// `input`'s dtype.
     #[fusion(meta = |input, weight, lora_a, lora_b, _scaling| {
-        let mut output = input.clone();
-        let last = output.shape.len() - 1;
-        output.shape[last] = weight.shape[0];
-        let rows = input.shape.num_elements() / input.shape[last];
+        let rows = input.shape.num_elements() / input.shape[input.shape.len() - 1];
         let mut hidden = input.clone();
         hidden.shape = Shape::new([rows, lora_a.shape[1]]);
-        let in_dtype = |spec: &burn::backend::fusion::custom::TensorSpec| {
-            let mut spec = spec.clone();
-            spec.dtype = input.dtype;
-            spec
-        };
-        (output, hidden, in_dtype(lora_a), in_dtype(lora_b))
+        (
+            output_spec(input, weight.shape[0]),
+            hidden,
+            spec_in(lora_a, input.dtype),
+            spec_in(lora_b, input.dtype),
+        )
     })]
     fn lora_4bit_forward(
         input: FloatTensor<Self>,
@@ -85,12 +77,7 @@ pub trait Lora4bitPassOps: Backend {
     /// The gradients of `input`, `lora_a` and `lora_b` (the last two in `adapter_dtype`) from
     /// the output's `grad` and what the forward kept (`lora_a`, `scaled_b` in the compute dtype).
     #[fusion(meta = |_grad, input, _hidden, _weight, lora_a, scaled_b, _scaling, adapter_dtype| {
-        let in_adapter_dtype = |spec: &burn::backend::fusion::custom::TensorSpec| {
-            let mut spec = spec.clone();
-            spec.dtype = *adapter_dtype;
-            spec
-        };
-        (input.clone(), in_adapter_dtype(lora_a), in_adapter_dtype(scaled_b))
+        (input.clone(), spec_in(lora_a, *adapter_dtype), spec_in(scaled_b, *adapter_dtype))
     })]
     #[allow(clippy::too_many_arguments)]
     fn lora_4bit_backward(
@@ -103,6 +90,29 @@ pub trait Lora4bitPassOps: Backend {
         scaling: f64,
         adapter_dtype: DType,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// The layer's output as fusion records it: `input`'s spec with `rows` output features.
+#[cfg(all(feature = "cube", feature = "fusion"))]
+fn output_spec(
+    input: &burn::backend::fusion::custom::TensorSpec,
+    rows: usize,
+) -> burn::backend::fusion::custom::TensorSpec {
+    let mut spec = input.clone();
+    let last = spec.shape.len() - 1;
+    spec.shape[last] = rows;
+    spec
+}
+
+/// `spec` in `dtype`.
+#[cfg(all(feature = "cube", feature = "fusion"))]
+fn spec_in(
+    spec: &burn::backend::fusion::custom::TensorSpec,
+    dtype: DType,
+) -> burn::backend::fusion::custom::TensorSpec {
+    let mut spec = spec.clone();
+    spec.dtype = dtype;
+    spec
 }
 
 /// `input · Wᵀ + (input · lora_a) · (scaling · lora_b)` over `input`'s last dimension, for this
