@@ -5,12 +5,14 @@
 //! tensor level records about a dozen operations a projection (casts and scaling of the f32
 //! adapter, reshapes, the products, the backward's add of the two input gradients), and every
 //! one costs the host: autodiff bookkeeping, then Burn fusion's thread, which sets the pace of a
-//! 7B step without activation checkpointing. Here the host records one, and the backward adds
-//! the adapter's input gradient `(g·(s·B)ᵀ)·Aᵀ` to the base's `g·W` inside the `h·B`-shaped
-//! kernel. The casts of the adapter to the compute dtype (and of its gradients back) take one
-//! small kernel each way, both matrices in one launch. The numbers are the composed
-//! layer's: the same kernels in the same order, the adapter cast to the input's dtype (the
-//! scaling applied in f32 first), its gradients cast back to f32 and scaled there.
+//! 7B step without activation checkpointing. Here the host records one, and the adapter's
+//! term (`h·(s·B)` forward, the input gradient's `(g·(s·B)ᵀ)·Aᵀ` backward) is added to the base
+//! product's accumulator by the `wgmma` kernel before it rounds (elsewhere by the `h·B`-shaped
+//! kernel, which reads the base product's output). The casts of the adapter to the compute
+//! dtype (and of its gradients back) take one small kernel each way, both matrices in one
+//! launch. The numbers are the composed layer's but for that one rounding: the adapter cast to
+//! the input's dtype (the scaling applied in f32 first), its gradients cast back to f32 and
+//! scaled there.
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, TensorMetadata, backend_extension};
@@ -167,21 +169,34 @@ fn flat_rows<B: Backend>(tensor: FloatTensor<B>) -> FloatTensor<B> {
     B::float_reshape(tensor, Shape::new([rows, inner]))
 }
 
-/// The adapter's casts between its own dtype and the compute dtype, one launch for both
-/// matrices where the backend launches kernels.
-trait AdapterCast: Backend {
+/// What [`forward`] and [`backward`] need beyond the products' operations: the adapter's casts,
+/// and the base product with the adapter's term added.
+trait LoraPass: Matmul4bitOps + LowRankOps {
     /// `first` and `scale · second` in `dtype`, both given in one dtype; the product `scale ·
-    /// second` in f32, rounded once.
+    /// second` in f32, rounded once. One launch for both where the backend launches kernels.
     fn cast_adapter(
         first: FloatTensor<Self>,
         second: FloatTensor<Self>,
         scale: f64,
         dtype: DType,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `lhs · Wᵀ` (`transpose`) or `lhs · W`, plus `hidden · adapter`, for a `[rows, k]` `lhs`
+    /// and a thin `[rows, r]` `hidden`: the 4-bit product, then `low_rank_up_add`.
+    fn matmul_4bit_plus_low_rank(
+        lhs: FloatTensor<Self>,
+        weight: Weight4bitPrimitive<Self>,
+        transpose: bool,
+        hidden: FloatTensor<Self>,
+        adapter: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let base = Self::matmul_4bit(lhs, weight, transpose);
+        Self::low_rank_up_add(base, hidden, adapter)
+    }
 }
 
 /// [`Lora4bitPassOps::lora_4bit_forward`] through the backend's products.
-fn forward<B: Matmul4bitOps + LowRankOps + AdapterCast>(
+fn forward<B: LoraPass>(
     input: FloatTensor<B>,
     weight: Weight4bitPrimitive<B>,
     lora_a: FloatTensor<B>,
@@ -195,9 +210,10 @@ fn forward<B: Matmul4bitOps + LowRankOps + AdapterCast>(
 ) {
     let mut dims = input.shape();
     let (lora_a, scaled_b) = B::cast_adapter(lora_a, lora_b, scaling, input.dtype());
-    let hidden = B::low_rank_down(flat_rows::<B>(input.clone()), lora_a.clone());
-    let base = flat_rows::<B>(B::matmul_4bit(input, weight, true));
-    let output = B::low_rank_up_add(base, hidden.clone(), scaled_b.clone());
+    let input = flat_rows::<B>(input);
+    let hidden = B::low_rank_down(input.clone(), lora_a.clone());
+    let output =
+        B::matmul_4bit_plus_low_rank(input, weight, true, hidden.clone(), scaled_b.clone());
     let last = dims.num_dims() - 1;
     dims[last] = output.shape()[1];
     (B::float_reshape(output, dims), hidden, lora_a, scaled_b)
@@ -206,7 +222,7 @@ fn forward<B: Matmul4bitOps + LowRankOps + AdapterCast>(
 /// [`Lora4bitPassOps::lora_4bit_backward`] through the backend's products: `g·W + (g·(s·B)ᵀ)·Aᵀ`
 /// for the input, `xᵀ·(g·(s·B)ᵀ)` for `A` and `s·(hᵀ·g)` for `B`.
 #[allow(clippy::too_many_arguments)]
-fn backward<B: Matmul4bitOps + LowRankOps + AdapterCast>(
+fn backward<B: LoraPass>(
     grad: FloatTensor<B>,
     input: FloatTensor<B>,
     hidden: FloatTensor<B>,
@@ -220,15 +236,20 @@ fn backward<B: Matmul4bitOps + LowRankOps + AdapterCast>(
     let grad = flat_rows::<B>(grad);
     let input = flat_rows::<B>(input);
     let grad_hidden = B::low_rank_down(grad.clone(), B::float_transpose(scaled_b));
-    let grad_base = B::matmul_4bit(grad.clone(), weight, false);
-    let grad_input = B::low_rank_up_add(grad_base, grad_hidden.clone(), B::float_transpose(lora_a));
+    let grad_input = B::matmul_4bit_plus_low_rank(
+        grad.clone(),
+        weight,
+        false,
+        grad_hidden.clone(),
+        B::float_transpose(lora_a),
+    );
     let grad_a = B::low_rank_gradient(input, grad_hidden);
     let grad_b = B::float_transpose(B::low_rank_gradient(grad, hidden));
     let (grad_a, grad_b) = B::cast_adapter(grad_a, grad_b, scaling, adapter_dtype);
     (B::float_reshape(grad_input, dims), grad_a, grad_b)
 }
 
-/// The two traits for a backend whose products and [`AdapterCast`] run [`forward`] and
+/// The two traits for a backend whose products and [`LoraPass`] run [`forward`] and
 /// [`backward`] (CubeCL's and Flex).
 macro_rules! impl_lora_4bit_ops {
     ($backend:ty, $tensor:ty) => {
@@ -292,14 +313,14 @@ mod cube {
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
-    use super::{AdapterCast, Lora4bitOps, Lora4bitPassOps, backward, forward};
+    use super::{Lora4bitOps, Lora4bitPassOps, LoraPass, backward, forward};
     use crate::extension::{empty_output, launch_dims};
     use crate::low_rank::cube::thin_weight;
     use crate::matmul::Weight4bitPrimitive;
 
     super::impl_lora_4bit_ops!(CubeBackend, CubeTensor);
 
-    impl AdapterCast for CubeBackend {
+    impl LoraPass for CubeBackend {
         fn cast_adapter(
             first: CubeTensor,
             second: CubeTensor,
@@ -337,6 +358,16 @@ mod cube {
                 );
             }
             (first_out, second_out)
+        }
+
+        fn matmul_4bit_plus_low_rank(
+            lhs: CubeTensor,
+            weight: Weight4bitPrimitive<Self>,
+            transpose: bool,
+            hidden: CubeTensor,
+            adapter: CubeTensor,
+        ) -> CubeTensor {
+            crate::matmul::cube::matmul_4bit_plus_low_rank(lhs, weight, transpose, hidden, adapter)
         }
     }
 
@@ -379,12 +410,12 @@ mod flex {
     use burn::backend::ops::FloatTensorOps;
     use burn::tensor::DType;
 
-    use super::{AdapterCast, Lora4bitOps, Lora4bitPassOps, backward, forward};
+    use super::{Lora4bitOps, Lora4bitPassOps, LoraPass, backward, forward};
     use crate::matmul::Weight4bitPrimitive;
 
     super::impl_lora_4bit_ops!(Flex, FlexTensor);
 
-    impl AdapterCast for Flex {
+    impl LoraPass for Flex {
         fn cast_adapter(
             first: FlexTensor,
             second: FlexTensor,

@@ -212,6 +212,7 @@ pub(crate) mod cube {
     };
     use crate::extension::Quant4bitOps;
     use crate::kernels::WORD_ELEMENTS;
+    use crate::low_rank::LowRankOps;
 
     impl Matmul4bitOps for CubeBackend {
         fn matmul_4bit(
@@ -219,10 +220,10 @@ pub(crate) mod cube {
             weight: Weight4bitPrimitive<Self>,
             transpose: bool,
         ) -> CubeTensor {
-            let num_elements = weight.num_elements();
             let [features, cols] = weight.shape;
             let rows = lhs.shape().num_elements() / cols;
             if transpose && rows <= MATVEC_MAX_ROWS && cols.is_multiple_of(WORD_ELEMENTS) {
+                let num_elements = weight.num_elements();
                 let (absmax, offset) =
                     decoded_absmax::<Self>(weight.absmax, num_elements, weight.block_size);
                 return over_rows::<Self>(lhs, |lhs| {
@@ -237,17 +238,53 @@ pub(crate) mod cube {
                     )
                 });
             }
-            let dense = dequantize_flat::<Self>(
-                weight.words,
-                weight.absmax,
-                weight.code,
-                num_elements,
-                weight.block_size,
-                lhs.dtype(),
-            );
-            let dense = Self::float_reshape(dense, Shape::new(weight.shape));
+            let dense = dequantized(weight, lhs.dtype());
             matmul_dense::<Self>(lhs, dense, transpose, dense_product)
         }
+    }
+
+    /// The weight dequantized whole, `[rows, cols]` in `dtype`.
+    fn dequantized(weight: Weight4bitPrimitive<CubeBackend>, dtype: DType) -> CubeTensor {
+        let num_elements = weight.num_elements();
+        let dense = dequantize_flat::<CubeBackend>(
+            weight.words,
+            weight.absmax,
+            weight.code,
+            num_elements,
+            weight.block_size,
+            dtype,
+        );
+        CubeBackend::float_reshape(dense, Shape::new(weight.shape))
+    }
+
+    /// `lhs · Wᵀ` (or `lhs · W`) `+ hidden · adapter` for a `[rows, k]` `lhs`, a thin `[rows, r]`
+    /// `hidden` and an `[r, n]` adapter weight: a LoRA layer's output, or its input gradient.
+    /// Where the `wgmma` product runs, it adds the term to its accumulator before rounding (no
+    /// pass over the output of its own); elsewhere the 4-bit product and `low_rank_up_add`.
+    pub(crate) fn matmul_4bit_plus_low_rank(
+        lhs: CubeTensor,
+        weight: Weight4bitPrimitive<CubeBackend>,
+        transpose: bool,
+        hidden: CubeTensor,
+        adapter: CubeTensor,
+    ) -> CubeTensor {
+        #[cfg(feature = "cuda")]
+        if lhs.shape()[0] > MATVEC_MAX_ROWS && lhs.dtype() == DType::BF16 {
+            let dense = dequantized(weight, lhs.dtype());
+            let rhs = if transpose {
+                CubeBackend::float_transpose(dense)
+            } else {
+                dense
+            };
+            let low_rank = Some((&hidden, &adapter));
+            if let Some(out) = crate::wgmma::product_plus_low_rank(&lhs, &rhs, low_rank) {
+                return out;
+            }
+            let base = dense_product(lhs, rhs);
+            return CubeBackend::low_rank_up_add(base, hidden, adapter);
+        }
+        let base = CubeBackend::matmul_4bit(lhs, weight, transpose);
+        CubeBackend::low_rank_up_add(base, hidden, adapter)
     }
 
     /// `lhs · rhs` for operands of one rank with the same batch dimensions: the `wgmma` kernel

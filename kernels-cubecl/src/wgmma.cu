@@ -8,6 +8,9 @@
 // tile's width BN (128 or 256), the ring's STAGES, its size DYNAMIC_SHARED_MEMORY_BYTES (the
 // launch reserves it: see third_party/cubecl-cuda) and the accumulator's BN / 2 asm operands
 // (ACC_REGS, ACC_OPERANDS) with the indices of the operands after them (DESCRIPTORS, SCALE).
+// LOW_RANK (0 for none) adds a LoRA term `H · L` to C before its one rounding: H [M, LOW_RANK]
+// with contiguous rows, L [LOW_RANK, N] with element (r, n) at r * L_RANK_STRIDE + n *
+// L_COL_STRIDE (a LoRA B, or A read transposed in place), both bf16.
 // The launch passes A's and B's tensor maps by value: boxes of 64 elements along each matrix's
 // contiguous dimension (128 bytes) with the 128-byte swizzle, BM or BN rows of A or K-major B,
 // 64 rows of N-major B.
@@ -95,6 +98,10 @@ static __device__ __forceinline__ u32 pack(float low, float high) {
     return packed;
 }
 
+static __device__ __forceinline__ float unpack(bf16 value) {
+    return __uint_as_float((u32)value << 16);
+}
+
 static __device__ __forceinline__ void barrier_init(u32 barrier, u32 arrivals) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(barrier), "r"(arrivals));
 }
@@ -132,6 +139,9 @@ static __device__ __forceinline__ void load_box(u32 to, const TensorMap *map, in
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     wgmma_bf16_tn(const __grid_constant__ TensorMap a_map, const __grid_constant__ TensorMap b_map,
+#if LOW_RANK
+                  const bf16 *__restrict__ h, const bf16 *__restrict__ l,
+#endif
                   bf16 *__restrict__ c) {
     // The launch reserves 1 KiB more than the ring: its start rounded up to the 1024 bytes the
     // 128-byte swizzle's pattern repeats over.
@@ -217,8 +227,32 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     const int lane = thread % 32;
     const int row = m0 + (thread / 128) * 64 + ((thread % 128) / 32) * 16 + lane / 4;
     const int column = n0 + 2 * (lane % 4);
+#if LOW_RANK
+    // The LoRA term in f32 on the accumulator: this thread's two rows of H, then per column
+    // pair its LOW_RANK values of L (a few KiB a block, from L1).
+    float hidden[2][LOW_RANK];
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+#pragma unroll
+        for (int r = 0; r < LOW_RANK; r++) {
+            hidden[half][r] = unpack(h[(u64)(row + 8 * half) * LOW_RANK + r]);
+        }
+    }
+#endif
 #pragma unroll
     for (int j = 0; j < BN / 8; j++) {
+#if LOW_RANK
+#pragma unroll
+        for (int pair = 0; pair < 2; pair++) {
+            const int n = column + 8 * j + pair;
+#pragma unroll
+            for (int r = 0; r < LOW_RANK; r++) {
+                const float weight = unpack(l[r * L_RANK_STRIDE + n * L_COL_STRIDE]);
+                d[4 * j + pair] += hidden[0][r] * weight;
+                d[4 * j + 2 + pair] += hidden[1][r] * weight;
+            }
+        }
+#endif
 #pragma unroll
         for (int half = 0; half < 2; half++) {
             u32 *out = (u32 *)(c + (u64)(row + 8 * half) * N_DIM + column + 8 * j);

@@ -49,6 +49,8 @@ struct WgmmaProduct {
     /// Whether the `[depth, cols]` right-hand side has contiguous rows (else contiguous columns).
     rhs_row_major: bool,
     tile_cols: usize,
+    /// The added LoRA term's rank and its `[rank, cols]` weight's strides, if any.
+    low_rank: Option<(usize, [usize; 2])>,
 }
 
 impl WgmmaProduct {
@@ -69,8 +71,10 @@ impl WgmmaProduct {
             .map(|i| format!("\"+f\"(d[{i}])"))
             .collect::<Vec<_>>()
             .join(", ");
+        let (rank, [rank_stride, col_stride]) = self.low_rank.unwrap_or((0, [0, 0]));
         format!(
             "#define N_DIM {}\n#define K_DIM {}\n#define B_MN_MAJOR {}\n#define BN {}\n\
+             #define LOW_RANK {rank}\n#define L_RANK_STRIDE {rank_stride}\n#define L_COL_STRIDE {col_stride}\n\
              #define STAGES {STAGES}\n#define DYNAMIC_SHARED_MEMORY_BYTES {}\n#define ACC_REGS \"{{{registers}}}\"\n\
              #define ACC_OPERANDS {operands}\n#define DESCRIPTORS \"%{}, %{}\"\n\
              #define SCALE \"%{}\"\n{SOURCE}",
@@ -88,7 +92,13 @@ impl WgmmaProduct {
 
 impl KernelMetadata for WgmmaProduct {
     fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((self.cols, self.depth, self.rhs_row_major, self.tile_cols))
+        KernelId::new::<Self>().info((
+            self.cols,
+            self.depth,
+            self.rhs_row_major,
+            self.tile_cols,
+            self.low_rank,
+        ))
     }
 
     fn address_type(&self) -> ElemType {
@@ -125,6 +135,18 @@ impl CubeKernel for WgmmaProduct {
 /// devices of compute capability 9.0; `None` elsewhere, for other layouts, and for sizes the
 /// kernel's tiles do not divide (rows and cols multiples of 128, depth of 64).
 pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> {
+    product_plus_low_rank(lhs, rhs, None)
+}
+
+/// [`product`] plus a LoRA term `hidden · weight` (bf16 `[rows, r]` with contiguous rows, and
+/// `[r, cols]` contiguous or the transpose of a contiguous `[cols, r]`), added to the f32
+/// accumulator before its one rounding: the base layer's output and the adapter's in one pass
+/// over the output. `None` where [`product`] declines or the term is laid out otherwise.
+pub(crate) fn product_plus_low_rank(
+    lhs: &CubeTensor,
+    rhs: &CubeTensor,
+    low_rank: Option<(&CubeTensor, &CubeTensor)>,
+) -> Option<CubeTensor> {
     if lhs.dtype() != DType::BF16
         || rhs.dtype() != DType::BF16
         || lhs.client.properties().identity.fingerprint != "ptx_sm90"
@@ -153,6 +175,10 @@ pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> 
     if !fits {
         return None;
     }
+    let low_rank_layout = match low_rank {
+        Some((hidden, weight)) => Some(low_rank_layout(hidden, weight, rows, cols)?),
+        None => None,
+    };
     let out = empty_output(lhs, [rows, cols], DType::BF16);
     // The weight's boxes: `tile_cols` of its contiguous `[cols, depth]` rows for the forward,
     // stage-deep panels one swizzled row wide of the `[depth, cols]` matrix for the input
@@ -167,6 +193,12 @@ pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> 
         rhs_map,
     ]);
     arguments.declared_io = vec![BufferIOAttr::ReadOnly; 2];
+    if let Some((hidden, weight)) = low_rank {
+        for term in [hidden, weight] {
+            arguments =
+                arguments.with_buffer_io(term.handle.clone().binding(), BufferIOAttr::ReadOnly);
+        }
+    }
     let arguments = arguments.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);
     let count = CubeCount::Static((rows / BLOCK_ROWS) as u32, (cols / tile_cols) as u32, 1);
     let kernel = WgmmaProduct {
@@ -174,9 +206,45 @@ pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> 
         depth,
         rhs_row_major,
         tile_cols,
+        low_rank: low_rank_layout,
     };
     lhs.client.launch(Box::new(kernel), count, arguments);
     Some(out)
+}
+
+/// The rank and the weight's `[rank, col]` strides of a LoRA term that fits a `[rows, cols]`
+/// product: bf16, `hidden` `[rows, r]` contiguous, `weight` `[r, cols]` contiguous or transposed.
+fn low_rank_layout(
+    hidden: &CubeTensor,
+    weight: &CubeTensor,
+    rows: usize,
+    cols: usize,
+) -> Option<(usize, [usize; 2])> {
+    let (hidden_shape, weight_shape) = (hidden.shape(), weight.shape());
+    if hidden_shape.num_dims() != 2 || weight_shape.num_dims() != 2 {
+        return None;
+    }
+    // Each thread keeps two rows of `hidden` in registers beside its accumulator.
+    let rank = hidden_shape[1];
+    if rank == 0 || rank > crate::low_rank::MAX_RANK {
+        return None;
+    }
+    let strides = weight.meta.strides();
+    let layout = if strides[..] == [cols, 1] {
+        [cols, 1]
+    } else if strides[..] == [1, rank] {
+        [1, rank]
+    } else {
+        return None;
+    };
+    let fits = hidden.dtype() == DType::BF16
+        && weight.dtype() == DType::BF16
+        && hidden_shape[0] == rows
+        && weight_shape.dims::<2>() == [rank, cols]
+        && hidden.meta.strides()[..] == [rank, 1]
+        && !hidden.meta.is_tiled()
+        && !weight.meta.is_tiled();
+    fits.then_some((rank, layout))
 }
 
 /// The tensor map of a contiguous bf16 `[rows, cols]` matrix read in `box_shape` boxes
