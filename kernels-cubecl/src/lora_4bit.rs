@@ -50,16 +50,19 @@ pub trait Lora4bitOps: Backend {
 )]
 pub trait Lora4bitPassOps: Backend {
     /// [`Lora4bitOps::lora_4bit_linear`]'s output, and what its backward needs: the adapter's
-    /// hidden `input · lora_a` (`[rows of input, r]`), `lora_a` and `scaling · lora_b` in
-    /// `input`'s dtype.
+    /// hidden `input · lora_a` (`[rows of input, r]`), `lora_aᵀ` (`[r, cols]`, contiguous) and
+    /// `scaling · lora_b` in `input`'s dtype.
     #[fusion(meta = |input, weight, lora_a, lora_b, _scaling| {
         let rows = input.shape.num_elements() / input.shape[input.shape.len() - 1];
+        let [cols, rank] = [lora_a.shape[0], lora_a.shape[1]];
         let mut hidden = input.clone();
-        hidden.shape = Shape::new([rows, lora_a.shape[1]]);
+        hidden.shape = Shape::new([rows, rank]);
+        let mut transposed_a = spec_in(lora_a, input.dtype);
+        transposed_a.shape = Shape::new([rank, cols]);
         (
             output_spec(input, weight.shape[0]),
             hidden,
-            spec_in(lora_a, input.dtype),
+            transposed_a,
             spec_in(lora_b, input.dtype),
         )
     })]
@@ -77,9 +80,12 @@ pub trait Lora4bitPassOps: Backend {
     );
 
     /// The gradients of `input`, `lora_a` and `lora_b` (the last two in `adapter_dtype`) from
-    /// the output's `grad` and what the forward kept (`lora_a`, `scaled_b` in the compute dtype).
-    #[fusion(meta = |_grad, input, _hidden, _weight, lora_a, scaled_b, _scaling, adapter_dtype| {
-        (input.clone(), spec_in(lora_a, *adapter_dtype), spec_in(scaled_b, *adapter_dtype))
+    /// the output's `grad` and what the forward kept (`transposed_a`, `scaled_b` in the compute
+    /// dtype).
+    #[fusion(meta = |_grad, input, _hidden, _weight, transposed_a, scaled_b, _scaling, adapter_dtype| {
+        let mut grad_a = spec_in(transposed_a, *adapter_dtype);
+        grad_a.shape = Shape::new([transposed_a.shape[1], transposed_a.shape[0]]);
+        (input.clone(), grad_a, spec_in(scaled_b, *adapter_dtype))
     })]
     #[allow(clippy::too_many_arguments)]
     fn lora_4bit_backward(
@@ -87,7 +93,7 @@ pub trait Lora4bitPassOps: Backend {
         input: FloatTensor<Self>,
         hidden: FloatTensor<Self>,
         #[extension_type] weight: Weight4bitPrimitive<Self>,
-        lora_a: FloatTensor<Self>,
+        transposed_a: FloatTensor<Self>,
         scaled_b: FloatTensor<Self>,
         scaling: f64,
         adapter_dtype: DType,
@@ -181,18 +187,33 @@ trait LoraPass: Matmul4bitOps + LowRankOps {
         dtype: DType,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
-    /// `lhs · Wᵀ` (`transpose`) or `lhs · W`, plus `hidden · adapter`, for a `[rows, k]` `lhs`
-    /// and a thin `[rows, r]` `hidden`: the 4-bit product, then `low_rank_up_add`.
-    fn matmul_4bit_plus_low_rank(
+    /// A LoRA layer's product and its hidden: `lhs · Wᵀ` (`transpose`) or `lhs · W`, plus
+    /// `(lhs · downᵀ) · up`, and `lhs · downᵀ`, for a `[rows, k]` `lhs`, `down` `[r, k]` and `up`
+    /// `[r, n]`.
+    fn lora_product(
         lhs: FloatTensor<Self>,
         weight: Weight4bitPrimitive<Self>,
         transpose: bool,
-        hidden: FloatTensor<Self>,
-        adapter: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
-        let base = Self::matmul_4bit(lhs, weight, transpose);
-        Self::low_rank_up_add(base, hidden, adapter)
+        down: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        composed_lora_product::<Self>(lhs, down, up, |lhs| {
+            Self::matmul_4bit(lhs, weight, transpose)
+        })
     }
+}
+
+/// [`LoraPass::lora_product`] as the separate kernels: `x·A`-shaped, then `base` (the 4-bit
+/// product) and the `h·B`-shaped kernel adding the term to its output.
+fn composed_lora_product<B: LowRankOps>(
+    lhs: FloatTensor<B>,
+    down: FloatTensor<B>,
+    up: FloatTensor<B>,
+    base: impl FnOnce(FloatTensor<B>) -> FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let hidden = B::low_rank_down(lhs.clone(), B::float_transpose(down));
+    let output = B::low_rank_up_add(base(lhs), hidden.clone(), up);
+    (output, hidden)
 }
 
 /// [`Lora4bitPassOps::lora_4bit_forward`] through the backend's products.
@@ -209,14 +230,19 @@ fn forward<B: LoraPass>(
     FloatTensor<B>,
 ) {
     let mut dims = input.shape();
-    let (lora_a, scaled_b) = B::cast_adapter(lora_a, lora_b, scaling, input.dtype());
+    let (transposed_a, scaled_b) =
+        B::cast_adapter(B::float_transpose(lora_a), lora_b, scaling, input.dtype());
     let input = flat_rows::<B>(input);
-    let hidden = B::low_rank_down(input.clone(), lora_a.clone());
-    let output =
-        B::matmul_4bit_plus_low_rank(input, weight, true, hidden.clone(), scaled_b.clone());
+    let (output, hidden) =
+        B::lora_product(input, weight, true, transposed_a.clone(), scaled_b.clone());
     let last = dims.num_dims() - 1;
     dims[last] = output.shape()[1];
-    (B::float_reshape(output, dims), hidden, lora_a, scaled_b)
+    (
+        B::float_reshape(output, dims),
+        hidden,
+        transposed_a,
+        scaled_b,
+    )
 }
 
 /// [`Lora4bitPassOps::lora_4bit_backward`] through the backend's products: `g·W + (g·(s·B)ᵀ)·Aᵀ`
@@ -227,7 +253,7 @@ fn backward<B: LoraPass>(
     input: FloatTensor<B>,
     hidden: FloatTensor<B>,
     weight: Weight4bitPrimitive<B>,
-    lora_a: FloatTensor<B>,
+    transposed_a: FloatTensor<B>,
     scaled_b: FloatTensor<B>,
     scaling: f64,
     adapter_dtype: DType,
@@ -235,14 +261,8 @@ fn backward<B: LoraPass>(
     let dims = input.shape();
     let grad = flat_rows::<B>(grad);
     let input = flat_rows::<B>(input);
-    let grad_hidden = B::low_rank_down(grad.clone(), B::float_transpose(scaled_b));
-    let grad_input = B::matmul_4bit_plus_low_rank(
-        grad.clone(),
-        weight,
-        false,
-        grad_hidden.clone(),
-        B::float_transpose(lora_a),
-    );
+    let (grad_input, grad_hidden) =
+        B::lora_product(grad.clone(), weight, false, scaled_b, transposed_a);
     let grad_a = B::low_rank_gradient(input, grad_hidden);
     let grad_b = B::float_transpose(B::low_rank_gradient(grad, hidden));
     let (grad_a, grad_b) = B::cast_adapter(grad_a, grad_b, scaling, adapter_dtype);
@@ -282,7 +302,7 @@ macro_rules! impl_lora_4bit_ops {
                 input: $tensor,
                 hidden: $tensor,
                 weight: Weight4bitPrimitive<Self>,
-                lora_a: $tensor,
+                transposed_a: $tensor,
                 scaled_b: $tensor,
                 scaling: f64,
                 adapter_dtype: burn::tensor::DType,
@@ -292,7 +312,7 @@ macro_rules! impl_lora_4bit_ops {
                     input,
                     hidden,
                     weight,
-                    lora_a,
+                    transposed_a,
                     scaled_b,
                     scaling,
                     adapter_dtype,
@@ -309,14 +329,13 @@ mod cube {
     use burn::backend::cubecl::dtype_to_storage_type;
     use burn::tensor::DType;
     use burn_cubecl::CubeBackend;
-    use burn_cubecl::kernel::into_contiguous;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
     use super::{Lora4bitOps, Lora4bitPassOps, LoraPass, backward, forward};
     use crate::extension::{empty_output, launch_dims};
     use crate::low_rank::cube::thin_weight;
-    use crate::matmul::Weight4bitPrimitive;
+    use crate::matmul::{Matmul4bitOps, Weight4bitPrimitive};
 
     super::impl_lora_4bit_ops!(CubeBackend, CubeTensor);
 
@@ -327,18 +346,20 @@ mod cube {
             scale: f64,
             dtype: DType,
         ) -> (CubeTensor, CubeTensor) {
-            let first = into_contiguous(first);
-            // The backward's gradient of B is the transpose of a contiguous `[cols, r]`: read
-            // in place, written in B's own layout.
-            let [rows, cols] = second.shape().dims();
-            let (second, transposed) = thin_weight(second);
-            let first_out = empty_output(&first, first.shape(), dtype);
-            let second_out = empty_output(&second, [rows, cols], dtype);
-            let first_len = first.shape().num_elements();
-            let (cube_count, cube_dim) = launch_dims(&first_out, first_len + rows * cols);
+            // The forward's `Aᵀ` and the backward's gradient of B are transposes of contiguous
+            // matrices: read in place, written contiguous in their own shape.
+            let first_shape: [usize; 2] = first.shape().dims();
+            let second_shape: [usize; 2] = second.shape().dims();
+            let (first, first_transposed) = thin_weight(first);
+            let (second, second_transposed) = thin_weight(second);
+            let first_out = empty_output(&first, first_shape, dtype);
+            let second_out = empty_output(&second, second_shape, dtype);
+            let first_len = first_shape[0] * first_shape[1];
+            let second_len = second_shape[0] * second_shape[1];
+            let (cube_count, cube_dim) = launch_dims(&first_out, first_len + second_len);
             let (input_dtype, output_dtype) = (first.dtype, dtype);
             // SAFETY: one unit per element of either output, guarded by the two lengths; a
-            // transposed `second` is read at the mirrored index of its `[cols, rows]` storage.
+            // transposed input is read at the mirrored index of its storage.
             unsafe {
                 cast_adapter_kernel::launch_unchecked(
                     &first_out.client,
@@ -348,11 +369,13 @@ mod cube {
                     second.into_buffer_arg(),
                     first_out.clone().into_buffer_arg(),
                     second_out.clone().into_buffer_arg(),
-                    first_len,
-                    rows,
-                    cols,
+                    first_shape[0],
+                    first_shape[1],
+                    second_shape[0],
+                    second_shape[1],
                     scale as f32,
-                    transposed,
+                    first_transposed,
+                    second_transposed,
                     dtype_to_storage_type(input_dtype),
                     dtype_to_storage_type(output_dtype),
                 );
@@ -360,19 +383,40 @@ mod cube {
             (first_out, second_out)
         }
 
-        fn matmul_4bit_plus_low_rank(
+        /// The `wgmma` kernel with the adapter inside (the thin product on its tiles, the term
+        /// on its accumulator) where it applies, else the separate kernels.
+        fn lora_product(
             lhs: CubeTensor,
             weight: Weight4bitPrimitive<Self>,
             transpose: bool,
-            hidden: CubeTensor,
-            adapter: CubeTensor,
-        ) -> CubeTensor {
-            crate::matmul::cube::matmul_4bit_plus_low_rank(lhs, weight, transpose, hidden, adapter)
+            down: CubeTensor,
+            up: CubeTensor,
+        ) -> (CubeTensor, CubeTensor) {
+            #[cfg(feature = "cuda")]
+            if lhs.shape()[0] > crate::matmul::cube::MATVEC_MAX_ROWS && lhs.dtype() == DType::BF16 {
+                use burn::backend::ops::FloatTensorOps;
+                let dense = crate::matmul::cube::dequantized(weight, lhs.dtype());
+                let rhs = if transpose {
+                    Self::float_transpose(dense)
+                } else {
+                    dense
+                };
+                if let Some(result) = crate::wgmma::lora_product(&lhs, &rhs, &down, &up) {
+                    return result;
+                }
+                return super::composed_lora_product::<Self>(lhs, down, up, |lhs| {
+                    crate::matmul::cube::dense_product(lhs, rhs)
+                });
+            }
+            super::composed_lora_product::<Self>(lhs, down, up, |lhs| {
+                Self::matmul_4bit(lhs, weight, transpose)
+            })
         }
     }
 
-    /// `first_out = first` and `second_out = scale · second`, converted to `O`: the units past
-    /// `first_len` take `second`'s `[rows, cols]`, stored `[cols, rows]` when `transposed`.
+    /// `first_out = first` and `second_out = scale · second`, converted to `O` and written
+    /// contiguous: the units past `first`'s elements take `second`'s. A `transposed` input of
+    /// shape `[rows, cols]` is stored `[cols, rows]`.
     #[allow(clippy::too_many_arguments)]
     #[cube(launch_unchecked)]
     fn cast_adapter_kernel<I: Float, O: Float>(
@@ -380,25 +424,40 @@ mod cube {
         second: &[I],
         first_out: &mut [O],
         second_out: &mut [O],
-        first_len: usize,
-        rows: usize,
-        cols: usize,
+        first_rows: usize,
+        first_cols: usize,
+        second_rows: usize,
+        second_cols: usize,
         scale: f32,
-        #[comptime] transposed: bool,
+        #[comptime] first_transposed: bool,
+        #[comptime] second_transposed: bool,
         #[define(I)] _input: ElemType,
         #[define(O)] _output: ElemType,
     ) {
         let index = ABSOLUTE_POS;
+        let first_len = first_rows * first_cols;
         if index < first_len {
-            first_out[index] = O::cast_from(f32::cast_from(first[index]));
-        } else if index < first_len + rows * cols {
+            let source = stored_index(index, first_rows, first_cols, first_transposed);
+            first_out[index] = O::cast_from(f32::cast_from(first[source]));
+        } else if index < first_len + second_rows * second_cols {
             let position = index - first_len;
-            let source = if comptime![transposed] {
-                (position % cols) * rows + position / cols
-            } else {
-                position
-            };
+            let source = stored_index(position, second_rows, second_cols, second_transposed);
             second_out[position] = O::cast_from(f32::cast_from(second[source]) * scale);
+        }
+    }
+
+    /// Where element `position` (row-major) of a `[rows, cols]` matrix is stored.
+    #[cube]
+    fn stored_index(
+        position: usize,
+        rows: usize,
+        cols: usize,
+        #[comptime] transposed: bool,
+    ) -> usize {
+        if comptime![transposed] {
+            (position % cols) * rows + position / cols
+        } else {
+            position
         }
     }
 }
@@ -450,13 +509,13 @@ mod autodiff {
     use crate::matmul::Weight4bitPrimitive;
 
     /// What the backward needs: the input (by node), what the forward kept in the compute dtype
-    /// (the adapter's hidden `[rows, r]`, `A` and `s·B`: a few rows each), the frozen weight,
+    /// (the adapter's hidden `[rows, r]`, `Aᵀ` and `s·B`: a few rows each), the frozen weight,
     /// the scaling and the adapter's own dtype.
     #[derive(Debug, Clone)]
     struct State<B: Lora4bitPassOps> {
         input: NodeId,
         hidden: FloatTensor<B>,
-        lora_a: FloatTensor<B>,
+        transposed_a: FloatTensor<B>,
         scaled_b: FloatTensor<B>,
         weight: Weight4bitPrimitive<B>,
         scaling: f64,
@@ -485,7 +544,7 @@ mod autodiff {
                 input,
                 state.hidden,
                 state.weight,
-                state.lora_a,
+                state.transposed_a,
                 state.scaled_b,
                 state.scaling,
                 state.adapter_dtype,
@@ -520,7 +579,7 @@ mod autodiff {
                 OpsKind::Tracked(mut prep) => {
                     let input_id = prep.checkpoint(&input);
                     let adapter_dtype = lora_a.dtype();
-                    let (output, hidden, lora_a, scaled_b) = B::lora_4bit_forward(
+                    let (output, hidden, transposed_a, scaled_b) = B::lora_4bit_forward(
                         input.into_primitive(),
                         weight.clone(),
                         lora_a.into_primitive(),
@@ -530,7 +589,7 @@ mod autodiff {
                     let state = State {
                         input: input_id,
                         hidden,
-                        lora_a,
+                        transposed_a,
                         scaled_b,
                         weight,
                         scaling,

@@ -212,7 +212,6 @@ pub(crate) mod cube {
     };
     use crate::extension::Quant4bitOps;
     use crate::kernels::WORD_ELEMENTS;
-    use crate::low_rank::LowRankOps;
 
     impl Matmul4bitOps for CubeBackend {
         fn matmul_4bit(
@@ -244,7 +243,10 @@ pub(crate) mod cube {
     }
 
     /// The weight dequantized whole, `[rows, cols]` in `dtype`.
-    fn dequantized(weight: Weight4bitPrimitive<CubeBackend>, dtype: DType) -> CubeTensor {
+    pub(crate) fn dequantized(
+        weight: Weight4bitPrimitive<CubeBackend>,
+        dtype: DType,
+    ) -> CubeTensor {
         let num_elements = weight.num_elements();
         let dense = dequantize_flat::<CubeBackend>(
             weight.words,
@@ -255,36 +257,6 @@ pub(crate) mod cube {
             dtype,
         );
         CubeBackend::float_reshape(dense, Shape::new(weight.shape))
-    }
-
-    /// `lhs · Wᵀ` (or `lhs · W`) `+ hidden · adapter` for a `[rows, k]` `lhs`, a thin `[rows, r]`
-    /// `hidden` and an `[r, n]` adapter weight: a LoRA layer's output, or its input gradient.
-    /// Where the `wgmma` product runs, it adds the term to its accumulator before rounding (no
-    /// pass over the output of its own); elsewhere the 4-bit product and `low_rank_up_add`.
-    pub(crate) fn matmul_4bit_plus_low_rank(
-        lhs: CubeTensor,
-        weight: Weight4bitPrimitive<CubeBackend>,
-        transpose: bool,
-        hidden: CubeTensor,
-        adapter: CubeTensor,
-    ) -> CubeTensor {
-        #[cfg(feature = "cuda")]
-        if lhs.shape()[0] > MATVEC_MAX_ROWS && lhs.dtype() == DType::BF16 {
-            let dense = dequantized(weight, lhs.dtype());
-            let rhs = if transpose {
-                CubeBackend::float_transpose(dense)
-            } else {
-                dense
-            };
-            let low_rank = Some((&hidden, &adapter));
-            if let Some(out) = crate::wgmma::product_plus_low_rank(&lhs, &rhs, low_rank) {
-                return out;
-            }
-            let base = dense_product(lhs, rhs);
-            return CubeBackend::low_rank_up_add(base, hidden, adapter);
-        }
-        let base = CubeBackend::matmul_4bit(lhs, weight, transpose);
-        CubeBackend::low_rank_up_add(base, hidden, adapter)
     }
 
     /// `lhs · rhs` for operands of one rank with the same batch dimensions: the `wgmma` kernel
@@ -299,7 +271,7 @@ pub(crate) mod cube {
 
     /// Up to this many rows (decoding: one per sequence of the batch), a linear layer's forward
     /// reads the packed weight inside a matrix-vector kernel instead of dequantizing it whole.
-    const MATVEC_MAX_ROWS: usize = 4;
+    pub(crate) const MATVEC_MAX_ROWS: usize = 4;
 
     /// Smallest dimension, and the multiple every dimension must be, for the TMA routine: smaller
     /// or ragged products (decoding's one row, odd model widths) stay on Burn's matmul, where

@@ -8,9 +8,16 @@
 // tile's width BN (128 or 256), the ring's STAGES, its size DYNAMIC_SHARED_MEMORY_BYTES (the
 // launch reserves it: see third_party/cubecl-cuda) and the accumulator's BN / 2 asm operands
 // (ACC_REGS, ACC_OPERANDS) with the indices of the operands after them (DESCRIPTORS, SCALE).
-// LOW_RANK (0 for none) adds a LoRA term `H · L` to C before its one rounding: H [M, LOW_RANK]
-// with contiguous rows, L [LOW_RANK, N] with element (r, n) at r * L_RANK_STRIDE + n *
-// L_COL_STRIDE (a LoRA B, or A read transposed in place), both bf16.
+//
+// With LOW_RANK (8 or 16; 0 for none) the kernel is a LoRA layer's: it also computes the thin
+// product H = A · Dᵀ for a K-major D [LOW_RANK, K] (a third tensor map, one more box a stage,
+// an m64nLOW_RANKk16 MMA beside each of the tile's), rounds H to bf16, writes it (the blocks of
+// the first column of tiles) and adds H · U for a contiguous U [LOW_RANK, N] to the accumulator
+// before its one rounding. A block sees the whole depth of its rows of A, so every block has
+// its rows of H without waiting on another; the thin MMA repeats per column of tiles at
+// LOW_RANK / BN of the tile's MMA work. LOW_RANK_REGS, LOW_RANK_OPERANDS, LOW_RANK_DESCRIPTORS
+// and LOW_RANK_SCALE are its MMA's operands, as the tile's are; WAIT_OPERANDS names both
+// accumulators.
 // The launch passes A's and B's tensor maps by value: boxes of 64 elements along each matrix's
 // contiguous dimension (128 bytes) with the 128-byte swizzle, BM or BN rows of A or K-major B,
 // 64 rows of N-major B.
@@ -30,7 +37,8 @@
 #define THREADS (CONSUMER_THREADS + 32)
 #define A_STAGE_BYTES (BM * BK * 2)
 #define B_STAGE_BYTES (BN * BK * 2)
-#define STAGE_BYTES (A_STAGE_BYTES + B_STAGE_BYTES)
+#define D_STAGE_BYTES (LOW_RANK * BK * 2)
+#define STAGE_BYTES (A_STAGE_BYTES + B_STAGE_BYTES + D_STAGE_BYTES)
 #define STRING_(x) #x
 #define STRING(x) STRING_(x)
 
@@ -86,10 +94,21 @@ static __device__ __forceinline__ void mma(float *d, u64 a, u64 b) {
                  : "l"(a), "l"(b), "r"(1));
 }
 
-// Waits until at most `pending` of this warpgroup's MMA groups are in flight; the accumulator is
-// an operand so no read of it moves above.
+#if LOW_RANK
+// The thin product's MMA: D is K-major like a forward B.
+static __device__ __forceinline__ void mma_low_rank(float *thin, u64 a, u64 d) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " LOW_RANK_SCALE ", 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n" STRING(LOW_RANK) "k16.f32.bf16.bf16 "
+                 LOW_RANK_REGS ", " LOW_RANK_DESCRIPTORS ", p, 1, 1, 0, 0;\n}\n"
+                 : LOW_RANK_OPERANDS
+                 : "l"(a), "l"(d), "r"(1));
+}
+#endif
+
+// Waits until at most `pending` of this warpgroup's MMA groups are in flight; the accumulators
+// are operands so no read of them moves above.
 #define MMA_WAIT(pending) \
-    asm volatile("wgmma.wait_group.sync.aligned " STRING(pending) ";\n" : ACC_OPERANDS : : "memory")
+    asm volatile("wgmma.wait_group.sync.aligned " STRING(pending) ";\n" : WAIT_OPERANDS : : "memory")
 
 // Two f32 as bf16, `low` in the low half: the first of the pair in memory.
 static __device__ __forceinline__ u32 pack(float low, float high) {
@@ -98,9 +117,15 @@ static __device__ __forceinline__ u32 pack(float low, float high) {
     return packed;
 }
 
-static __device__ __forceinline__ float unpack(bf16 value) {
-    return __uint_as_float((u32)value << 16);
+#if LOW_RANK
+// The two bf16 of a pair as f32: the first in memory (the low half), then the second.
+static __device__ __forceinline__ float unpack_low(u32 pair) {
+    return __uint_as_float(pair << 16);
 }
+static __device__ __forceinline__ float unpack_high(u32 pair) {
+    return __uint_as_float(pair & 0xFFFF0000u);
+}
+#endif
 
 static __device__ __forceinline__ void barrier_init(u32 barrier, u32 arrivals) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(barrier), "r"(arrivals));
@@ -140,7 +165,8 @@ static __device__ __forceinline__ void load_box(u32 to, const TensorMap *map, in
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     wgmma_bf16_tn(const __grid_constant__ TensorMap a_map, const __grid_constant__ TensorMap b_map,
 #if LOW_RANK
-                  const bf16 *__restrict__ h, const bf16 *__restrict__ l,
+                  const __grid_constant__ TensorMap d_map, const u32 *__restrict__ u,
+                  u32 *__restrict__ h,
 #endif
                   bf16 *__restrict__ c) {
     // The launch reserves 1 KiB more than the ring: its start rounded up to the 1024 bytes the
@@ -171,6 +197,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         if (thread == CONSUMER_THREADS) {
             asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)&a_map) : "memory");
             asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)&b_map) : "memory");
+#if LOW_RANK
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)&d_map) : "memory");
+#endif
             for (int step = 0; step < steps; step++) {
                 const int s = step % STAGES;
                 if (step >= STAGES) {
@@ -190,6 +219,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 #else
                 load_box(stage + A_STAGE_BYTES, &b_map, k0, n0, full_barrier);
 #endif
+#if LOW_RANK
+                load_box(stage + A_STAGE_BYTES + B_STAGE_BYTES, &d_map, k0, 0, full_barrier);
+#endif
             }
         }
         return;
@@ -202,6 +234,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     for (int i = 0; i < BN / 2; i++) {
         d[i] = 0.0f;
     }
+#if LOW_RANK
+    float thin[LOW_RANK / 2];
+#pragma unroll
+    for (int i = 0; i < LOW_RANK / 2; i++) {
+        thin[i] = 0.0f;
+    }
+#endif
     for (int step = 0; step < steps; step++) {
         const int s = step % STAGES;
         barrier_wait(full_barriers + 8 * s, (step / STAGES) & 1);
@@ -213,6 +252,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         for (int k = 0; k < BK / 16; k++) {
             mma(d, a_stage + K_MAJOR_DEPTH_STEP * k, b_stage + B_DEPTH_STEP * k);
         }
+#if LOW_RANK
+        const u64 d_stage = k_major_descriptor(stage + A_STAGE_BYTES + B_STAGE_BYTES);
+#pragma unroll
+        for (int k = 0; k < BK / 16; k++) {
+            mma_low_rank(thin, a_stage + K_MAJOR_DEPTH_STEP * k, d_stage + K_MAJOR_DEPTH_STEP * k);
+        }
+#endif
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         // This stage's MMAs stay in flight; the stage before is done with.
         MMA_WAIT(1);
@@ -228,28 +274,44 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     const int row = m0 + (thread / 128) * 64 + ((thread % 128) / 32) * 16 + lane / 4;
     const int column = n0 + 2 * (lane % 4);
 #if LOW_RANK
-    // The LoRA term in f32 on the accumulator: this thread's two rows of H, then per column
-    // pair its LOW_RANK values of L (a few KiB a block, from L1).
+    // H's rows in bf16, as stored: this thread holds per 8 columns of H the pair at 8 j + 2 (lane
+    // % 4) of its two rows; the quad's four lanes hold the rest, gathered by shuffles.
+    u32 pairs[2][LOW_RANK / 8];
+#pragma unroll
+    for (int j = 0; j < LOW_RANK / 8; j++) {
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            pairs[half][j] = pack(thin[4 * j + 2 * half], thin[4 * j + 2 * half + 1]);
+            if (blockIdx.y == 0) {
+                h[((u64)(row + 8 * half) * LOW_RANK + 8 * j + 2 * (lane % 4)) / 2] = pairs[half][j];
+            }
+        }
+    }
     float hidden[2][LOW_RANK];
 #pragma unroll
-    for (int half = 0; half < 2; half++) {
+    for (int quad_lane = 0; quad_lane < 4; quad_lane++) {
 #pragma unroll
-        for (int r = 0; r < LOW_RANK; r++) {
-            hidden[half][r] = unpack(h[(u64)(row + 8 * half) * LOW_RANK + r]);
+        for (int j = 0; j < LOW_RANK / 8; j++) {
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const u32 pair = __shfl_sync(0xFFFFFFFFu, pairs[half][j], (lane & ~3) | quad_lane);
+                hidden[half][8 * j + 2 * quad_lane] = unpack_low(pair);
+                hidden[half][8 * j + 2 * quad_lane + 1] = unpack_high(pair);
+            }
         }
     }
 #endif
 #pragma unroll
     for (int j = 0; j < BN / 8; j++) {
 #if LOW_RANK
+        // H · U on the accumulator: the pair of columns of U's rows (a few KiB a block, in L1).
 #pragma unroll
-        for (int pair = 0; pair < 2; pair++) {
-            const int n = column + 8 * j + pair;
+        for (int r = 0; r < LOW_RANK; r++) {
+            const u32 weights = u[((u64)r * N_DIM + column + 8 * j) / 2];
 #pragma unroll
-            for (int r = 0; r < LOW_RANK; r++) {
-                const float weight = unpack(l[r * L_RANK_STRIDE + n * L_COL_STRIDE]);
-                d[4 * j + pair] += hidden[0][r] * weight;
-                d[4 * j + 2 + pair] += hidden[1][r] * weight;
+            for (int half = 0; half < 2; half++) {
+                d[4 * j + 2 * half] += hidden[half][r] * unpack_low(weights);
+                d[4 * j + 2 * half + 1] += hidden[half][r] * unpack_high(weights);
             }
         }
 #endif

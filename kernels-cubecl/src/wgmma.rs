@@ -49,43 +49,54 @@ struct WgmmaProduct {
     /// Whether the `[depth, cols]` right-hand side has contiguous rows (else contiguous columns).
     rhs_row_major: bool,
     tile_cols: usize,
-    /// The added LoRA term's rank and its `[rank, cols]` weight's strides, if any.
-    low_rank: Option<(usize, [usize; 2])>,
+    /// A LoRA layer's rank (the thin product's columns), or 0 for the product alone.
+    rank: usize,
 }
 
 impl WgmmaProduct {
     /// The ring's bytes, and 1 KiB to align its start.
     fn shared_memory_bytes(&self) -> usize {
-        STAGES * STAGE_DEPTH * (BLOCK_ROWS + self.tile_cols) * 2 + 1024
+        STAGES * STAGE_DEPTH * (BLOCK_ROWS + self.tile_cols + self.rank) * 2 + 1024
     }
 
-    /// The CUDA text: `wgmma.cu` behind the sizes, the layout and the accumulator's operands.
+    /// The CUDA text: `wgmma.cu` behind the sizes, the layout and the accumulators' operands.
     fn text(&self) -> String {
-        // A warpgroup's 64 x BN f32 tile over its 128 threads.
-        let accumulators = self.tile_cols / 2;
-        let registers = (0..accumulators)
-            .map(|i| format!("%{i}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let operands = (0..accumulators)
-            .map(|i| format!("\"+f\"(d[{i}])"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let (rank, [rank_stride, col_stride]) = self.low_rank.unwrap_or((0, [0, 0]));
+        // A warpgroup's 64 x BN f32 tile over its 128 threads, and its 64 x rank thin one.
+        let (tile, thin) = (self.tile_cols / 2, self.rank / 2);
+        let registers = |count: usize| {
+            let list = (0..count).map(|i| format!("%{i}")).collect::<Vec<_>>();
+            format!("\"{{{}}}\"", list.join(", "))
+        };
+        let operands = |array: &str, count: usize| {
+            let list = (0..count).map(|i| format!("\"+f\"({array}[{i}])"));
+            list.collect::<Vec<_>>().join(", ")
+        };
+        let wait_operands = if thin > 0 {
+            format!("{}, {}", operands("d", tile), operands("thin", thin))
+        } else {
+            operands("d", tile)
+        };
         format!(
             "#define N_DIM {}\n#define K_DIM {}\n#define B_MN_MAJOR {}\n#define BN {}\n\
-             #define LOW_RANK {rank}\n#define L_RANK_STRIDE {rank_stride}\n#define L_COL_STRIDE {col_stride}\n\
-             #define STAGES {STAGES}\n#define DYNAMIC_SHARED_MEMORY_BYTES {}\n#define ACC_REGS \"{{{registers}}}\"\n\
-             #define ACC_OPERANDS {operands}\n#define DESCRIPTORS \"%{}, %{}\"\n\
-             #define SCALE \"%{}\"\n{SOURCE}",
+             #define LOW_RANK {}\n#define STAGES {STAGES}\n#define DYNAMIC_SHARED_MEMORY_BYTES {}\n\
+             #define ACC_REGS {}\n#define ACC_OPERANDS {}\n#define DESCRIPTORS \"%{tile}, %{}\"\n\
+             #define SCALE \"%{}\"\n#define LOW_RANK_REGS {}\n#define LOW_RANK_OPERANDS {}\n\
+             #define LOW_RANK_DESCRIPTORS \"%{thin}, %{}\"\n#define LOW_RANK_SCALE \"%{}\"\n\
+             #define WAIT_OPERANDS {wait_operands}\n{SOURCE}",
             self.cols,
             self.depth,
             u8::from(self.rhs_row_major),
             self.tile_cols,
+            self.rank,
             self.shared_memory_bytes(),
-            accumulators,
-            accumulators + 1,
-            accumulators + 2,
+            registers(tile),
+            operands("d", tile),
+            tile + 1,
+            tile + 2,
+            registers(thin),
+            operands("thin", thin),
+            thin + 1,
+            thin + 2,
         )
     }
 }
@@ -97,7 +108,7 @@ impl KernelMetadata for WgmmaProduct {
             self.depth,
             self.rhs_row_major,
             self.tile_cols,
-            self.low_rank,
+            self.rank,
         ))
     }
 
@@ -135,18 +146,31 @@ impl CubeKernel for WgmmaProduct {
 /// devices of compute capability 9.0; `None` elsewhere, for other layouts, and for sizes the
 /// kernel's tiles do not divide (rows and cols multiples of 128, depth of 64).
 pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> {
-    product_plus_low_rank(lhs, rhs, None)
+    launch(lhs, rhs, None).map(|(out, _)| out)
 }
 
-/// [`product`] plus a LoRA term `hidden · weight` (bf16 `[rows, r]` with contiguous rows, and
-/// `[r, cols]` contiguous or the transpose of a contiguous `[cols, r]`), added to the f32
-/// accumulator before its one rounding: the base layer's output and the adapter's in one pass
-/// over the output. `None` where [`product`] declines or the term is laid out otherwise.
-pub(crate) fn product_plus_low_rank(
+/// A LoRA layer's product, `lhs · rhs + (lhs · downᵀ) · up`, and its rank-`r` hidden `lhs ·
+/// downᵀ` (`[rows, r]`, rounded to bf16 before it multiplies `up`), for contiguous bf16 `down`
+/// `[r, depth]` and `up` `[r, cols]` with r 8 or 16: the forward (`down` = `Aᵀ`, `up` = `s·B`)
+/// or the input gradient (`down` = `s·B`, `up` = `Aᵀ`) as one kernel. The thin product runs on
+/// the tile's operands in shared memory and the term is added to the f32 accumulator before
+/// its one rounding. `None` where [`product`] declines or the adapter does not fit.
+pub(crate) fn lora_product(
     lhs: &CubeTensor,
     rhs: &CubeTensor,
-    low_rank: Option<(&CubeTensor, &CubeTensor)>,
-) -> Option<CubeTensor> {
+    down: &CubeTensor,
+    up: &CubeTensor,
+) -> Option<(CubeTensor, CubeTensor)> {
+    let (out, hidden) = launch(lhs, rhs, Some((down, up)))?;
+    Some((out, hidden?))
+}
+
+/// The kernel for [`product`] or, with an adapter, [`lora_product`].
+fn launch(
+    lhs: &CubeTensor,
+    rhs: &CubeTensor,
+    adapter: Option<(&CubeTensor, &CubeTensor)>,
+) -> Option<(CubeTensor, Option<CubeTensor>)> {
     if lhs.dtype() != DType::BF16
         || rhs.dtype() != DType::BF16
         || lhs.client.properties().identity.fingerprint != "ptx_sm90"
@@ -159,7 +183,6 @@ pub(crate) fn product_plus_low_rank(
     }
     let [rows, depth] = [lhs_shape[0], lhs_shape[1]];
     let [rhs_depth, cols] = [rhs_shape[0], rhs_shape[1]];
-    let aligned = |tensor: &CubeTensor| tensor.handle.offset_start.unwrap_or(0).is_multiple_of(16);
     let rhs_strides = rhs.meta.strides();
     let rhs_row_major = rhs_strides[..] == [cols, 1];
     let tile_cols = tile_cols(cols)?;
@@ -175,9 +198,9 @@ pub(crate) fn product_plus_low_rank(
     if !fits {
         return None;
     }
-    let low_rank_layout = match low_rank {
-        Some((hidden, weight)) => Some(low_rank_layout(hidden, weight, rows, cols)?),
-        None => None,
+    let rank = match adapter {
+        Some((down, up)) => adapter_rank(down, up, depth, cols)?,
+        None => 0,
     };
     let out = empty_output(lhs, [rows, cols], DType::BF16);
     // The weight's boxes: `tile_cols` of its contiguous `[cols, depth]` rows for the forward,
@@ -188,63 +211,64 @@ pub(crate) fn product_plus_low_rank(
     } else {
         tensor_map(rhs, [cols, depth], [tile_cols, STAGE_DEPTH])
     };
-    let mut arguments = KernelArguments::new().with_tensor_maps(vec![
+    let mut maps = vec![
         tensor_map(lhs, [rows, depth], [BLOCK_ROWS, STAGE_DEPTH]),
         rhs_map,
-    ]);
-    arguments.declared_io = vec![BufferIOAttr::ReadOnly; 2];
-    if let Some((hidden, weight)) = low_rank {
-        for term in [hidden, weight] {
-            arguments =
-                arguments.with_buffer_io(term.handle.clone().binding(), BufferIOAttr::ReadOnly);
-        }
-    }
-    let arguments = arguments.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);
+    ];
+    let mut hidden = None;
+    let mut arguments = if let Some((down, up)) = adapter {
+        maps.push(tensor_map(down, [rank, depth], [rank, STAGE_DEPTH]));
+        let thin = empty_output(lhs, [rows, rank], DType::BF16);
+        let mut arguments = KernelArguments::new().with_tensor_maps(maps);
+        arguments.declared_io = vec![BufferIOAttr::ReadOnly; 3];
+        arguments = arguments
+            .with_buffer_io(up.handle.clone().binding(), BufferIOAttr::ReadOnly)
+            .with_buffer_io(thin.handle.clone().binding(), BufferIOAttr::WriteOnly);
+        hidden = Some(thin);
+        arguments
+    } else {
+        let mut arguments = KernelArguments::new().with_tensor_maps(maps);
+        arguments.declared_io = vec![BufferIOAttr::ReadOnly; 2];
+        arguments
+    };
+    arguments = arguments.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);
     let count = CubeCount::Static((rows / BLOCK_ROWS) as u32, (cols / tile_cols) as u32, 1);
     let kernel = WgmmaProduct {
         cols,
         depth,
         rhs_row_major,
         tile_cols,
-        low_rank: low_rank_layout,
+        rank,
     };
     lhs.client.launch(Box::new(kernel), count, arguments);
-    Some(out)
+    Some((out, hidden))
 }
 
-/// The rank and the weight's `[rank, col]` strides of a LoRA term that fits a `[rows, cols]`
-/// product: bf16, `hidden` `[rows, r]` contiguous, `weight` `[r, cols]` contiguous or transposed.
-fn low_rank_layout(
-    hidden: &CubeTensor,
-    weight: &CubeTensor,
-    rows: usize,
-    cols: usize,
-) -> Option<(usize, [usize; 2])> {
-    let (hidden_shape, weight_shape) = (hidden.shape(), weight.shape());
-    if hidden_shape.num_dims() != 2 || weight_shape.num_dims() != 2 {
+/// Whether `tensor` starts on 16 bytes, as the TMA and the kernel's vector loads need.
+fn aligned(tensor: &CubeTensor) -> bool {
+    tensor.handle.offset_start.unwrap_or(0).is_multiple_of(16)
+}
+
+/// The rank of an adapter `down` `[r, depth]`, `up` `[r, cols]` the kernel takes: bf16, both
+/// contiguous, r one of the thin MMA's widths that every thread's registers hold.
+fn adapter_rank(down: &CubeTensor, up: &CubeTensor, depth: usize, cols: usize) -> Option<usize> {
+    let (down_shape, up_shape) = (down.shape(), up.shape());
+    if down_shape.num_dims() != 2 || up_shape.num_dims() != 2 {
         return None;
     }
-    // Each thread keeps two rows of `hidden` in registers beside its accumulator.
-    let rank = hidden_shape[1];
-    if rank == 0 || rank > crate::low_rank::MAX_RANK {
-        return None;
-    }
-    let strides = weight.meta.strides();
-    let layout = if strides[..] == [cols, 1] {
-        [cols, 1]
-    } else if strides[..] == [1, rank] {
-        [1, rank]
-    } else {
-        return None;
-    };
-    let fits = hidden.dtype() == DType::BF16
-        && weight.dtype() == DType::BF16
-        && hidden_shape[0] == rows
-        && weight_shape.dims::<2>() == [rank, cols]
-        && hidden.meta.strides()[..] == [rank, 1]
-        && !hidden.meta.is_tiled()
-        && !weight.meta.is_tiled();
-    fits.then_some((rank, layout))
+    let rank = down_shape[0];
+    let fits = matches!(rank, 8 | 16)
+        && down.dtype() == DType::BF16
+        && up.dtype() == DType::BF16
+        && down_shape[1] == depth
+        && up_shape.dims::<2>() == [rank, cols]
+        && down.meta.strides()[..] == [depth, 1]
+        && up.meta.strides()[..] == [cols, 1]
+        && !down.meta.is_tiled()
+        && !up.meta.is_tiled()
+        && aligned(down)
+        && aligned(up);
+    fits.then_some(rank)
 }
 
 /// The tensor map of a contiguous bf16 `[rows, cols]` matrix read in `box_shape` boxes
