@@ -122,9 +122,14 @@ impl LoraLinear {
         // does: casting two rank-r matrices is free, casting the activations would copy every
         // input in f32 and keep that copy for the backward. The scaling goes into B likewise.
         // The products take the low-rank kernels: Burn's matmul tiles a rank-wide side badly.
-        // Over a 4-bit base without dropout the whole layer is one operation each way.
+        // Over a 4-bit base without dropout (none configured, or evaluation: Burn's `Dropout`
+        // passes its input through unless training on an autodiff device) the whole layer is
+        // one operation each way.
+        let dropout_active = self.dropout.prob > 0.0
+            && self.dropout.training.is_enabled()
+            && input.device().is_autodiff();
         if let FrozenLinear::Packed(base) = &self.base
-            && self.dropout.prob == 0.0
+            && !dropout_active
         {
             return base.forward_with_adapter(
                 input,

@@ -98,6 +98,32 @@ fn lora_gradients_over_a_4bit_base_equal_the_dense_case() {
     }
 }
 
+/// Dropout over a 4-bit base: it changes the output while training (an autodiff device, the
+/// layer in training mode) and nothing in evaluation, where the layer takes the one-operation
+/// path and gives the dropout-free layer's numbers exactly.
+#[test]
+fn lora_dropout_over_a_4bit_base_acts_only_while_training() {
+    let device = Device::flex().autodiff();
+    let config = LoraConfig::new(8).with_dropout(0.5);
+    let mut layer = with_random_b(config.init(random_linear(96, 80, &device)));
+    layer.base = layer.base.quantize(QuantConfig::default()).unwrap();
+    let mut without = layer.clone();
+    without.dropout.prob = 0.0;
+    let x = Tensor::<2>::random([6, 96], Distribution::Default, &device);
+    let difference = |a: Tensor<2>, b: Tensor<2>| (a - b).abs().max().into_scalar::<f32>();
+
+    let training = difference(layer.forward(x.clone()), without.forward(x.clone()));
+    assert!(
+        training > 1e-3,
+        "dropout changed nothing while training: {training}"
+    );
+    let evaluated = difference(
+        layer.valid().forward(x.clone().inner()),
+        without.valid().forward(x.inner()),
+    );
+    assert_eq!(evaluated, 0.0, "dropout changed the evaluated output");
+}
+
 #[test]
 fn the_switches_choose_adapters_and_4bit_bases_by_projection_name() {
     let device = Device::flex();
