@@ -5,14 +5,15 @@
 //! tensor level records about a dozen operations a projection (casts and scaling of the f32
 //! adapter, reshapes, the products, the backward's add of the two input gradients), and every
 //! one costs the host: autodiff bookkeeping, then Burn fusion's thread, which sets the pace of a
-//! 7B step without activation checkpointing. Here the host records one, and the adapter's
-//! term (`h·(s·B)` forward, the input gradient's `(g·(s·B)ᵀ)·Aᵀ` backward) is added to the base
-//! product's accumulator by the `wgmma` kernel before it rounds (elsewhere by the `h·B`-shaped
-//! kernel, which reads the base product's output). The casts of the adapter to the compute
-//! dtype (and of its gradients back) take one small kernel each way, both matrices in one
-//! launch. The numbers are the composed layer's but for that one rounding: the adapter cast to
-//! the input's dtype (the scaling applied in f32 first), its gradients cast back to f32 and
-//! scaled there.
+//! 7B step without activation checkpointing. Here the host records one. On Hopper the forward
+//! and the input gradient are one `wgmma` kernel each (`wgmma::lora_product`): it computes
+//! the rank-r hidden (`x·A`, or `g·(s·B)ᵀ`) on its own tiles and adds the adapter's term
+//! (`h·(s·B)`, or `h'·Aᵀ`) to its accumulator before it rounds; elsewhere the `x·A`- and
+//! `h·B`-shaped kernels of [`crate::low_rank`] do, the latter reading the base product's
+//! output. The casts of the adapter to the compute dtype (and of its gradients back) take one
+//! small kernel each way, both matrices in one launch. The numbers are the composed layer's but
+//! for the order of the hidden's sums and that one rounding: the adapter cast to the input's
+//! dtype (the scaling applied in f32 first), its gradients cast back to f32 and scaled there.
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, TensorMetadata, backend_extension};
