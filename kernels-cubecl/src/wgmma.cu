@@ -14,8 +14,9 @@
 // an m64nLOW_RANKk16 MMA beside each of the tile's), rounds H to bf16, writes it (the blocks of
 // the first column of tiles) and adds H · U for a contiguous U [LOW_RANK, N] to the accumulator
 // before its one rounding. A block sees the whole depth of its rows of A, so every block has
-// its rows of H without waiting on another; the thin MMA repeats per column of tiles at
-// LOW_RANK / BN of the tile's MMA work. LOW_RANK_REGS, LOW_RANK_OPERANDS, LOW_RANK_DESCRIPTORS
+// its rows of H without waiting on another; the thin MMA repeats per column of tiles. Its FLOPs
+// are LOW_RANK / BN of the tile's, but it costs the kernel 13 to 15% of its time on an H200
+// (a narrow MMA takes the tensor cores far longer than its share: BENCHMARKS.md). LOW_RANK_REGS, LOW_RANK_OPERANDS, LOW_RANK_DESCRIPTORS
 // and LOW_RANK_SCALE are its MMA's operands, as the tile's are; WAIT_OPERANDS names both
 // accumulators.
 // The launch passes A's and B's tensor maps by value: boxes of 64 elements along each matrix's

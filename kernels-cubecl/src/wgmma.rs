@@ -215,23 +215,20 @@ fn launch(
         tensor_map(lhs, [rows, depth], [BLOCK_ROWS, STAGE_DEPTH]),
         rhs_map,
     ];
-    let mut hidden = None;
-    let mut arguments = if let Some((down, up)) = adapter {
+    // With an adapter: its `down` as a third map, then `up` and the hidden it writes.
+    let hidden = adapter.map(|(down, _)| {
         maps.push(tensor_map(down, [rank, depth], [rank, STAGE_DEPTH]));
-        let thin = empty_output(lhs, [rows, rank], DType::BF16);
-        let mut arguments = KernelArguments::new().with_tensor_maps(maps);
-        arguments.declared_io = vec![BufferIOAttr::ReadOnly; 3];
+        empty_output(lhs, [rows, rank], DType::BF16)
+    });
+    let read_only_maps = maps.len();
+    let mut arguments = KernelArguments::new().with_tensor_maps(maps);
+    arguments.declared_io = vec![BufferIOAttr::ReadOnly; read_only_maps];
+    if let (Some((_, up)), Some(hidden)) = (adapter, &hidden) {
         arguments = arguments
             .with_buffer_io(up.handle.clone().binding(), BufferIOAttr::ReadOnly)
-            .with_buffer_io(thin.handle.clone().binding(), BufferIOAttr::WriteOnly);
-        hidden = Some(thin);
-        arguments
-    } else {
-        let mut arguments = KernelArguments::new().with_tensor_maps(maps);
-        arguments.declared_io = vec![BufferIOAttr::ReadOnly; 2];
-        arguments
-    };
-    arguments = arguments.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);
+            .with_buffer_io(hidden.handle.clone().binding(), BufferIOAttr::WriteOnly);
+    }
+    let arguments = arguments.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);
     let count = CubeCount::Static((rows / BLOCK_ROWS) as u32, (cols / tile_cols) as u32, 1);
     let kernel = WgmmaProduct {
         cols,
