@@ -47,12 +47,14 @@ impl FlashKernel {
         }
     }
 
-    /// The tiles of `BLOCK` padded rows (3 or 4 of them) and the backward's per-row statistics.
+    /// The tiles of `BLOCK` padded rows (the forward's queries, keys and values; the
+    /// backward's six, two of them double-buffered) and the backward's per-row statistics (two
+    /// buffers of two).
     fn shared_memory_bytes(&self) -> usize {
         let tile = BLOCK * (self.head_dim + 8) * 2;
         match self.entry {
             Entry::Forward => 3 * tile,
-            Entry::BackwardDq | Entry::BackwardDkDv => 4 * tile + 2 * BLOCK * 4,
+            Entry::BackwardDq | Entry::BackwardDkDv => 6 * tile + 4 * BLOCK * 4,
         }
     }
 }
