@@ -55,6 +55,8 @@ mod softmax;
 mod state;
 mod swiglu;
 #[cfg(feature = "cuda")]
+mod thin_product;
+#[cfg(feature = "cuda")]
 mod wgmma;
 
 #[cfg(feature = "cuda")]

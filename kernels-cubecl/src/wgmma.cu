@@ -9,16 +9,15 @@
 // launch reserves it: see third_party/cubecl-cuda) and the accumulator's BN / 2 asm operands
 // (ACC_REGS, ACC_OPERANDS) with the indices of the operands after them (DESCRIPTORS, SCALE).
 //
-// With LOW_RANK (8 or 16; 0 for none) the kernel is a LoRA layer's: it also computes the thin
-// product H = A · Dᵀ for a K-major D [LOW_RANK, K] (a third tensor map, one more box a stage,
-// an m64nLOW_RANKk16 MMA beside each of the tile's), rounds H to bf16, writes it (the blocks of
-// the first column of tiles) and adds H · U for a contiguous U [LOW_RANK, N] to the accumulator
-// before its one rounding. A block sees the whole depth of its rows of A, so every block has
-// its rows of H without waiting on another; the thin MMA repeats per column of tiles. Its FLOPs
-// are LOW_RANK / BN of the tile's, but it costs the kernel 13 to 15% of its time on an H200
-// (a narrow MMA takes the tensor cores far longer than its share: BENCHMARKS.md). LOW_RANK_REGS, LOW_RANK_OPERANDS, LOW_RANK_DESCRIPTORS
-// and LOW_RANK_SCALE are its MMA's operands, as the tile's are; WAIT_OPERANDS names both
-// accumulators.
+// With LOW_RANK (8 or 16; 0 for none) the kernel is a LoRA layer's: it adds H · U to the
+// accumulator before its one rounding, for the bf16 hidden H [M, LOW_RANK] (`thin_product.cu`,
+// launched before it) and a contiguous U [LOW_RANK, N]. Each thread reads its two rows of H
+// (16 or 32 bytes each) and, per pair of its columns, U's LOW_RANK pairs (a few KiB a block, from
+// L1). An earlier version computed H on the tile's own operands with an m64nLOW_RANKk16 MMA
+// beside each of the tile's: it cost the kernel 13 to 15% (a narrow MMA takes the tensor cores
+// far longer than its FLOP share, and every column of tiles repeated it), where the separate
+// kernel streams A once (BENCHMARKS.md).
+//
 // The launch passes A's and B's tensor maps by value: boxes of 64 elements along each matrix's
 // contiguous dimension (128 bytes) with the 128-byte swizzle, BM or BN rows of A or K-major B,
 // 64 rows of N-major B.
@@ -38,8 +37,7 @@
 #define THREADS (CONSUMER_THREADS + 32)
 #define A_STAGE_BYTES (BM * BK * 2)
 #define B_STAGE_BYTES (BN * BK * 2)
-#define D_STAGE_BYTES (LOW_RANK * BK * 2)
-#define STAGE_BYTES (A_STAGE_BYTES + B_STAGE_BYTES + D_STAGE_BYTES)
+#define STAGE_BYTES (A_STAGE_BYTES + B_STAGE_BYTES)
 #define STRING_(x) #x
 #define STRING(x) STRING_(x)
 
@@ -95,21 +93,10 @@ static __device__ __forceinline__ void mma(float *d, u64 a, u64 b) {
                  : "l"(a), "l"(b), "r"(1));
 }
 
-#if LOW_RANK
-// The thin product's MMA: D is K-major like a forward B.
-static __device__ __forceinline__ void mma_low_rank(float *thin, u64 a, u64 d) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " LOW_RANK_SCALE ", 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n" STRING(LOW_RANK) "k16.f32.bf16.bf16 "
-                 LOW_RANK_REGS ", " LOW_RANK_DESCRIPTORS ", p, 1, 1, 0, 0;\n}\n"
-                 : LOW_RANK_OPERANDS
-                 : "l"(a), "l"(d), "r"(1));
-}
-#endif
-
 // Waits until at most `pending` of this warpgroup's MMA groups are in flight; the accumulators
 // are operands so no read of them moves above.
 #define MMA_WAIT(pending) \
-    asm volatile("wgmma.wait_group.sync.aligned " STRING(pending) ";\n" : WAIT_OPERANDS : : "memory")
+    asm volatile("wgmma.wait_group.sync.aligned " STRING(pending) ";\n" : ACC_OPERANDS : : "memory")
 
 // Two f32 as bf16, `low` in the low half: the first of the pair in memory.
 static __device__ __forceinline__ u32 pack(float low, float high) {
@@ -166,8 +153,7 @@ static __device__ __forceinline__ void load_box(u32 to, const TensorMap *map, in
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     wgmma_bf16_tn(const __grid_constant__ TensorMap a_map, const __grid_constant__ TensorMap b_map,
 #if LOW_RANK
-                  const __grid_constant__ TensorMap d_map, const u32 *__restrict__ u,
-                  u32 *__restrict__ h,
+                  const u32 *__restrict__ h, const u32 *__restrict__ u,
 #endif
                   bf16 *__restrict__ c) {
     // The launch reserves 1 KiB more than the ring: its start rounded up to the 1024 bytes the
@@ -198,9 +184,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         if (thread == CONSUMER_THREADS) {
             asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)&a_map) : "memory");
             asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)&b_map) : "memory");
-#if LOW_RANK
-            asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)&d_map) : "memory");
-#endif
             for (int step = 0; step < steps; step++) {
                 const int s = step % STAGES;
                 if (step >= STAGES) {
@@ -220,9 +203,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 #else
                 load_box(stage + A_STAGE_BYTES, &b_map, k0, n0, full_barrier);
 #endif
-#if LOW_RANK
-                load_box(stage + A_STAGE_BYTES + B_STAGE_BYTES, &d_map, k0, 0, full_barrier);
-#endif
             }
         }
         return;
@@ -235,13 +215,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     for (int i = 0; i < BN / 2; i++) {
         d[i] = 0.0f;
     }
-#if LOW_RANK
-    float thin[LOW_RANK / 2];
-#pragma unroll
-    for (int i = 0; i < LOW_RANK / 2; i++) {
-        thin[i] = 0.0f;
-    }
-#endif
     for (int step = 0; step < steps; step++) {
         const int s = step % STAGES;
         barrier_wait(full_barriers + 8 * s, (step / STAGES) & 1);
@@ -253,13 +226,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         for (int k = 0; k < BK / 16; k++) {
             mma(d, a_stage + K_MAJOR_DEPTH_STEP * k, b_stage + B_DEPTH_STEP * k);
         }
-#if LOW_RANK
-        const u64 d_stage = k_major_descriptor(stage + A_STAGE_BYTES + B_STAGE_BYTES);
-#pragma unroll
-        for (int k = 0; k < BK / 16; k++) {
-            mma_low_rank(thin, a_stage + K_MAJOR_DEPTH_STEP * k, d_stage + K_MAJOR_DEPTH_STEP * k);
-        }
-#endif
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         // This stage's MMAs stay in flight; the stage before is done with.
         MMA_WAIT(1);
@@ -275,29 +241,19 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     const int row = m0 + (thread / 128) * 64 + ((thread % 128) / 32) * 16 + lane / 4;
     const int column = n0 + 2 * (lane % 4);
 #if LOW_RANK
-    // H's rows in bf16, as stored: this thread holds per 8 columns of H the pair at 8 j + 2 (lane
-    // % 4) of its two rows; the quad's four lanes hold the rest, gathered by shuffles.
-    u32 pairs[2][LOW_RANK / 8];
-#pragma unroll
-    for (int j = 0; j < LOW_RANK / 8; j++) {
-#pragma unroll
-        for (int half = 0; half < 2; half++) {
-            pairs[half][j] = pack(thin[4 * j + 2 * half], thin[4 * j + 2 * half + 1]);
-            if (blockIdx.y == 0) {
-                h[((u64)(row + 8 * half) * LOW_RANK + 8 * j + 2 * (lane % 4)) / 2] = pairs[half][j];
-            }
-        }
-    }
+    // This thread's two rows of H, each LOW_RANK bf16 in 16-byte vectors.
     float hidden[2][LOW_RANK];
 #pragma unroll
-    for (int quad_lane = 0; quad_lane < 4; quad_lane++) {
+    for (int half = 0; half < 2; half++) {
+        const uint4 *at = (const uint4 *)(h + (u64)(row + 8 * half) * LOW_RANK / 2);
 #pragma unroll
-        for (int j = 0; j < LOW_RANK / 8; j++) {
+        for (int v = 0; v < LOW_RANK / 8; v++) {
+            const uint4 pairs = at[v];
+            const u32 words[4] = {pairs.x, pairs.y, pairs.z, pairs.w};
 #pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const u32 pair = __shfl_sync(0xFFFFFFFFu, pairs[half][j], (lane & ~3) | quad_lane);
-                hidden[half][8 * j + 2 * quad_lane] = unpack_low(pair);
-                hidden[half][8 * j + 2 * quad_lane + 1] = unpack_high(pair);
+            for (int i = 0; i < 4; i++) {
+                hidden[half][8 * v + 2 * i] = unpack_low(words[i]);
+                hidden[half][8 * v + 2 * i + 1] = unpack_high(words[i]);
             }
         }
     }

@@ -56,47 +56,30 @@ struct WgmmaProduct {
 impl WgmmaProduct {
     /// The ring's bytes, and 1 KiB to align its start.
     fn shared_memory_bytes(&self) -> usize {
-        STAGES * STAGE_DEPTH * (BLOCK_ROWS + self.tile_cols + self.rank) * 2 + 1024
+        STAGES * STAGE_DEPTH * (BLOCK_ROWS + self.tile_cols) * 2 + 1024
     }
 
-    /// The CUDA text: `wgmma.cu` behind the sizes, the layout and the accumulators' operands.
+    /// The CUDA text: `wgmma.cu` behind the sizes, the layout and the accumulator's operands.
     fn text(&self) -> String {
-        // A warpgroup's 64 x BN f32 tile over its 128 threads, and its 64 x rank thin one.
-        let (tile, thin) = (self.tile_cols / 2, self.rank / 2);
-        let registers = |count: usize| {
-            let list = (0..count).map(|i| format!("%{i}")).collect::<Vec<_>>();
-            format!("\"{{{}}}\"", list.join(", "))
-        };
-        let operands = |array: &str, count: usize| {
-            let list = (0..count).map(|i| format!("\"+f\"({array}[{i}])"));
-            list.collect::<Vec<_>>().join(", ")
-        };
-        let wait_operands = if thin > 0 {
-            format!("{}, {}", operands("d", tile), operands("thin", thin))
-        } else {
-            operands("d", tile)
-        };
+        // A warpgroup's 64 x BN f32 tile over its 128 threads.
+        let tile = self.tile_cols / 2;
+        let registers = (0..tile).map(|i| format!("%{i}")).collect::<Vec<_>>();
+        let operands = (0..tile).map(|i| format!("\"+f\"(d[{i}])"));
         format!(
             "#define N_DIM {}\n#define K_DIM {}\n#define B_MN_MAJOR {}\n#define BN {}\n\
              #define LOW_RANK {}\n#define STAGES {STAGES}\n#define DYNAMIC_SHARED_MEMORY_BYTES {}\n\
-             #define ACC_REGS {}\n#define ACC_OPERANDS {}\n#define DESCRIPTORS \"%{tile}, %{}\"\n\
-             #define SCALE \"%{}\"\n#define LOW_RANK_REGS {}\n#define LOW_RANK_OPERANDS {}\n\
-             #define LOW_RANK_DESCRIPTORS \"%{thin}, %{}\"\n#define LOW_RANK_SCALE \"%{}\"\n\
-             #define WAIT_OPERANDS {wait_operands}\n{SOURCE}",
+             #define ACC_REGS \"{{{}}}\"\n#define ACC_OPERANDS {}\n\
+             #define DESCRIPTORS \"%{tile}, %{}\"\n#define SCALE \"%{}\"\n{SOURCE}",
             self.cols,
             self.depth,
             u8::from(self.rhs_row_major),
             self.tile_cols,
             self.rank,
             self.shared_memory_bytes(),
-            registers(tile),
-            operands("d", tile),
+            registers.join(", "),
+            operands.collect::<Vec<_>>().join(", "),
             tile + 1,
             tile + 2,
-            registers(thin),
-            operands("thin", thin),
-            thin + 1,
-            thin + 2,
         )
     }
 }
@@ -152,9 +135,9 @@ pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> 
 /// A LoRA layer's product, `lhs · rhs + (lhs · downᵀ) · up`, and its rank-`r` hidden `lhs ·
 /// downᵀ` (`[rows, r]`, rounded to bf16 before it multiplies `up`), for contiguous bf16 `down`
 /// `[r, depth]` and `up` `[r, cols]` with r 8 or 16: the forward (`down` = `Aᵀ`, `up` = `s·B`)
-/// or the input gradient (`down` = `s·B`, `up` = `Aᵀ`) as one kernel. The thin product runs on
-/// the tile's operands in shared memory and the term is added to the f32 accumulator before
-/// its one rounding. `None` where [`product`] declines or the adapter does not fit.
+/// or the input gradient (`down` = `s·B`, `up` = `Aᵀ`). The hidden is its own kernel
+/// (`thin_product`); the `wgmma` kernel adds its term to the f32 accumulator before its one
+/// rounding. `None` where [`product`] declines or the adapter does not fit.
 pub(crate) fn lora_product(
     lhs: &CubeTensor,
     rhs: &CubeTensor,
@@ -199,9 +182,10 @@ fn launch(
         return None;
     }
     let rank = match adapter {
-        Some((down, up)) => adapter_rank(down, up, depth, cols)?,
+        Some((down, up)) => adapter_rank(down, up, rows, depth, cols)?,
         None => 0,
     };
+    let hidden = adapter.map(|(down, _)| crate::thin_product::hidden(lhs, down));
     let out = empty_output(lhs, [rows, cols], DType::BF16);
     // The weight's boxes: `tile_cols` of its contiguous `[cols, depth]` rows for the forward,
     // stage-deep panels one swizzled row wide of the `[depth, cols]` matrix for the input
@@ -211,22 +195,17 @@ fn launch(
     } else {
         tensor_map(rhs, [cols, depth], [tile_cols, STAGE_DEPTH])
     };
-    let mut maps = vec![
+    let maps = vec![
         tensor_map(lhs, [rows, depth], [BLOCK_ROWS, STAGE_DEPTH]),
         rhs_map,
     ];
-    // With an adapter: its `down` as a third map, then `up` and the hidden it writes.
-    let hidden = adapter.map(|(down, _)| {
-        maps.push(tensor_map(down, [rank, depth], [rank, STAGE_DEPTH]));
-        empty_output(lhs, [rows, rank], DType::BF16)
-    });
-    let read_only_maps = maps.len();
     let mut arguments = KernelArguments::new().with_tensor_maps(maps);
-    arguments.declared_io = vec![BufferIOAttr::ReadOnly; read_only_maps];
+    arguments.declared_io = vec![BufferIOAttr::ReadOnly; 2];
+    // With an adapter: the hidden, then `up`.
     if let (Some((_, up)), Some(hidden)) = (adapter, &hidden) {
         arguments = arguments
-            .with_buffer_io(up.handle.clone().binding(), BufferIOAttr::ReadOnly)
-            .with_buffer_io(hidden.handle.clone().binding(), BufferIOAttr::WriteOnly);
+            .with_buffer_io(hidden.handle.clone().binding(), BufferIOAttr::ReadOnly)
+            .with_buffer_io(up.handle.clone().binding(), BufferIOAttr::ReadOnly);
     }
     let arguments = arguments.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);
     let count = CubeCount::Static((rows / BLOCK_ROWS) as u32, (cols / tile_cols) as u32, 1);
@@ -246,15 +225,21 @@ fn aligned(tensor: &CubeTensor) -> bool {
     tensor.handle.offset_start.unwrap_or(0).is_multiple_of(16)
 }
 
-/// The rank of an adapter `down` `[r, depth]`, `up` `[r, cols]` the kernel takes: bf16, both
-/// contiguous, r one of the thin MMA's widths that every thread's registers hold.
-fn adapter_rank(down: &CubeTensor, up: &CubeTensor, depth: usize, cols: usize) -> Option<usize> {
+/// The rank of an adapter `down` `[r, depth]`, `up` `[r, cols]` the kernels take: bf16, both
+/// contiguous, r a width every thread's registers hold and `thin_product` computes.
+fn adapter_rank(
+    down: &CubeTensor,
+    up: &CubeTensor,
+    rows: usize,
+    depth: usize,
+    cols: usize,
+) -> Option<usize> {
     let (down_shape, up_shape) = (down.shape(), up.shape());
     if down_shape.num_dims() != 2 || up_shape.num_dims() != 2 {
         return None;
     }
     let rank = down_shape[0];
-    let fits = matches!(rank, 8 | 16)
+    let fits = crate::thin_product::fits(rows, depth, rank)
         && down.dtype() == DType::BF16
         && up.dtype() == DType::BF16
         && down_shape[1] == depth
