@@ -6,11 +6,11 @@
 //! adapter, reshapes, the products, the backward's add of the two input gradients), and every
 //! one costs the host: autodiff bookkeeping, then Burn fusion's thread, which sets the pace of a
 //! 7B step without activation checkpointing. Here the host records one. On Hopper the forward
-//! and the input gradient are one `wgmma` kernel each (`wgmma::lora_product`): it computes
-//! the rank-r hidden (`x·A`, or `g·(s·B)ᵀ`) on its own tiles and adds the adapter's term
-//! (`h·(s·B)`, or `h'·Aᵀ`) to its accumulator before it rounds; elsewhere the `x·A`- and
-//! `h·B`-shaped kernels of [`crate::low_rank`] do, the latter reading the base product's
-//! output. The casts of the adapter to the compute dtype (and of its gradients back) take one
+//! and the input gradient are two kernels each (`wgmma::lora_product`): `thin_product` streams
+//! the input once for the rank-r hidden (`x·A`, or `g·(s·B)ᵀ`), and the `wgmma` product adds
+//! the adapter's term (`h·(s·B)`, or `h'·Aᵀ`) to its accumulator before it rounds; elsewhere
+//! the `x·A`- and `h·B`-shaped kernels of [`crate::low_rank`] do, the latter reading the base
+//! product's output. The casts of the adapter to the compute dtype (and of its gradients back) take one
 //! small kernel each way, both matrices in one launch. The numbers are the composed layer's but
 //! for the order of the hidden's sums and that one rounding: the adapter cast to the input's
 //! dtype (the scaling applied in f32 first), its gradients cast back to f32 and scaled there.
@@ -384,8 +384,8 @@ mod cube {
             (first_out, second_out)
         }
 
-        /// The `wgmma` kernel with the adapter inside (the thin product on its tiles, the term
-        /// on its accumulator) where it applies, else the separate kernels.
+        /// The `wgmma` kernel with the adapter's term on its accumulator (its hidden from
+        /// `thin_product`) where it applies, else the separate kernels.
         fn lora_product(
             lhs: CubeTensor,
             weight: Weight4bitPrimitive<Self>,

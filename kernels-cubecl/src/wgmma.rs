@@ -49,7 +49,7 @@ struct WgmmaProduct {
     /// Whether the `[depth, cols]` right-hand side has contiguous rows (else contiguous columns).
     rhs_row_major: bool,
     tile_cols: usize,
-    /// A LoRA layer's rank (the thin product's columns), or 0 for the product alone.
+    /// A LoRA layer's rank (the hidden's columns), or 0 for the product alone.
     rank: usize,
 }
 

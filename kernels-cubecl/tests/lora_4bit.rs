@@ -124,7 +124,7 @@ fn lora_4bit_linear_gives_the_composed_layers_numbers() {
         let shape = [384, 512];
         let weight = Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.05), &plain);
         let packed = Packed4bit::quantize(weight, QuantConfig::default()).unwrap();
-        // Ranks 8 and 16: the two widths of the kernel's thin product.
+        // Ranks 8 and 16: the two widths the CUDA kernels' hidden (`thin_product`) takes.
         for rank in [8, 16] {
             let inputs = Inputs::random(128, shape, rank, dtype, &device);
             let ours = inputs.run(|x, a, b| lora_4bit_linear(x, &packed, a, b, SCALING).unwrap());
