@@ -9,13 +9,11 @@ use burn::tensor::DType;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::ir::attributes::BufferIOAttr;
-use cubecl::ir::metadata::Info;
-use cubecl::ir::{AddressType, ElemType, UIntKind};
 use cubecl::prelude::*;
 use cubecl::server::{KernelArguments, MetadataBindingInfo};
-use cubecl::{CubeKernel, PrecompiledSource};
 
 use crate::extension::empty_output;
+use crate::precompiled::{CudaKernel, Precompiled};
 
 const SOURCE: &str = include_str!("flash_attention.cu");
 
@@ -33,6 +31,7 @@ enum Entry {
 }
 
 /// One entry point of `flash_attention.cu` for one head width.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct FlashKernel {
     entry: Entry,
     head_dim: usize,
@@ -59,41 +58,19 @@ impl FlashKernel {
     }
 }
 
-impl KernelMetadata for FlashKernel {
-    fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((self.entry, self.head_dim))
+impl CudaKernel for FlashKernel {
+    const THREADS: u32 = THREADS;
+
+    fn entry_point(&self) -> &'static str {
+        self.name()
     }
 
-    fn address_type(&self) -> ElemType {
-        UIntKind::U32.into()
-    }
-}
-
-impl CubeKernel for FlashKernel {
-    /// No IR: the definition carries the block size the launch uses.
-    fn define(&self) -> KernelDefinition {
-        let settings = KernelSettings::new(
-            CubeDim::new_1d(THREADS).0,
-            ExecutionMode::Unchecked,
-            AddressType::U32,
-        );
-        KernelDefinition {
-            body: Scope::root(settings.clone()),
-            settings,
-            info: Info::default(),
-        }
-    }
-
-    fn source(&self) -> Option<PrecompiledSource> {
-        Some(PrecompiledSource {
-            source: format!(
-                "#define HEAD_DIM {}\n#define DYNAMIC_SHARED_MEMORY_BYTES {}\n{SOURCE}",
-                self.head_dim,
-                self.shared_memory_bytes()
-            ),
-            entrypoint_name: self.name().to_string(),
-            lang: "cuda",
-        })
+    fn text(&self) -> String {
+        format!(
+            "#define HEAD_DIM {}\n#define DYNAMIC_SHARED_MEMORY_BYTES {}\n{SOURCE}",
+            self.head_dim,
+            self.shared_memory_bytes()
+        )
     }
 }
 
@@ -165,9 +142,11 @@ fn launch(
         data: params,
     };
     let count = CubeCount::Static(blocks[0] as u32, blocks[1] as u32, blocks[2] as u32);
-    reference
-        .client
-        .launch(Box::new(kernel), count, arguments.with_info(info));
+    reference.client.launch(
+        Box::new(Precompiled(kernel)),
+        count,
+        arguments.with_info(info),
+    );
 }
 
 /// The attention output (`[batch, seq, heads, head_dim]`) and the queries' base-2 log-sum-exp

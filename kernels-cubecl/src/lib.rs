@@ -46,6 +46,8 @@ mod low_rank;
 #[cfg(any(feature = "cube", feature = "flex"))]
 mod matmul;
 mod packed;
+#[cfg(feature = "cuda")]
+mod precompiled;
 pub mod reference;
 mod rms_norm;
 mod rotary;

@@ -6,61 +6,37 @@ use burn::backend::TensorMetadata;
 use burn::tensor::DType;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::ir::attributes::BufferIOAttr;
-use cubecl::ir::metadata::Info;
-use cubecl::ir::{AddressType, ElemType, UIntKind};
 use cubecl::prelude::*;
 use cubecl::server::KernelArguments;
-use cubecl::{CubeKernel, PrecompiledSource};
 
 use crate::extension::empty_output;
+use crate::precompiled::{CudaKernel, Precompiled};
 
 const SOURCE: &str = include_str!("thin_product.cu");
-/// A block's rows (`ROWS`: one MMA's) and threads (`WARPS` = 16 warps).
+/// A block's rows (`ROWS`: one MMA's); its threads are `WARPS` = 16 warps.
 const BLOCK_ROWS: usize = 16;
-const THREADS: u32 = 512;
 /// The depth one warp's step covers (`32` in the source).
 const CHUNK_DEPTH: usize = 32;
 
 /// The kernel for one rank and depth, both compiled in.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct ThinProduct {
     rank: usize,
     depth: usize,
 }
 
-impl KernelMetadata for ThinProduct {
-    fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((self.rank, self.depth))
+impl CudaKernel for ThinProduct {
+    const THREADS: u32 = 512;
+
+    fn entry_point(&self) -> &'static str {
+        "thin_product"
     }
 
-    fn address_type(&self) -> ElemType {
-        UIntKind::U32.into()
-    }
-}
-
-impl CubeKernel for ThinProduct {
-    /// No IR: the definition carries the block size the launch uses.
-    fn define(&self) -> KernelDefinition {
-        let settings = KernelSettings::new(
-            CubeDim::new_1d(THREADS).0,
-            ExecutionMode::Unchecked,
-            AddressType::U32,
-        );
-        KernelDefinition {
-            body: Scope::root(settings.clone()),
-            settings,
-            info: Info::default(),
-        }
-    }
-
-    fn source(&self) -> Option<PrecompiledSource> {
-        Some(PrecompiledSource {
-            source: format!(
-                "#define RANK {}\n#define K_DIM {}\n{SOURCE}",
-                self.rank, self.depth
-            ),
-            entrypoint_name: "thin_product".to_string(),
-            lang: "cuda",
-        })
+    fn text(&self) -> String {
+        format!(
+            "#define RANK {}\n#define K_DIM {}\n{SOURCE}",
+            self.rank, self.depth
+        )
     }
 }
 
@@ -81,7 +57,7 @@ pub(crate) fn hidden(x: &CubeTensor, down: &CubeTensor) -> CubeTensor {
         .with_buffer_io(down.handle.clone().binding(), BufferIOAttr::ReadOnly)
         .with_buffer_io(hidden.handle.clone().binding(), BufferIOAttr::WriteOnly);
     let count = CubeCount::Static((rows / BLOCK_ROWS) as u32, 1, 1);
-    x.client
-        .launch(Box::new(ThinProduct { rank, depth }), count, arguments);
+    let kernel = Precompiled(ThinProduct { rank, depth });
+    x.client.launch(Box::new(kernel), count, arguments);
     hidden
 }

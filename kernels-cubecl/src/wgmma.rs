@@ -9,15 +9,14 @@ use burn::backend::TensorMetadata;
 use burn::tensor::DType;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::ir::attributes::BufferIOAttr;
-use cubecl::ir::metadata::Info;
-use cubecl::ir::{AddressType, ElemType, FloatKind, UIntKind};
+use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::*;
 use cubecl::server::{KernelArguments, TensorMapBinding, TensorMapMeta};
 use cubecl::zspace::metadata::Metadata;
 use cubecl::zspace::{Shape, Strides};
-use cubecl::{CubeKernel, PrecompiledSource};
 
 use crate::extension::empty_output;
+use crate::precompiled::{CudaKernel, Precompiled};
 
 /// The kernel's text; the sizes and the accumulator's asm operands are prepended per product.
 const SOURCE: &str = include_str!("wgmma.cu");
@@ -43,6 +42,7 @@ fn tile_cols(cols: usize) -> Option<usize> {
 }
 
 /// The product for one shape and right-hand layout: both are compiled in.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct WgmmaProduct {
     cols: usize,
     depth: usize,
@@ -57,6 +57,14 @@ impl WgmmaProduct {
     /// The ring's bytes, and 1 KiB to align its start.
     fn shared_memory_bytes(&self) -> usize {
         STAGES * STAGE_DEPTH * (BLOCK_ROWS + self.tile_cols) * 2 + 1024
+    }
+}
+
+impl CudaKernel for WgmmaProduct {
+    const THREADS: u32 = THREADS;
+
+    fn entry_point(&self) -> &'static str {
+        ENTRY_POINT
     }
 
     /// The CUDA text: `wgmma.cu` behind the sizes, the layout and the accumulator's operands.
@@ -81,46 +89,6 @@ impl WgmmaProduct {
             tile + 1,
             tile + 2,
         )
-    }
-}
-
-impl KernelMetadata for WgmmaProduct {
-    fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((
-            self.cols,
-            self.depth,
-            self.rhs_row_major,
-            self.tile_cols,
-            self.rank,
-        ))
-    }
-
-    fn address_type(&self) -> ElemType {
-        UIntKind::U32.into()
-    }
-}
-
-impl CubeKernel for WgmmaProduct {
-    /// No IR: the definition carries the block size the launch uses.
-    fn define(&self) -> KernelDefinition {
-        let settings = KernelSettings::new(
-            CubeDim::new_1d(THREADS).0,
-            ExecutionMode::Unchecked,
-            AddressType::U32,
-        );
-        KernelDefinition {
-            body: Scope::root(settings.clone()),
-            settings,
-            info: Info::default(),
-        }
-    }
-
-    fn source(&self) -> Option<PrecompiledSource> {
-        Some(PrecompiledSource {
-            source: self.text(),
-            entrypoint_name: ENTRY_POINT.to_string(),
-            lang: "cuda",
-        })
     }
 }
 
@@ -216,7 +184,8 @@ fn launch(
         tile_cols,
         rank,
     };
-    lhs.client.launch(Box::new(kernel), count, arguments);
+    lhs.client
+        .launch(Box::new(Precompiled(kernel)), count, arguments);
     Some((out, hidden))
 }
 
