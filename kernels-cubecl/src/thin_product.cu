@@ -2,15 +2,14 @@
 // layer's down-projection, RANK 8 or 16), accumulated in f32 and rounded once to bf16 H
 // [M, RANK]: the hidden of a LoRA layer, read back by the `wgmma` product's epilogue.
 //
-// The product is X's bytes: 16 MiB at 2048 x 4096, against 2 MFLOP a row. So every lane streams
-// 16-byte vectors straight from global memory into `mma.sync.m16n8k16` fragments, with no shared
-// memory: an MMA sums over its 16 depths in any order, so lane (g, t) gives, for rows g and g + 8
-// of X and row g of D alike, the depths 8t to 8t + 3 of each 32 as the fragment's "2t, 2t + 1,
-// 2t + 8, 2t + 9" and 8t + 4 to 8t + 7 to a second MMA.
+// The product is bound by X's bytes (16 MiB at 2048 x 4096 against 0.13 GFLOP at rank 8). So
+// every lane streams 16-byte vectors straight from global memory into `mma.sync.m16n8k16`
+// fragments, with no shared memory: an MMA sums over its 16 depths in any order, so lane (g, t)
+// gives, for rows g and g + 8 of X and row 8j + g of D alike, the depths 8t to 8t + 3 of each 32
+// as the fragment's "2t, 2t + 1, 2t + 8, 2t + 9" and 8t + 4 to 8t + 7 to a second MMA.
 //
-// The host prepends RANK and K_DIM (a multiple of 32). A block is 16 warps over 16
-// rows of X, each warp every 16th chunk of 32 depths; the warps' partial sums meet in shared
-// memory.
+// The host prepends RANK and K_DIM (a multiple of 32). A block is 16 warps over 16 rows of X,
+// each warp every 16th chunk of 32 depths; the warps' partial sums meet in shared memory.
 
 #define WARPS 16
 #define THREADS (32 * WARPS)
