@@ -128,6 +128,22 @@ static __device__ __forceinline__ void accumulators_to_a(u32 *a, const float *le
     a[3] = pack(right[2], right[3]);
 }
 
+// Starts copying `bytes` (4 or 16) from global to shared memory without waiting; with `real`
+// false it reads nothing (source size 0) and fills zeros. 16 bytes bypass L1 (`.cg`), which
+// only that size allows.
+template <int bytes>
+static __device__ __forceinline__ void copy_async(void *to, const void *from, bool real) {
+    if constexpr (bytes == 16) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                     :
+                     : "r"(shared_address(to)), "l"(from), "r"(real ? 16 : 0));
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n"
+                     :
+                     : "r"(shared_address(to)), "l"(from), "n"(bytes), "r"(real ? bytes : 0));
+    }
+}
+
 // Starts copying rows [row0, row0 + BLOCK) of a head's [seq, HEAD_DIM] matrix into a tile
 // (zeros past `seq`) without waiting: the copies land while the block computes, and
 // `wait_copies` waits for all but the newest `pending` groups of them.
@@ -138,12 +154,8 @@ static __device__ __forceinline__ void copy_tile(bf16 *tile, const bf16 *matrix,
         int row = chunk / (HEAD_DIM / 8);
         int column = chunk % (HEAD_DIM / 8) * 8;
         bool real = row0 + row < seq;
-        // A row past the end reads nothing (source size 0) and fills zeros.
         const bf16 *from = matrix + (real ? (u64)(row0 + row) * row_stride + column : 0);
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                     :
-                     : "r"(shared_address(tile + row * ROW + column)), "l"(from),
-                       "r"(real ? 16 : 0));
+        copy_async<16>(tile + row * ROW + column, from, real);
     }
 }
 
@@ -476,10 +488,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
             const u64 at = ((u64)batch * p.heads + head) * seq + q0 + entry % BLOCK;
             const bool real = q0 + entry % BLOCK < seq;
             const float *from = (entry < BLOCK ? lse : delta) + (real ? at : 0);
-            asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
-                         :
-                         : "r"(shared_address(statistics + buffer * 2 * BLOCK + entry)),
-                           "l"(from), "r"(real ? 4 : 0));
+            copy_async<4>(statistics + buffer * 2 * BLOCK + entry, from, real);
         }
     };
     copy_tile(k_tile, k + batch * p.k_stride[0] + kv_head * p.k_stride[1], p.k_stride[2], k0, seq);
