@@ -14,9 +14,10 @@ use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
 use crate::NESTED_BLOCK_SIZE;
 use crate::kernels::{
-    DEQUANTIZE_CUBE_WORDS, MATVEC_FEATURES_PER_CUBE, MATVEC_LANES, WORD_ELEMENTS,
-    dequantize_4bit_double_kernel, dequantize_4bit_kernel, dequantize_4bit_vector_kernel,
-    dequantize_absmax_kernel, matvec_4bit_kernel, quantize_4bit_kernel, quantize_absmax_kernel,
+    DEQUANTIZE_CUBE_UNITS, DEQUANTIZE_UNIT_WORDS, MATVEC_FEATURES_PER_CUBE, MATVEC_LANES,
+    WORD_ELEMENTS, dequantize_4bit_double_kernel, dequantize_4bit_kernel,
+    dequantize_4bit_vector_kernel, dequantize_absmax_kernel, matvec_4bit_kernel,
+    quantize_4bit_kernel, quantize_absmax_kernel,
 };
 
 #[backend_extension(
@@ -273,11 +274,12 @@ impl Quant4bitOps for CubeBackend {
         }
         let output = empty_output(&packed, [num_elements], dtype);
         let words = num_elements / WORD_ELEMENTS;
-        let cube_dim = CubeDim::new_1d(DEQUANTIZE_CUBE_WORDS as u32);
-        let cube_count = calculate_cube_count_elemwise(&output.client, words, cube_dim);
-        // SAFETY: a cube's first units read the absmax codes and nested absmax of the cube's
-        // blocks (guarded by `num_blocks`); each unit then reads one word, 16 codes and its
-        // block's decoded absmax, and writes that word's eight values, guarded by `words`.
+        let cube_dim = CubeDim::new_1d(DEQUANTIZE_CUBE_UNITS as u32);
+        let units = words.div_ceil(DEQUANTIZE_UNIT_WORDS);
+        let cube_count = calculate_cube_count_elemwise(&output.client, units, cube_dim);
+        // SAFETY: a cube's units read the absmax codes and nested absmax of the cube's blocks
+        // (guarded by `num_blocks`); each unit then reads its words, 16 codes and its blocks'
+        // decoded absmax, and writes those words' eight values each, all guarded by `words`.
         unsafe {
             dequantize_4bit_double_kernel::launch_unchecked(
                 &output.client,
