@@ -82,8 +82,8 @@ pub const DEQUANTIZE_UNIT_WORDS: usize = 4;
 ///
 /// A unit dequantizes `DEQUANTIZE_UNIT_WORDS` words a cube apart (every load and store of a plane
 /// contiguous), and loads them before it decodes, so that the loads' latency and the decode's
-/// overlap. Cubes are `DEQUANTIZE_CUBE_UNITS` units; blocks are powers of two
-/// of at least 32 elements, so a cube's words start on a block or lie inside one.
+/// overlap. Cubes are `DEQUANTIZE_CUBE_UNITS` units; blocks are powers of two of at least 32
+/// elements, so a cube's words start on a block or lie inside one.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 pub fn dequantize_4bit_double_kernel<F: Float, N: Size>(
