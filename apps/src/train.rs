@@ -20,13 +20,13 @@ use burn::optim::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
 use burn::optim::lr_scheduler::linear::LinearLrSchedulerConfig;
 use burn::optim::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrScheduler};
 use burn::optim::lr_scheduler::sequential::SequentialLrSchedulerConfig;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer, OptimizerRecord};
+use burn::optim::{GradientsParams, ModuleOptimizer, OptimizerRecord};
 use burn::store::ModuleRecord;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn::train::checkpoint::{Checkpoint, Checkpointer, CheckpointerError, KeepLastNCheckpoints};
 use burn::train::metric::{CpuMemory, IterationSpeedMetric, LearningRateMetric, LossMetric};
 use burn::train::{InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
-use burn_qlora::PeftAdapter;
+use burn_qlora::{FusedAdamWConfig, PeftAdapter};
 use kernels_cubecl::cross_entropy;
 use llama_burn::Llama;
 
@@ -575,7 +575,7 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
     let model = model
         .with_max_grad_norm(train.max_grad_norm)
         .with_activation_checkpointing(train.activation_checkpointing);
-    let optimizer = AdamWConfig::new().with_weight_decay(train.weight_decay as f32);
+    let optimizer = FusedAdamWConfig::new().with_weight_decay(train.weight_decay as f32);
     let learner = Learner::new(model, optimizer.init(), lr_scheduler(config)?);
 
     let checkpointer = |name| AtomicCheckpointer {

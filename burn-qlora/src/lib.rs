@@ -9,8 +9,10 @@
 //!   o, gate, up, down, lm_head) with the QLoRA switches.
 //! - [`PeftAdapter`]: adapter-only files in PEFT's layout (`adapter_config.json` +
 //!   `adapter_model.safetensors`), read from and written to any model holding `LoraLinear`s.
+//! - [`FusedAdamWConfig`]: AdamW with one operation a parameter, Burn's arithmetic and records.
 //! - [`write_atomically`]: files written whole or not at all, for adapters and checkpoints.
 
+mod adamw;
 mod adapter;
 mod atomic;
 mod error;
@@ -20,6 +22,7 @@ mod lora;
 mod peft;
 mod projection;
 
+pub use adamw::{FusedAdamW, FusedAdamWConfig};
 pub use adapter::trainable_params;
 pub use atomic::{write_atomically, write_atomically_with};
 pub use error::{AdapterError, ConfigError, MergeError};

@@ -22,7 +22,9 @@
 //!   written contiguous a vector at a time.
 //! - [`swiglu`]: SwiGLU's gating `silu(gate) · up`, and both gradients from one kernel.
 //! - [`bnb_format`]: the safetensors layout transformers writes for 4-bit weights.
+//! - [`adamw_update`]: one AdamW update of a parameter and its moments as one operation.
 
+mod adamw;
 mod attention;
 mod batched;
 pub mod bnb_format;
@@ -61,6 +63,7 @@ mod thin_product;
 #[cfg(feature = "cuda")]
 mod wgmma;
 
+pub use adamw::{AdamWOps, AdamWScalars, adamw_update, fused_adamw_supported};
 #[cfg(feature = "cuda")]
 pub use attention::FlashAttentionOps;
 pub use attention::causal_attention;

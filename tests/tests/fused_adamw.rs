@@ -1,0 +1,131 @@
+//! `FusedAdamW` (one operation a parameter) against Burn's `AdamW`, which it stands in for: the
+//! same adapters after a few steps of a LoRA layer's training, and each one's optimizer record
+//! resumed by the other.
+
+use burn::nn::Linear;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Distribution, Tensor};
+use burn_qlora::{FusedAdamWConfig, LoraConfig, LoraLinear, linear_from_torch};
+use integration_tests::{model_devices, relative_error};
+
+/// Relative, over each adapter matrix: the two run the same f32 arithmetic, one as a kernel.
+const TOLERANCE: f32 = 1e-5;
+const LR: f64 = 1e-2;
+const WEIGHT_DECAY: f32 = 0.1;
+
+fn layer(device: &Device) -> LoraLinear {
+    let base: Linear = linear_from_torch(Tensor::random(
+        [80, 96],
+        Distribution::Normal(0.0, 0.5),
+        device,
+    ));
+    let mut layer = LoraConfig::new(8).init(base);
+    // B random instead of zeros, so that A's gradients are not zero either.
+    layer.lora_b.weight = layer.lora_b.weight.map(|w| {
+        Tensor::random(w.shape(), Distribution::Normal(0.0, 0.1), &w.device())
+            .set_require_grad(true)
+    });
+    layer
+}
+
+/// `steps` optimizer steps on `sum(y · w)` for fixed `x` and `w`.
+fn train(
+    mut layer: LoraLinear,
+    optimizer: &mut ModuleOptimizer,
+    (x, w): &(Tensor<2>, Tensor<2>),
+    steps: usize,
+) -> LoraLinear {
+    for _ in 0..steps {
+        let grads = (layer.forward(x.clone()) * w.clone()).sum().backward();
+        let grads = GradientsParams::from_grads(grads, &layer);
+        layer = optimizer.step(LR, layer, grads);
+    }
+    layer
+}
+
+fn fused() -> ModuleOptimizer {
+    FusedAdamWConfig::new()
+        .with_weight_decay(WEIGHT_DECAY)
+        .init()
+}
+
+fn composed() -> ModuleOptimizer {
+    AdamWConfig::new().with_weight_decay(WEIGHT_DECAY).init()
+}
+
+/// Both adapter matrices agree, and training moved them from `before`.
+fn assert_same_adapters(
+    what: &str,
+    actual: &LoraLinear,
+    expected: &LoraLinear,
+    before: &LoraLinear,
+) {
+    let value = |layer: &LoraLinear, b: bool| {
+        let param = if b {
+            &layer.lora_b.weight
+        } else {
+            &layer.lora_a.weight
+        };
+        param.val().inner()
+    };
+    for (name, b) in [("lora_A", false), ("lora_B", true)] {
+        let error = relative_error(value(actual, b), value(expected, b));
+        assert!(error < TOLERANCE, "{what}: {name} relative error {error}");
+        let moved = relative_error(value(actual, b), value(before, b));
+        assert!(moved > 1e-4, "{what}: {name} barely moved ({moved})");
+    }
+}
+
+fn random_data(device: &Device) -> (Tensor<2>, Tensor<2>) {
+    (
+        Tensor::random([16, 96], Distribution::Normal(0.0, 1.0), device),
+        Tensor::random([16, 80], Distribution::Normal(0.0, 1.0), device),
+    )
+}
+
+#[test]
+fn fused_adamw_trains_as_burns_adamw_does() {
+    for (name, device) in model_devices() {
+        let device = device.autodiff();
+        let start = layer(&device);
+        let data = random_data(&device);
+        let expected = train(start.clone(), &mut composed(), &data, 3);
+        let actual = train(start.clone(), &mut fused(), &data, 3);
+        assert_same_adapters(&format!("{name}, 3 steps"), &actual, &expected, &start);
+    }
+}
+
+/// Two steps with `first`, then two more with `first` and with `then` from `first`'s record.
+fn resumed(
+    what: &str,
+    device: &Device,
+    first: fn() -> ModuleOptimizer,
+    then: fn() -> ModuleOptimizer,
+) {
+    let data = random_data(device);
+    let mut optimizer = first();
+    let trained = train(layer(device), &mut optimizer, &data, 2);
+    let record = optimizer.to_record();
+    let expected = train(trained.clone(), &mut optimizer, &data, 2);
+    let actual = train(trained.clone(), &mut then().load_record(record), &data, 2);
+    assert_same_adapters(what, &actual, &expected, &trained);
+}
+
+#[test]
+fn each_resumes_the_others_record() {
+    for (name, device) in model_devices() {
+        let device = device.autodiff();
+        resumed(
+            &format!("{name}, Burn's AdamW resumed fused"),
+            &device,
+            composed,
+            fused,
+        );
+        resumed(
+            &format!("{name}, fused resumed by Burn's AdamW"),
+            &device,
+            fused,
+            composed,
+        );
+    }
+}
