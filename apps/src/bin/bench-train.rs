@@ -1,8 +1,8 @@
 //! QLoRA training throughput and peak device memory at LLaMA-2-7B shapes (vocab 32000, dim 4096,
 //! 32 layers, 32 heads, MLP 11008) with random N(0, 0.02) weights drawn directly into 4-bit
 //! bases (NF4, double quantization; no dense copy of the model ever exists), LoRA r 8 alpha 16 on
-//! q, k, v, o, gate, up and down, AdamW, random tokens. The output head stays dense in the compute
-//! dtype, as bitsandbytes and torchtune keep it.
+//! q, k, v, o, gate, up and down, AdamW (`FusedAdamW`), random tokens. The output head stays
+//! dense in the compute dtype, as bitsandbytes and torchtune keep it.
 //!
 //! One setting per process, so each peak is its own:
 //! `bench-train --backend cuda` and `bench-train --backend cuda --activation-checkpointing`
