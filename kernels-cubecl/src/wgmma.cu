@@ -5,7 +5,8 @@
 // The host prepends N_DIM and K_DIM (multiples of BN and of BK; M a multiple of BM), B_MN_MAJOR
 // (1 when B's rows are contiguous along N, as a linear layer's weight is for its input gradient;
 // 0 when B is the transpose of a K-contiguous [N, K], as the weight is for the forward), the
-// tile's width BN (128 or 256), the ring's STAGES, its size DYNAMIC_SHARED_MEMORY_BYTES (the
+// tile's width BN (64, 128 or 256), the first column COL_OFFSET of the launch's tiles (a product
+// may take its last columns in narrower tiles, a second launch), the ring's STAGES, its size DYNAMIC_SHARED_MEMORY_BYTES (the
 // launch reserves it: see third_party/cubecl-cuda) and the accumulator's BN / 2 asm operands
 // (ACC_REGS, ACC_OPERANDS) with the indices of the operands after them (DESCRIPTORS, SCALE).
 //
@@ -161,7 +162,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     extern __shared__ unsigned char ring[];
     const int thread = threadIdx.x;
     const int m0 = blockIdx.x * BM;
-    const int n0 = blockIdx.y * BN;
+    const int n0 = COL_OFFSET + blockIdx.y * BN;
     const int steps = K_DIM / BK;
     const u32 base = (shared_address(ring) + 1023) & ~1023u;
 

@@ -30,8 +30,8 @@ const BLOCK_ROWS: usize = 128;
 const STAGE_DEPTH: usize = SWIZZLE_ELEMENTS;
 /// Two consumer warpgroups and one producer warp.
 const THREADS: u32 = 256 + 32;
-/// The ring's stages: 193 KiB at 256 wide, one block an SM. 128-wide tiles, which no 7B product
-/// takes, use the same.
+/// The ring's stages: 193 KiB at 256 wide, one block an SM. The narrower tiles use the same (eight
+/// stages for 64-wide tiles measured no faster).
 const STAGES: usize = 4;
 
 /// A block's output columns (`BN`): 256 where they divide the product, else 128.
@@ -39,6 +39,58 @@ fn tile_cols(cols: usize) -> Option<usize> {
     [256, 128]
         .into_iter()
         .find(|&tile| cols.is_multiple_of(tile))
+}
+
+/// One launch's share of a product's columns: `tiles` tiles `tile_cols` wide from `first`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ColumnSpan {
+    first: usize,
+    tile_cols: usize,
+    tiles: usize,
+}
+
+/// The launches that cover `cols` columns of `rows / BLOCK_ROWS` row tiles on `processors`
+/// multiprocessors (a block each). One launch of `tile_cols`-wide tiles, unless its last wave
+/// would leave most multiprocessors idle for a whole tile's time: then as many whole columns of
+/// tiles as fill the full waves, and the rest in the narrowest tiles that fit in one wave, which
+/// take a fraction of that time. The 7B MLP's 11008-wide products on 132 multiprocessors: 688
+/// tiles, 5.2 waves, become 656 tiles (5 waves) and 128 tiles 64 wide.
+fn column_spans(
+    row_tiles: usize,
+    cols: usize,
+    tile_cols: usize,
+    processors: usize,
+) -> Vec<ColumnSpan> {
+    let whole = vec![ColumnSpan {
+        first: 0,
+        tile_cols,
+        tiles: cols / tile_cols,
+    }];
+    let full_waves = row_tiles * (cols / tile_cols) / processors;
+    let main_tiles = full_waves * processors / row_tiles;
+    let rest = cols - main_tiles * tile_cols;
+    if full_waves == 0 || rest == 0 {
+        return whole;
+    }
+    let narrow = [64, 128]
+        .into_iter()
+        .filter(|&narrow| narrow < tile_cols && rest.is_multiple_of(narrow))
+        .find(|&narrow| row_tiles * (rest / narrow) <= processors);
+    match narrow {
+        Some(narrow) => vec![
+            ColumnSpan {
+                first: 0,
+                tile_cols,
+                tiles: main_tiles,
+            },
+            ColumnSpan {
+                first: main_tiles * tile_cols,
+                tile_cols: narrow,
+                tiles: rest / narrow,
+            },
+        ],
+        None => whole,
+    }
 }
 
 /// The product for one shape and right-hand layout: both are compiled in.
@@ -49,6 +101,8 @@ struct WgmmaProduct {
     /// Whether the `[depth, cols]` right-hand side has contiguous rows (else contiguous columns).
     rhs_row_major: bool,
     tile_cols: usize,
+    /// The first column of the launch's tiles.
+    first_col: usize,
     /// A LoRA layer's rank (the hidden's columns), or 0 for the product alone.
     rank: usize,
 }
@@ -75,13 +129,15 @@ impl CudaKernel for WgmmaProduct {
         let operands = (0..tile).map(|i| format!("\"+f\"(d[{i}])"));
         format!(
             "#define N_DIM {}\n#define K_DIM {}\n#define B_MN_MAJOR {}\n#define BN {}\n\
-             #define LOW_RANK {}\n#define STAGES {STAGES}\n#define DYNAMIC_SHARED_MEMORY_BYTES {}\n\
+             #define COL_OFFSET {}\n#define LOW_RANK {}\n#define STAGES {STAGES}\n\
+             #define DYNAMIC_SHARED_MEMORY_BYTES {}\n\
              #define ACC_REGS \"{{{}}}\"\n#define ACC_OPERANDS {}\n\
              #define DESCRIPTORS \"%{tile}, %{}\"\n#define SCALE \"%{}\"\n{SOURCE}",
             self.cols,
             self.depth,
             u8::from(self.rhs_row_major),
             self.tile_cols,
+            self.first_col,
             self.rank,
             self.shared_memory_bytes(),
             registers.join(", "),
@@ -155,37 +211,44 @@ fn launch(
     };
     let hidden = adapter.map(|(down, _)| crate::thin_product::hidden(lhs, down));
     let out = empty_output(lhs, [rows, cols], DType::BF16);
-    // The weight's boxes: `tile_cols` of its contiguous `[cols, depth]` rows for the forward,
-    // stage-deep panels one swizzled row wide of the `[depth, cols]` matrix for the input
-    // gradient.
-    let rhs_map = if rhs_row_major {
-        tensor_map(rhs, [depth, cols], [STAGE_DEPTH, SWIZZLE_ELEMENTS])
-    } else {
-        tensor_map(rhs, [cols, depth], [tile_cols, STAGE_DEPTH])
-    };
-    let maps = vec![
-        tensor_map(lhs, [rows, depth], [BLOCK_ROWS, STAGE_DEPTH]),
-        rhs_map,
-    ];
-    let mut arguments = KernelArguments::new().with_tensor_maps(maps);
-    arguments.declared_io = vec![BufferIOAttr::ReadOnly; 2];
-    // With an adapter: the hidden, then `up`.
-    if let (Some((_, up)), Some(hidden)) = (adapter, &hidden) {
-        arguments = arguments
-            .with_buffer_io(hidden.handle.clone().binding(), BufferIOAttr::ReadOnly)
-            .with_buffer_io(up.handle.clone().binding(), BufferIOAttr::ReadOnly);
+    let lhs_map = tensor_map(lhs, [rows, depth], [BLOCK_ROWS, STAGE_DEPTH]);
+    let processors = lhs
+        .client
+        .properties()
+        .hardware
+        .num_streaming_multiprocessors
+        .unwrap_or(1) as usize;
+    for span in column_spans(rows / BLOCK_ROWS, cols, tile_cols, processors) {
+        // The weight's boxes: `tile_cols` of its contiguous `[cols, depth]` rows for the forward,
+        // stage-deep panels one swizzled row wide of the `[depth, cols]` matrix for the input
+        // gradient.
+        let rhs_map = if rhs_row_major {
+            tensor_map(rhs, [depth, cols], [STAGE_DEPTH, SWIZZLE_ELEMENTS])
+        } else {
+            tensor_map(rhs, [cols, depth], [span.tile_cols, STAGE_DEPTH])
+        };
+        let mut arguments = KernelArguments::new().with_tensor_maps(vec![lhs_map.clone(), rhs_map]);
+        arguments.declared_io = vec![BufferIOAttr::ReadOnly; 2];
+        // With an adapter: the hidden, then `up`.
+        if let (Some((_, up)), Some(hidden)) = (adapter, &hidden) {
+            arguments = arguments
+                .with_buffer_io(hidden.handle.clone().binding(), BufferIOAttr::ReadOnly)
+                .with_buffer_io(up.handle.clone().binding(), BufferIOAttr::ReadOnly);
+        }
+        let arguments =
+            arguments.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);
+        let count = CubeCount::Static((rows / BLOCK_ROWS) as u32, span.tiles as u32, 1);
+        let kernel = WgmmaProduct {
+            cols,
+            depth,
+            rhs_row_major,
+            tile_cols: span.tile_cols,
+            first_col: span.first,
+            rank,
+        };
+        lhs.client
+            .launch(Box::new(Precompiled(kernel)), count, arguments);
     }
-    let arguments = arguments.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);
-    let count = CubeCount::Static((rows / BLOCK_ROWS) as u32, (cols / tile_cols) as u32, 1);
-    let kernel = WgmmaProduct {
-        cols,
-        depth,
-        rhs_row_major,
-        tile_cols,
-        rank,
-    };
-    lhs.client
-        .launch(Box::new(Precompiled(kernel)), count, arguments);
     Some((out, hidden))
 }
 
@@ -243,4 +306,37 @@ fn tensor_map(
         elem_ty: ElemType::Float(FloatKind::BF16),
     };
     TensorMapBinding::new(tensor.handle.clone().binding(), map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ColumnSpan, column_spans};
+
+    #[test]
+    fn a_short_last_wave_becomes_narrow_tiles() {
+        let span = |first, tile_cols, tiles| ColumnSpan {
+            first,
+            tile_cols,
+            tiles,
+        };
+        // The 7B MLP: 16 x 43 tiles on 132 multiprocessors, 5.2 waves.
+        assert_eq!(
+            column_spans(16, 11008, 256, 132),
+            [span(0, 256, 41), span(10496, 64, 8)]
+        );
+        // On 114 (an H100 PCIe): 6.04 waves.
+        assert_eq!(
+            column_spans(16, 11008, 256, 114),
+            [span(0, 256, 42), span(10752, 64, 4)]
+        );
+        // 4096 wide: 1.94 waves, the last nearly full; no narrow tiles would fit one wave.
+        assert_eq!(column_spans(16, 4096, 256, 132), [span(0, 256, 16)]);
+        // The head, 32000 wide: 15.2 waves.
+        assert_eq!(
+            column_spans(16, 32000, 256, 132),
+            [span(0, 256, 123), span(31488, 64, 8)]
+        );
+        // Fewer tiles than a wave.
+        assert_eq!(column_spans(2, 512, 256, 132), [span(0, 256, 2)]);
+    }
 }

@@ -302,3 +302,51 @@ fn golden_weight(case: &GoldenCase, device: &Device) -> (Packed4bit, Tensor<2>) 
     let theirs = Tensor::<2>::from_data(TensorData::new(case.dequant.clone(), shape), device);
     (packed, theirs)
 }
+
+/// At the 7B MLP's width (11008 outputs from 2048 rows: 688 tiles 256 wide) the `wgmma` product
+/// takes its last columns in a second launch of 64-wide tiles (on 114 or 132 multiprocessors):
+/// the forward `x·Wᵀ` and the input gradient `g·W` equal the f32 product of the same bf16 values,
+/// over all columns and over the last 512 alone. CUDA only: the other devices take other routines.
+#[cfg(feature = "cuda")]
+#[test]
+fn bf16_products_split_into_two_tile_widths_equal_the_f32_product() {
+    const BF16_TOLERANCE: f32 = 4e-3;
+    let device = Device::cuda(0usize);
+    let reference = Device::flex();
+    let to_reference = |tensor: Tensor<2>| {
+        let data = tensor.cast(DType::BF16).into_data();
+        Tensor::<2>::from_data(data.convert::<f32>(), &reference)
+    };
+    let quantized = |shape: [usize; 2]| {
+        let weight = Tensor::<2>::random(shape, Distribution::Default, &device);
+        let packed = Packed4bit::quantize(weight, QuantConfig::default()).unwrap();
+        let dense = to_reference(packed.dequantize::<2>().unwrap());
+        (packed, dense)
+    };
+    let (up, up_dense) = quantized([11008, 512]);
+    let (down, down_dense) = quantized([512, 11008]);
+    let x = Tensor::<2>::random([2048, 512], Distribution::Default, &device).cast(DType::BF16);
+    let cases = [
+        (
+            "x·Wᵀ",
+            up.linear(x.clone()).unwrap(),
+            to_reference(x.clone()).matmul(up_dense.transpose()),
+        ),
+        (
+            "g·W",
+            down.matmul(x.clone()).unwrap(),
+            to_reference(x).matmul(down_dense),
+        ),
+    ];
+    for (product, ours, expected) in cases {
+        let ours = to_reference(ours);
+        let error = relative_error(ours.clone(), expected.clone());
+        assert!(error < BF16_TOLERANCE, "{product}: relative error {error}");
+        let last = |tensor: Tensor<2>| tensor.slice([0..2048, 10496..11008]);
+        let error = relative_error(last(ours), last(expected));
+        assert!(
+            error < BF16_TOLERANCE,
+            "{product}, last 512 columns: relative error {error}"
+        );
+    }
+}
