@@ -107,7 +107,7 @@ pub fn adamw_update<const D: usize>(
     )
 }
 
-/// One element's update, shared by the kernel's arithmetic (in the same order) and Flex's loop.
+/// One element's update, for Flex's loop: the kernel's arithmetic, in the same order.
 #[cfg(feature = "flex")]
 fn update(param: f32, grad: f32, moment_1: f32, moment_2: f32, s: &AdamWScalars) -> [f32; 3] {
     let moment_1 = moment_1 * s.keep_1 + grad * (1.0 - s.beta_1);
