@@ -6,9 +6,10 @@
 // (1 when B's rows are contiguous along N, as a linear layer's weight is for its input gradient;
 // 0 when B is the transpose of a K-contiguous [N, K], as the weight is for the forward), the
 // tile's width BN (64, 128 or 256), the first column COL_OFFSET of the launch's tiles (a product
-// may take its last columns in narrower tiles, a second launch), the ring's STAGES, its size DYNAMIC_SHARED_MEMORY_BYTES (the
-// launch reserves it: see third_party/cubecl-cuda) and the accumulator's BN / 2 asm operands
-// (ACC_REGS, ACC_OPERANDS) with the indices of the operands after them (DESCRIPTORS, SCALE).
+// may take its last columns in narrower tiles, a second launch), the ring's STAGES, its size
+// DYNAMIC_SHARED_MEMORY_BYTES (the launch reserves it: see third_party/cubecl-cuda) and the
+// accumulator's BN / 2 asm operands (ACC_REGS, ACC_OPERANDS) with the indices of the operands
+// after them (DESCRIPTORS, SCALE).
 //
 // With LOW_RANK (8 or 16; 0 for none) the kernel is a LoRA layer's: it adds H · U to the
 // accumulator before its one rounding, for the bf16 hidden H [M, LOW_RANK] (`thin_product.cu`,
