@@ -131,9 +131,13 @@ mod cube {
     /// `tensor` as flat memory held by nothing else, so the update may overwrite it: itself when
     /// it is (the old parameter and the optimizer's state are, after the first step), else a
     /// flat copy (never Burn's `copy`, which may pitch a 2-D tensor's rows on CUDA).
+    ///
+    /// Held includes bound: `into_data` on CubeCL reads lazily, when the data is first looked
+    /// at, so a checkpoint's record (saved on the Learner's writer thread) still points at these
+    /// buffers while training goes on; `can_mut` counts tensors only.
     fn writable(tensor: CubeTensor) -> CubeTensor {
         let tensor = into_contiguous(tensor);
-        if tensor.can_mut() && tensor.is_contiguous_buffer() {
+        if tensor.can_mut() && !tensor.handle.memory.is_bound() && tensor.is_contiguous_buffer() {
             return tensor;
         }
         let (client, device, dtype) = (tensor.client.clone(), tensor.device.clone(), tensor.dtype);

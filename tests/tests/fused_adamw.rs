@@ -2,6 +2,7 @@
 //! same adapters after a few steps of a LoRA layer's training, and each one's optimizer record
 //! resumed by the other.
 
+use burn::module::Module;
 use burn::nn::Linear;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Distribution, Tensor};
@@ -95,7 +96,12 @@ fn fused_adamw_trains_as_burns_adamw_does() {
     }
 }
 
-/// Two steps with `first`, then two more with `first` and with `then` from `first`'s record.
+/// Two steps with `first`, then two more with `first` and with `then` from `first`'s record and
+/// the layer's.
+///
+/// The records are loaded only after the uninterrupted run's two steps, as a checkpoint written
+/// on the Learner's writer thread is: on CubeCL `into_data` reads lazily, so a record must still
+/// hold the values of when it was taken.
 fn resumed(
     what: &str,
     device: &Device,
@@ -106,33 +112,27 @@ fn resumed(
     let mut optimizer = first();
     let trained = train(layer(device), &mut optimizer, &data, 2);
     let record = optimizer.to_record();
+    let layer_record = trained.clone().into_record();
     let expected = train(trained.clone(), &mut optimizer, &data, 2);
-    let actual = train(trained.clone(), &mut then().load_record(record), &data, 2);
+    let loaded = layer(device).load_record(layer_record);
+    let actual = train(loaded, &mut then().load_record(record), &data, 2);
     assert_same_adapters(what, &actual, &expected, &trained);
 }
 
-/// On Flex only: on wgpu (lavapipe) a record taken and loaded again does not give back the
-/// uninterrupted run even with Burn's `AdamW` on both sides (an optimizer's clone does), so there
-/// the test would measure Burn's record round trip, not the state's compatibility, which is the
-/// same type on every device.
 #[test]
-fn each_resumes_the_others_record() {
-    for (name, device) in model_devices()
-        .into_iter()
-        .filter(|(name, _)| *name == "flex")
-    {
+fn burns_adamw_resumes_the_fused_record() {
+    for (name, device) in model_devices() {
         let device = device.autodiff();
-        resumed(
-            &format!("{name}, Burn's AdamW resumed fused"),
-            &device,
-            composed,
-            fused,
-        );
-        resumed(
-            &format!("{name}, fused resumed by Burn's AdamW"),
-            &device,
-            fused,
-            composed,
-        );
+        let what = format!("{name}, fused resumed by Burn's AdamW");
+        resumed(&what, &device, fused, composed);
     }
+}
+
+/// On Flex only: on CubeCL Burn's `AdamW` writes its moments in place while the record's lazy
+/// read still points at them, so there its record gets the next steps' values (Burn's, not the
+/// fused optimizer's, which leaves a buffer under a read alone).
+#[test]
+fn the_fused_adamw_resumes_burns_record() {
+    let device = Device::flex().autodiff();
+    resumed("flex, Burn's AdamW resumed fused", &device, composed, fused);
 }
