@@ -6,6 +6,7 @@ pub mod config;
 pub mod data;
 pub mod grad_norm;
 pub mod metrics;
+pub mod progress;
 pub mod train;
 pub mod trained;
 

@@ -4,6 +4,7 @@
 //! every N steps; the data position is the epoch number (the batch order is a function of the
 //! seed), so a resumed run continues on the batches it would have seen.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,6 +35,7 @@ use crate::config::TrainConfig;
 use crate::data::{self, Encoder, Example};
 use crate::grad_norm::clip_grad_norm;
 use crate::metrics::{Gauge, LmOutput, Perplexity, PoolMemory, TokenRate};
+use crate::progress::PlainRenderer;
 use crate::trained;
 
 /// The folder of the run's checkpoints, inside its output folder.
@@ -602,6 +604,10 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
             .summary();
     if let Some(memory) = PoolMemory::new(&device) {
         training = training.metric_train_numeric(Gauge::new(memory));
+    }
+    // The dashboard in a terminal (Burn's default there); elsewhere a line a step.
+    if !std::io::stdout().is_terminal() {
+        training = training.renderer(Box::new(PlainRenderer::stdout()));
     }
     if train.grad_accum > 1 {
         training = training.grads_accumulation(train.grad_accum);
