@@ -72,6 +72,10 @@ impl Optimizer for FusedAdamW {
             .as_ref()
             .is_some_and(|state| state.momentum.max_moment_2.is_some());
         if amsgrad || !fused_adamw_supported(&tensor, &grad) {
+            // Burn's update writes the parameter and moments in place where nothing else holds
+            // them, but a checkpoint's record may still be reading them (CubeCL reads lazily):
+            // held here, they stay as they were.
+            let _held = (tensor.clone(), state.clone());
             return self.composed.step(lr, tensor, grad, state);
         }
         let config = &self.config;

@@ -98,10 +98,6 @@ fn fused_adamw_trains_as_burns_adamw_does() {
 
 /// Two steps with `first`, then two more with `first` and with `then` from `first`'s record and
 /// the layer's.
-///
-/// The records are loaded only after the uninterrupted run's two steps, as a checkpoint written
-/// on the Learner's writer thread is: on CubeCL `into_data` reads lazily, so a record must still
-/// hold the values of when it was taken.
 fn resumed(
     what: &str,
     device: &Device,
@@ -109,13 +105,29 @@ fn resumed(
     then: fn() -> ModuleOptimizer,
 ) {
     let data = random_data(device);
-    let mut optimizer = first();
-    let trained = train(layer(device), &mut optimizer, &data, 2);
+    resumed_from(what, &data, layer(device), first(), then);
+}
+
+/// Two steps of `start` with `optimizer`, then two more with it and with `then` from its record
+/// and the layer's.
+///
+/// The records are loaded only after the uninterrupted run's two steps, as a checkpoint written
+/// on the Learner's writer thread is: on CubeCL `into_data` reads lazily, so a record must still
+/// hold the values of when it was taken.
+fn resumed_from(
+    what: &str,
+    data: &(Tensor<2>, Tensor<2>),
+    start: LoraLinear,
+    mut optimizer: ModuleOptimizer,
+    then: fn() -> ModuleOptimizer,
+) {
+    let device = start.lora_a.weight.device();
+    let trained = train(start, &mut optimizer, data, 2);
     let record = optimizer.to_record();
     let layer_record = trained.clone().into_record();
-    let expected = train(trained.clone(), &mut optimizer, &data, 2);
-    let loaded = layer(device).load_record(layer_record);
-    let actual = train(loaded, &mut then().load_record(record), &data, 2);
+    let expected = train(trained.clone(), &mut optimizer, data, 2);
+    let loaded = layer(&device).load_record(layer_record);
+    let actual = train(loaded, &mut then().load_record(record), data, 2);
     assert_same_adapters(what, &actual, &expected, &trained);
 }
 
@@ -126,6 +138,28 @@ fn burns_adamw_resumes_the_fused_record() {
         let what = format!("{name}, fused resumed by Burn's AdamW");
         resumed(&what, &device, fused, composed);
     }
+}
+
+/// An AMSGrad state (from Burn's `AdamW` with it on) is left to Burn's update, held so that it
+/// too leaves the buffers a record reads alone.
+#[test]
+fn an_amsgrad_record_of_the_fused_adamw_resumes() {
+    for (name, device) in model_devices() {
+        let device = device.autodiff();
+        let data = random_data(&device);
+        let mut first = amsgrad();
+        let start = train(layer(&device), &mut first, &data, 1);
+        let optimizer = fused().load_record(first.to_record());
+        let what = format!("{name}, fused with an AMSGrad state");
+        resumed_from(&what, &data, start, optimizer, amsgrad);
+    }
+}
+
+fn amsgrad() -> ModuleOptimizer {
+    AdamWConfig::new()
+        .with_weight_decay(WEIGHT_DECAY)
+        .with_amsgrad(true)
+        .init()
 }
 
 /// On Flex only: on CubeCL Burn's `AdamW` writes its moments in place while the record's lazy
