@@ -17,6 +17,7 @@
 # see kernels-cubecl/src/matmul.rs), the tuned one first;
 # `profile` (`profile-fusion`): every kernel's GPU time in two training steps of 2 layers,
 # checkpointing on, through Nsight Compute, without (with) fusion; scripts/kernel-times.py sums them;
+# `stalls`: the `wgmma` products' warp stalls per SASS instruction through Nsight Compute;
 # `host-profile`: the host's threads over a checkpointed 7B run, sampled by perf with DWARF call
 # stacks (`scripts/build-device-bins.sh host` packs .bin/host/); perf.data comes back in $OUT,
 # xz-compressed, with the machine's libcuda. Report here after `perf buildid-cache -a` on
@@ -76,6 +77,18 @@ for part in "${parts[@]}"; do
       run "$part" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
         --log-file "$out/$part.csv" "./$bin/bench-train" --backend cuda --layers 2 --warmup 1 \
         --steps 1 --activation-checkpointing ;;
+    stalls)
+      # Where the `wgmma` products' warps wait, instruction by instruction: Nsight Compute's
+      # warp-state samples over launches 4 to 10 of the 2-layer checkpointed step (v, o, gate and
+      # up with their narrow tiles, down), then each instruction's samples as CSV.
+      ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+      run stalls "$ncu" --clock-control none --kernel-name regex:wgmma --launch-skip 3 \
+        --launch-count 7 --section SourceCounters --section WarpStateStats --section SpeedOfLight \
+        --import-source no -o "$out/stalls" ./.bin/fusion/bench-train --backend cuda --layers 2 \
+        --warmup 1 --steps 1 --activation-checkpointing
+      "$ncu" -i "$out/stalls.ncu-rep" --page details --csv >"$out/stalls-details.csv" 2>&1
+      "$ncu" -i "$out/stalls.ncu-rep" --page source --csv --print-source sass 2>&1 \
+        | xz -T0 >"$out/stalls-sass.csv.xz" ;;
     host-profile)
       tar -C .bin/host -xJf .bin/host/perf.tar.xz
       xz -dkf .bin/host/bench-train.xz && chmod +x .bin/host/bench-train
