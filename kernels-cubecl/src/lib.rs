@@ -40,6 +40,7 @@ mod flash_attention;
 mod flex_host;
 mod frozen;
 mod heads;
+mod host_dequantize;
 #[cfg(feature = "cube")]
 pub mod kernels;
 #[cfg(any(feature = "cube", feature = "flex"))]

@@ -3,7 +3,7 @@
 //! pass. Its `Autodiff` implementation keeps only the packed weight for backward, never the
 //! dense one (torchao's `linear_nf4` does the same; a plain `x.matmul(w)` would keep `w`).
 //!
-//! CubeCL devices dequantize with the kernels; Flex (the CPU backend) with the reference.
+//! CubeCL devices dequantize with the kernels; Flex (the CPU backend) on the host (`host_dequantize`).
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, ExtensionType, TensorMetadata, backend_extension};
@@ -531,7 +531,7 @@ mod flex {
 
     use super::{AbsmaxPrimitive, Matmul4bitOps, Weight4bitPrimitive, matmul_dense};
     use crate::packed::words_to_bytes;
-    use crate::{Absmax, NestedAbsmax, QuantState, reference};
+    use crate::{Absmax, NestedAbsmax, QuantState, host_dequantize};
 
     impl Matmul4bitOps for Flex {
         fn matmul_4bit(
@@ -540,7 +540,8 @@ mod flex {
             transpose: bool,
         ) -> FlexTensor {
             let state = host_state(weight, lhs.dtype());
-            let dense = reference::dequantize(&state).expect("the weight's state was validated");
+            let dense =
+                host_dequantize::dequantize(&state).expect("the weight's state was validated");
             let dense = FlexTensor::from_data(dense);
             matmul_dense::<Self>(lhs, dense, transpose, Self::float_matmul)
         }

@@ -1,9 +1,12 @@
 //! [`Packed4bit`]: a 4-bit weight held on a Burn device, with `quantize` and `dequantize`
-//! running the CubeCL kernels on CubeCL devices and the reference elsewhere.
+//! running the CubeCL kernels on CubeCL devices and the reference's arithmetic elsewhere.
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
-use crate::{Absmax, NestedAbsmax, QuantConfig, QuantError, QuantState, QuantType, reference};
+use crate::{
+    Absmax, NestedAbsmax, QuantConfig, QuantError, QuantState, QuantType, host_dequantize,
+    reference,
+};
 
 /// A 4-bit quantized weight on a device: the packed codes, the absmax (plain or double-quantized),
 /// the code book, the block size and the logical shape.
@@ -138,7 +141,7 @@ impl Packed4bit {
         }
         let mut state = self.to_state()?;
         state.dtype = dtype;
-        let data = reference::dequantize(&state)?;
+        let data = host_dequantize::dequantize(&state)?;
         Ok(Tensor::<D>::from_data(data, (&self.device(), dtype)))
     }
 }
@@ -262,11 +265,12 @@ pub(crate) fn bytes_to_words(bytes: &[u8]) -> Vec<u32> {
 
 /// The first `len` bytes of the words.
 pub(crate) fn words_to_bytes(words: &[u32], len: usize) -> Vec<u8> {
-    words
-        .iter()
-        .flat_map(|w| w.to_le_bytes())
-        .take(len)
-        .collect()
+    let mut bytes = Vec::with_capacity(4 * words.len());
+    for word in words {
+        bytes.extend_from_slice(&word.to_le_bytes());
+    }
+    bytes.truncate(len);
+    bytes
 }
 
 #[cfg(feature = "cube")]
