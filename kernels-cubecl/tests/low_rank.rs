@@ -293,3 +293,34 @@ fn low_rank_down_in_bf16_rounds_once() {
         assert!(error < 2e-3, "{name}: relative error {error}");
     }
 }
+
+/// The weight gradient `xᵀ·g` in the half-precision dtypes sums in f32 and rounds once, at ranks
+/// 8 and 16, over 300 rows and 1000 columns (neither a multiple of the kernel's blocks).
+#[test]
+fn low_rank_gradient_in_half_precision_rounds_once() {
+    for (name, device) in devices() {
+        for dtype in [DType::BF16, DType::F16] {
+            if !device.supports_dtype(dtype) {
+                println!("{name}: no {dtype:?}, skipped");
+                continue;
+            }
+            for rank in [8, MAX_RANK] {
+                let x =
+                    Tensor::<2>::random([300, 1000], Distribution::Default, &device).cast(dtype);
+                let g =
+                    Tensor::<2>::random([300, rank], Distribution::Default, &device).cast(dtype);
+                let out = Tensor::<2>::from_dispatch(Dispatch::low_rank_gradient(
+                    x.clone().into_dispatch(),
+                    g.clone().into_dispatch(),
+                ));
+                let expected = Host::of(&x).transpose().matmul(&Host::of(&g));
+                let error = expected.relative_error(&Host::of(&out));
+                // bf16 keeps 8 bits: one rounding is at most 2^-9 relative per value.
+                assert!(
+                    error < 2e-3,
+                    "{name}, {dtype:?}, rank {rank}: relative error {error}"
+                );
+            }
+        }
+    }
+}
