@@ -252,8 +252,8 @@ mod flex {
         usize::try_from(target).ok().filter(|t| *t < vocab)
     }
 
-    // Rows across the CPU's threads: a vocabulary of 49,152 (SmolLM2) makes the loss's exps a
-    // sixth of a CPU training step on one thread.
+    // Rows across the CPU's threads: with SmolLM2's 49,152-wide rows the loss on one thread made
+    // the default CPU run 5% slower (BENCHMARKS.md).
     impl CrossEntropyOps for Flex {
         fn cross_entropy(logits: FlexTensor, targets: FlexTensor) -> FlexTensor {
             let (values, targets, shape, _) = host(logits, targets);

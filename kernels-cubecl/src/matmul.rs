@@ -3,7 +3,8 @@
 //! pass. Its `Autodiff` implementation keeps only the packed weight for backward, never the
 //! dense one (torchao's `linear_nf4` does the same; a plain `x.matmul(w)` would keep `w`).
 //!
-//! CubeCL devices dequantize with the kernels; Flex (the CPU backend) on the host (`host_dequantize`).
+//! CubeCL devices dequantize with the kernels; Flex (the CPU backend) on the host
+//! (`host_dequantize`).
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, ExtensionType, TensorMetadata, backend_extension};
