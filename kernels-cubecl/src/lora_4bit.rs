@@ -16,6 +16,8 @@
 //! the input's dtype (the scaling applied in f32 first), its gradients cast back to f32 and
 //! scaled there.
 
+#[cfg(all(feature = "cube", feature = "fusion"))]
+use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, TensorMetadata, backend_extension};
 use burn::tensor::{DType, Shape, Tensor};
@@ -42,6 +44,19 @@ pub trait Lora4bitOps: Backend {
         lora_b: FloatTensor<Self>,
         scaling: f64,
     ) -> FloatTensor<Self>;
+
+    /// Zeros in `grad`'s shape whose backward gives the gradients of `lora_4bit_linear(..) ·
+    /// grad` without computing the layer's output: `y·grad − stop_gradient(y·grad)` for its
+    /// output `y`, the forward only the adapter's hidden. `grad` is a constant of the graph.
+    #[fusion(meta = |_input, _weight, _lora_a, _lora_b, _scaling, grad| grad.clone())]
+    fn lora_4bit_pullback(
+        input: FloatTensor<Self>,
+        #[extension_type] weight: Weight4bitPrimitive<Self>,
+        lora_a: FloatTensor<Self>,
+        lora_b: FloatTensor<Self>,
+        scaling: f64,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
 }
 
 /// The two halves its `Autodiff` implementation runs on the inner backend.
@@ -55,18 +70,8 @@ pub trait Lora4bitPassOps: Backend {
     /// hidden `input · lora_a` (`[rows of input, r]`), `lora_aᵀ` (`[r, cols]`, contiguous) and
     /// `scaling · lora_b` in `input`'s dtype.
     #[fusion(meta = |input, weight, lora_a, lora_b, _scaling| {
-        let rows = input.shape.num_elements() / input.shape[input.shape.len() - 1];
-        let [cols, rank] = [lora_a.shape[0], lora_a.shape[1]];
-        let mut hidden = input.clone();
-        hidden.shape = Shape::new([rows, rank]);
-        let mut transposed_a = spec_in(lora_a, input.dtype);
-        transposed_a.shape = Shape::new([rank, cols]);
-        (
-            output_spec(input, weight.shape[0]),
-            hidden,
-            transposed_a,
-            spec_in(lora_b, input.dtype),
-        )
+        let (hidden, transposed_a, scaled_b) = adapter_specs(input, lora_a, lora_b);
+        (output_spec(input, weight.shape[0]), hidden, transposed_a, scaled_b)
     })]
     fn lora_4bit_forward(
         input: FloatTensor<Self>,
@@ -80,6 +85,16 @@ pub trait Lora4bitPassOps: Backend {
         FloatTensor<Self>,
         FloatTensor<Self>,
     );
+
+    /// What [`Self::lora_4bit_forward`] gives but the output: the hidden, `lora_aᵀ` and
+    /// `scaling · lora_b`, for a backward that needs no output.
+    #[fusion(meta = |input, lora_a, lora_b, _scaling| adapter_specs(input, lora_a, lora_b))]
+    fn lora_4bit_adapter(
+        input: FloatTensor<Self>,
+        lora_a: FloatTensor<Self>,
+        lora_b: FloatTensor<Self>,
+        scaling: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
     /// The gradients of `input`, `lora_a` and `lora_b` (the last two in `adapter_dtype`) from
     /// the output's `grad` and what the forward kept (`transposed_a`, `scaled_b` in the compute
@@ -104,22 +119,33 @@ pub trait Lora4bitPassOps: Backend {
 
 /// The layer's output as fusion records it: `input`'s spec with `rows` output features.
 #[cfg(all(feature = "cube", feature = "fusion"))]
-fn output_spec(
-    input: &burn::backend::fusion::custom::TensorSpec,
-    rows: usize,
-) -> burn::backend::fusion::custom::TensorSpec {
+fn output_spec(input: &TensorSpec, rows: usize) -> TensorSpec {
     let mut spec = input.clone();
     let last = spec.shape.len() - 1;
     spec.shape[last] = rows;
     spec
 }
 
+/// The adapter's tensors as fusion records them: the hidden `[rows of input, r]`, `lora_aᵀ`
+/// `[r, cols]` and `scaling · lora_b`, in `input`'s dtype.
+#[cfg(all(feature = "cube", feature = "fusion"))]
+fn adapter_specs(
+    input: &TensorSpec,
+    lora_a: &TensorSpec,
+    lora_b: &TensorSpec,
+) -> (TensorSpec, TensorSpec, TensorSpec) {
+    let rows = input.shape.num_elements() / input.shape[input.shape.len() - 1];
+    let [cols, rank] = [lora_a.shape[0], lora_a.shape[1]];
+    let mut hidden = input.clone();
+    hidden.shape = Shape::new([rows, rank]);
+    let mut transposed_a = spec_in(lora_a, input.dtype);
+    transposed_a.shape = Shape::new([rank, cols]);
+    (hidden, transposed_a, spec_in(lora_b, input.dtype))
+}
+
 /// `spec` in `dtype`.
 #[cfg(all(feature = "cube", feature = "fusion"))]
-fn spec_in(
-    spec: &burn::backend::fusion::custom::TensorSpec,
-    dtype: DType,
-) -> burn::backend::fusion::custom::TensorSpec {
+fn spec_in(spec: &TensorSpec, dtype: DType) -> TensorSpec {
     let mut spec = spec.clone();
     spec.dtype = dtype;
     spec
@@ -136,7 +162,65 @@ pub fn lora_4bit_linear<const D: usize>(
     lora_b: Tensor<2>,
     scaling: f64,
 ) -> Result<Tensor<D>, QuantError> {
-    weight.check_input(&input, true)?;
+    check_adapter(&input, weight, &lora_a, &lora_b)?;
+    let primitive = weight.primitive()?;
+    Ok(Tensor::from_dispatch(Dispatch::lora_4bit_linear(
+        input.into_dispatch(),
+        primitive,
+        lora_a.into_dispatch(),
+        lora_b.into_dispatch(),
+        scaling,
+    )))
+}
+
+/// Zeros in `grad`'s shape whose backward gives the gradients (of `input`, `lora_a` and
+/// `lora_b`) of `lora_4bit_linear(input, ..) · grad`, the layer's vector-Jacobian product for
+/// `grad`, without the base product's forward: for a backward that needs a layer's gradients
+/// but never its output, as activation checkpointing's recomputed last projection of a block
+/// (its output reaches only the block's output, whose gradient is known). `grad`, the output's
+/// gradient, gets none itself.
+pub fn lora_4bit_pullback<const D: usize>(
+    input: Tensor<D>,
+    weight: &Packed4bit,
+    lora_a: Tensor<2>,
+    lora_b: Tensor<2>,
+    scaling: f64,
+    grad: Tensor<D>,
+) -> Result<Tensor<D>, QuantError> {
+    check_adapter(&input, weight, &lora_a, &lora_b)?;
+    let mut output_dims = input.dims();
+    output_dims[D - 1] = weight.matrix_shape("LoRA linear")?[0];
+    if grad.dims() != output_dims || grad.dtype() != input.dtype() {
+        return Err(QuantError::Format {
+            what: "LoRA pullback".into(),
+            detail: format!(
+                "the gradient is {:?} {:?}, the layer's output {output_dims:?} {:?}",
+                grad.dims(),
+                grad.dtype(),
+                input.dtype()
+            ),
+        });
+    }
+    let primitive = weight.primitive()?;
+    Ok(Tensor::from_dispatch(Dispatch::lora_4bit_pullback(
+        input.into_dispatch(),
+        primitive,
+        lora_a.into_dispatch(),
+        lora_b.into_dispatch(),
+        scaling,
+        grad.into_dispatch(),
+    )))
+}
+
+/// That `input` and the adapter (`lora_a` `[in_features, r]`, `lora_b` `[r, out_features]`, one
+/// dtype) fit the weight.
+fn check_adapter<const D: usize>(
+    input: &Tensor<D>,
+    weight: &Packed4bit,
+    lora_a: &Tensor<2>,
+    lora_b: &Tensor<2>,
+) -> Result<(), QuantError> {
+    weight.check_input(input, true)?;
     let [rows, cols] = weight.matrix_shape("LoRA linear")?;
     let [a_rows, rank] = lora_a.dims();
     let [b_rows, b_cols] = lora_b.dims();
@@ -159,14 +243,7 @@ pub fn lora_4bit_linear<const D: usize>(
             ),
         });
     }
-    let primitive = weight.primitive()?;
-    Ok(Tensor::from_dispatch(Dispatch::lora_4bit_linear(
-        input.into_dispatch(),
-        primitive,
-        lora_a.into_dispatch(),
-        lora_b.into_dispatch(),
-        scaling,
-    )))
+    Ok(())
 }
 
 /// `tensor` flattened to `[rows, last dimension]`.
@@ -202,6 +279,11 @@ trait LoraPass: Matmul4bitOps + LowRankOps {
         composed_lora_product::<Self>(lhs, down, up, |lhs| {
             Self::matmul_4bit(lhs, weight, transpose)
         })
+    }
+
+    /// [`Self::lora_product`]'s hidden alone: `lhs · downᵀ`.
+    fn lora_hidden(lhs: FloatTensor<Self>, down: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::low_rank_down(lhs, Self::float_transpose(down))
     }
 }
 
@@ -247,6 +329,19 @@ fn forward<B: LoraPass>(
     )
 }
 
+/// [`Lora4bitPassOps::lora_4bit_adapter`]: [`forward`] but the base product.
+fn adapter<B: LoraPass>(
+    input: FloatTensor<B>,
+    lora_a: FloatTensor<B>,
+    lora_b: FloatTensor<B>,
+    scaling: f64,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let (transposed_a, scaled_b) =
+        B::cast_adapter(B::float_transpose(lora_a), lora_b, scaling, input.dtype());
+    let hidden = B::lora_hidden(flat_rows::<B>(input), transposed_a.clone());
+    (hidden, transposed_a, scaled_b)
+}
+
 /// [`Lora4bitPassOps::lora_4bit_backward`] through the backend's products: `g·W + (g·(s·B)ᵀ)·Aᵀ`
 /// for the input, `xᵀ·(g·(s·B)ᵀ)` for `A` and `s·(hᵀ·g)` for `B`.
 #[allow(clippy::too_many_arguments)]
@@ -285,6 +380,18 @@ macro_rules! impl_lora_4bit_ops {
             ) -> $tensor {
                 forward::<Self>(input, weight, lora_a, lora_b, scaling).0
             }
+
+            /// Without a graph there is no gradient to give: the zeros alone.
+            fn lora_4bit_pullback(
+                _input: $tensor,
+                _weight: Weight4bitPrimitive<Self>,
+                _lora_a: $tensor,
+                _lora_b: $tensor,
+                _scaling: f64,
+                grad: $tensor,
+            ) -> $tensor {
+                Self::float_zeros(grad.shape(), &grad.device(), grad.dtype().into())
+            }
         }
 
         impl Lora4bitPassOps for $backend {
@@ -296,6 +403,15 @@ macro_rules! impl_lora_4bit_ops {
                 scaling: f64,
             ) -> ($tensor, $tensor, $tensor, $tensor) {
                 forward::<Self>(input, weight, lora_a, lora_b, scaling)
+            }
+
+            fn lora_4bit_adapter(
+                input: $tensor,
+                lora_a: $tensor,
+                lora_b: $tensor,
+                scaling: f64,
+            ) -> ($tensor, $tensor, $tensor) {
+                adapter::<Self>(input, lora_a, lora_b, scaling)
             }
 
             #[allow(clippy::too_many_arguments)]
@@ -329,13 +445,15 @@ use impl_lora_4bit_ops;
 mod cube {
     use burn::backend::TensorMetadata;
     use burn::backend::cubecl::dtype_to_storage_type;
+    use burn::backend::ops::FloatTensorOps;
     use burn::tensor::DType;
     use burn_cubecl::CubeBackend;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
-    use super::{Lora4bitOps, Lora4bitPassOps, LoraPass, backward, forward};
+    use super::{Lora4bitOps, Lora4bitPassOps, LoraPass, adapter, backward, forward};
     use crate::extension::{empty_output, launch_dims};
+    use crate::low_rank::LowRankOps;
     use crate::low_rank::cube::thin_weight;
     use crate::matmul::{Matmul4bitOps, Weight4bitPrimitive};
 
@@ -396,7 +514,6 @@ mod cube {
         ) -> (CubeTensor, CubeTensor) {
             #[cfg(feature = "cuda")]
             if lhs.shape()[0] > crate::matmul::cube::MATVEC_MAX_ROWS && lhs.dtype() == DType::BF16 {
-                use burn::backend::ops::FloatTensorOps;
                 let dense = crate::matmul::cube::dequantized(weight, lhs.dtype());
                 let rhs = if transpose {
                     Self::float_transpose(dense)
@@ -413,6 +530,17 @@ mod cube {
             super::composed_lora_product::<Self>(lhs, down, up, |lhs| {
                 Self::matmul_4bit(lhs, weight, transpose)
             })
+        }
+
+        /// `thin_product`, as [`Self::lora_product`] takes it, where it applies.
+        fn lora_hidden(lhs: CubeTensor, down: CubeTensor) -> CubeTensor {
+            #[cfg(feature = "cuda")]
+            if lhs.shape()[0] > crate::matmul::cube::MATVEC_MAX_ROWS
+                && let Some(hidden) = crate::wgmma::lora_hidden(&lhs, &down)
+            {
+                return hidden;
+            }
+            Self::low_rank_down(lhs, Self::float_transpose(down))
         }
     }
 
@@ -466,12 +594,12 @@ mod cube {
 
 #[cfg(feature = "flex")]
 mod flex {
-    use burn::backend::Flex;
     use burn::backend::flex::FlexTensor;
     use burn::backend::ops::FloatTensorOps;
+    use burn::backend::{Flex, TensorMetadata};
     use burn::tensor::DType;
 
-    use super::{Lora4bitOps, Lora4bitPassOps, LoraPass, backward, forward};
+    use super::{Lora4bitOps, Lora4bitPassOps, LoraPass, adapter, backward, forward};
     use crate::matmul::Weight4bitPrimitive;
 
     super::impl_lora_4bit_ops!(Flex, FlexTensor);
@@ -536,26 +664,57 @@ mod autodiff {
             grads: &mut Gradients,
             checkpointer: &mut Checkpointer,
         ) {
-            let state = ops.state;
-            let input = checkpointer.retrieve_node_output::<FloatTensor<B>>(state.input);
             let grad = grads.consume::<B>(&ops.node);
-            // One launch sequence gives all three; a parent that is not tracked (a frozen
-            // adapter, the embeddings' output) drops its gradient.
-            let (of_input, of_a, of_b) = B::lora_4bit_backward(
-                grad,
-                input,
-                state.hidden,
-                state.weight,
-                state.transposed_a,
-                state.scaled_b,
-                state.scaling,
-                state.adapter_dtype,
-            );
-            let [input_node, a_node, b_node] = ops.parents;
-            for (node, of) in [(input_node, of_input), (a_node, of_a), (b_node, of_b)] {
-                if let Some(node) = node {
-                    grads.register::<B>(node.id, of);
-                }
+            let parents = ops.parents.map(|node| node.map(|node| node.id));
+            register_gradients(ops.state, parents, grad, grads, checkpointer);
+        }
+    }
+
+    /// The pullback's backward: the layer's, for the output gradient it was given (times the
+    /// zeros' own, ones when they are what the backward started from).
+    #[derive(Debug)]
+    struct Lora4bitPullbackBackward;
+
+    impl<B: Lora4bitPassOps> Backward<B, 3> for Lora4bitPullbackBackward {
+        type State = (State<B>, FloatTensor<B>);
+
+        fn backward(
+            self,
+            ops: Ops<Self::State, 3>,
+            grads: &mut Gradients,
+            checkpointer: &mut Checkpointer,
+        ) {
+            let (state, output_grad) = ops.state;
+            let grad = B::float_mul(grads.consume::<B>(&ops.node), output_grad);
+            let parents = ops.parents.map(|node| node.map(|node| node.id));
+            register_gradients(state, parents, grad, grads, checkpointer);
+        }
+    }
+
+    /// The gradients of the input and the adapter for the output's `grad`, registered for the
+    /// parents that are tracked (a frozen adapter, the embeddings' output drop theirs). One
+    /// launch sequence gives all three.
+    fn register_gradients<B: Lora4bitPassOps>(
+        state: State<B>,
+        parents: [Option<NodeId>; 3],
+        grad: FloatTensor<B>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let input = checkpointer.retrieve_node_output::<FloatTensor<B>>(state.input);
+        let (of_input, of_a, of_b) = B::lora_4bit_backward(
+            grad,
+            input,
+            state.hidden,
+            state.weight,
+            state.transposed_a,
+            state.scaled_b,
+            state.scaling,
+            state.adapter_dtype,
+        );
+        for (node, of) in parents.into_iter().zip([of_input, of_a, of_b]) {
+            if let Some(node) = node {
+                grads.register::<B>(node, of);
             }
         }
     }
@@ -606,6 +765,46 @@ mod autodiff {
                     lora_b.into_primitive(),
                     scaling,
                 )),
+            }
+        }
+
+        fn lora_4bit_pullback(
+            input: FloatTensor<Self>,
+            weight: Weight4bitPrimitive<Self>,
+            lora_a: FloatTensor<Self>,
+            lora_b: FloatTensor<Self>,
+            scaling: f64,
+            grad: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            let weight = weight.into_inner();
+            let grad = grad.into_primitive();
+            let zeros = B::float_zeros(grad.shape(), &grad.device(), grad.dtype().into());
+            match Lora4bitPullbackBackward
+                .prepare::<C>([input.node(), lora_a.node(), lora_b.node()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(mut prep) => {
+                    let input_id = prep.checkpoint(&input);
+                    let adapter_dtype = lora_a.dtype();
+                    let (hidden, transposed_a, scaled_b) = B::lora_4bit_adapter(
+                        input.into_primitive(),
+                        lora_a.into_primitive(),
+                        lora_b.into_primitive(),
+                        scaling,
+                    );
+                    let state = State {
+                        input: input_id,
+                        hidden,
+                        transposed_a,
+                        scaled_b,
+                        weight,
+                        scaling,
+                        adapter_dtype,
+                    };
+                    prep.finish((state, grad), zeros)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(zeros),
             }
         }
     }

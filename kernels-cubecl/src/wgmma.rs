@@ -266,23 +266,50 @@ fn adapter_rank(
     depth: usize,
     cols: usize,
 ) -> Option<usize> {
-    let (down_shape, up_shape) = (down.shape(), up.shape());
-    if down_shape.num_dims() != 2 || up_shape.num_dims() != 2 {
-        return None;
-    }
-    let rank = down_shape[0];
-    let fits = crate::thin_product::fits(rows, depth, rank)
-        && down.dtype() == DType::BF16
+    let rank = down_rank(down, rows, depth)?;
+    let up_shape = up.shape();
+    let fits = up_shape.num_dims() == 2
         && up.dtype() == DType::BF16
-        && down_shape[1] == depth
         && up_shape.dims::<2>() == [rank, cols]
-        && down.meta.strides()[..] == [depth, 1]
         && up.meta.strides()[..] == [cols, 1]
-        && !down.meta.is_tiled()
         && !up.meta.is_tiled()
-        && aligned(down)
         && aligned(up);
     fits.then_some(rank)
+}
+
+/// The rank of a `down` `[r, depth]` that `thin_product` takes for `rows` rows: bf16,
+/// contiguous, 16-byte aligned, r 8 or 16.
+fn down_rank(down: &CubeTensor, rows: usize, depth: usize) -> Option<usize> {
+    let shape = down.shape();
+    if shape.num_dims() != 2 {
+        return None;
+    }
+    let rank = shape[0];
+    let fits = crate::thin_product::fits(rows, depth, rank)
+        && down.dtype() == DType::BF16
+        && shape[1] == depth
+        && down.meta.strides()[..] == [depth, 1]
+        && !down.meta.is_tiled()
+        && aligned(down);
+    fits.then_some(rank)
+}
+
+/// The adapter's hidden `lhs · downᵀ` as [`lora_product`] computes it (`thin_product`), for a
+/// backward that needs no product; `None` where the kernels would not take `lhs` and `down`.
+pub(crate) fn lora_hidden(lhs: &CubeTensor, down: &CubeTensor) -> Option<CubeTensor> {
+    let shape = lhs.shape();
+    let fits = lhs.dtype() == DType::BF16
+        && lhs.client.properties().identity.fingerprint == "ptx_sm90"
+        && shape.num_dims() == 2
+        && shape[0].is_multiple_of(BLOCK_ROWS)
+        && lhs.meta.strides()[..] == [shape[1], 1]
+        && !lhs.meta.is_tiled()
+        && aligned(lhs);
+    if !fits {
+        return None;
+    }
+    down_rank(down, shape[0], shape[1])?;
+    Some(crate::thin_product::hidden(lhs, down))
 }
 
 /// The tensor map of a contiguous bf16 `[rows, cols]` matrix read in `box_shape` boxes
