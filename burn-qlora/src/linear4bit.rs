@@ -1,7 +1,9 @@
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{DType, Tensor};
-use kernels_cubecl::{Packed4bit, QuantConfig, QuantError, lora_4bit_linear};
+use kernels_cubecl::{Packed4bit, QuantConfig, QuantError, lora_4bit_linear, lora_4bit_pullback};
+
+use crate::lora::pullback_through;
 
 /// A frozen linear layer whose weight stays packed in 4 bits (NF4 or FP4), bitsandbytes'
 /// `Linear4bit`. The forward dequantizes the weight for the product and drops it after; the
@@ -62,6 +64,32 @@ impl Linear4bit {
         let output = lora_4bit_linear(input, &self.weight, lora_a, lora_b, scaling)
             .unwrap_or_else(|err| panic!("4-bit LoRA linear: {err}"));
         self.add_bias(output)
+    }
+
+    /// [`Self::forward_with_adapter`]'s pullback for the output gradient `grad` (see
+    /// [`crate::LoraLinear::pullback`]): the base's product is never computed.
+    ///
+    /// # Panics
+    ///
+    /// As [`Self::forward_with_adapter`], and if `grad` is not the output's shape and dtype.
+    pub fn pullback_with_adapter<const D: usize>(
+        &self,
+        input: Tensor<D>,
+        lora_a: Tensor<2>,
+        lora_b: Tensor<2>,
+        scaling: f64,
+        grad: Tensor<D>,
+    ) -> Tensor<D> {
+        let zeros = lora_4bit_pullback(input, &self.weight, lora_a, lora_b, scaling, grad.clone())
+            .unwrap_or_else(|err| panic!("4-bit LoRA pullback: {err}"));
+        match &self.bias {
+            // A trainable bias's gradient is the rows' sum of `grad`.
+            Some(bias) => {
+                let bias = bias.val().cast(grad.dtype()).unsqueeze();
+                zeros + pullback_through(bias, grad)
+            }
+            None => zeros,
+        }
     }
 
     fn add_bias<const D: usize>(&self, output: Tensor<D>) -> Tensor<D> {

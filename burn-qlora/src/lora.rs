@@ -125,11 +125,8 @@ impl LoraLinear {
         // Over a 4-bit base without dropout (none configured, or evaluation: Burn's `Dropout`
         // passes its input through unless training on an autodiff device) the whole layer is
         // one operation each way.
-        let dropout_active = self.dropout.prob > 0.0
-            && self.dropout.training.is_enabled()
-            && input.device().is_autodiff();
         if let FrozenLinear::Packed(base) = &self.base
-            && !dropout_active
+            && !self.dropout_active(&input)
         {
             return base.forward_with_adapter(
                 input,
@@ -144,6 +141,35 @@ impl LoraLinear {
             self.lora_a.weight.val(),
         );
         low_rank_up_add(self.base.forward(input), hidden, lora_b)
+    }
+
+    /// Zeros in `grad`'s shape whose backward gives the layer's gradients (of the input and the
+    /// adapter) for the output gradient `grad`, as `(self.forward(input) * grad).backward()`
+    /// would, for a backward that never reads the output: activation checkpointing recomputes a
+    /// block's last projection only for its gradients. Over a 4-bit base without dropout the
+    /// base's product is never computed; elsewhere the output is, then taken from itself.
+    pub fn pullback<const D: usize>(&self, input: Tensor<D>, grad: Tensor<D>) -> Tensor<D> {
+        if !self.merged
+            && let FrozenLinear::Packed(base) = &self.base
+            && !self.dropout_active(&input)
+        {
+            return base.pullback_with_adapter(
+                input,
+                self.lora_a.weight.val(),
+                self.lora_b.weight.val(),
+                self.scaling,
+                grad,
+            );
+        }
+        pullback_through(self.forward(input), grad)
+    }
+
+    /// Whether dropout changes `input`: configured, training, on an autodiff device (Burn's
+    /// `Dropout` passes its input through otherwise).
+    fn dropout_active<const D: usize>(&self, input: &Tensor<D>) -> bool {
+        self.dropout.prob > 0.0
+            && self.dropout.training.is_enabled()
+            && input.device().is_autodiff()
     }
 
     /// `scaling * B·A` in Burn's `[d_input, d_output]` layout, f32.
@@ -208,4 +234,11 @@ pub fn linear_from_torch(weight: Tensor<2>) -> Linear {
         weight: Param::from_tensor(weight.transpose()),
         bias: None,
     }
+}
+
+/// `output · grad − stop_gradient(output · grad)`: zeros whose backward (from ones) sends `grad`
+/// into `output`'s graph, the pullback of a layer whose output is computed anyway.
+pub(crate) fn pullback_through<const D: usize>(output: Tensor<D>, grad: Tensor<D>) -> Tensor<D> {
+    let product = output * grad;
+    product.clone() - product.detach()
 }

@@ -4,6 +4,7 @@ use burn::nn::Linear;
 use burn::tensor::{DType, Tensor};
 use kernels_cubecl::{QuantConfig, QuantError, QuantType};
 
+use crate::lora::pullback_through;
 use crate::{ConfigError, FrozenLinear, LoraBias, LoraConfig, LoraLinear, MergeError};
 
 /// The projection names a target may use, short or as Hugging Face names the modules.
@@ -116,6 +117,15 @@ impl Projection {
         match self {
             Self::Frozen(linear) => linear.forward(input),
             Self::Lora(linear) => linear.forward(input),
+        }
+    }
+
+    /// Zeros whose backward gives the projection's gradients for the output gradient `grad`
+    /// (see [`LoraLinear::pullback`]).
+    pub fn pullback<const D: usize>(&self, input: Tensor<D>, grad: Tensor<D>) -> Tensor<D> {
+        match self {
+            Self::Frozen(linear) => pullback_through(linear.forward(input), grad),
+            Self::Lora(linear) => linear.pullback(input, grad),
         }
     }
 

@@ -2,8 +2,11 @@
 //! layer (r 8, alpha 16) on a bias-free Linear 96 -> 80, an input, its output and the gradients
 //! of `sum(y * loss_weights)` with respect to lora_A and lora_B. Ours must agree to 1e-5, relative.
 
+use burn::nn::DropoutConfig;
 use burn::tensor::{DType, Device, Distribution, Tensor};
-use burn_qlora::{FrozenLinear, LoraConfig, PeftAdapter, linear_from_torch as torch_linear};
+use burn_qlora::{
+    FrozenLinear, LoraConfig, PeftAdapter, QuantConfig, linear_from_torch as torch_linear,
+};
 use integration_tests::{GoldenFile, golden_dir, relative_error};
 
 const TOLERANCE: f32 = 1e-5;
@@ -90,6 +93,68 @@ fn a_bf16_layer_keeps_f32_adapters_and_gives_peft_numbers() {
         let expected = golden.tensor(&format!("grad_{name}"), &Device::flex());
         let error = relative_error(grad.transpose(), expected);
         assert!(error < 1e-2, "grad {name}: relative error {error}");
+    }
+}
+
+/// `pullback` gives the layer's gradients for an output gradient without using its output:
+/// zeros whose backward gives peft's gradients of `sum(y * loss_weights)` on the dense base, and
+/// on a 4-bit base (the fused path that never computes the base's product; with dropout, the
+/// composed one) exactly those of the layer's own forward and backward, the input's included.
+#[test]
+fn pullback_gives_the_layers_gradients_without_its_output() {
+    let Some(dir) = golden_dir() else { return };
+    let golden = GoldenFile::open(&dir.join("lora_linear.safetensors"));
+    let device = Device::flex().autodiff();
+    let mut layer = LoraConfig::new(8).with_alpha(16.0).with_adapter(
+        torch_linear(golden.tensor("base_weight", &device)),
+        torch_linear(golden.tensor("lora_A", &device)),
+        torch_linear(golden.tensor("lora_B", &device)),
+    );
+    let x = golden.tensor::<2>("x", &device);
+    let upstream = golden
+        .tensor::<1>("loss_weights", &device)
+        .unsqueeze::<2>()
+        .expand([x.dims()[0], 80]);
+    // The gradients of x, A and B (Burn's layouts) from a backward.
+    let gradients = |layer: &burn_qlora::LoraLinear, run: &dyn Fn(Tensor<2>) -> Tensor<2>| {
+        let x = x.clone().require_grad();
+        let grads = run(x.clone()).backward();
+        [
+            x.grad(&grads).expect("x has a gradient"),
+            layer.lora_a.weight.grad(&grads).expect("A has a gradient"),
+            layer.lora_b.weight.grad(&grads).expect("B has a gradient"),
+        ]
+    };
+
+    let pulled = gradients(&layer, &|x| {
+        let zeros = layer.pullback(x, upstream.clone());
+        assert_eq!(zeros.clone().abs().max().into_scalar::<f32>(), 0.0);
+        zeros
+    });
+    for (name, grad) in [("grad_lora_A", &pulled[1]), ("grad_lora_B", &pulled[2])] {
+        let error = relative_error(
+            grad.clone().transpose(),
+            golden.tensor(name, &Device::flex()),
+        );
+        assert!(error < TOLERANCE, "{name}: relative error {error}");
+    }
+
+    layer.base = layer.base.quantize(QuantConfig::default()).unwrap();
+    for dropout in [0.0, 0.5] {
+        layer.dropout = DropoutConfig::new(dropout).init();
+        let expected = gradients(&layer, &|x| {
+            device.seed(5);
+            layer.forward(x) * upstream.clone()
+        });
+        let pulled = gradients(&layer, &|x| {
+            device.seed(5);
+            layer.pullback(x, upstream.clone())
+        });
+        for (part, (ours, expected)) in ["x", "A", "B"].iter().zip(pulled.into_iter().zip(expected))
+        {
+            let difference = (ours - expected).abs().max().into_scalar::<f32>();
+            assert_eq!(difference, 0.0, "dropout {dropout}: gradient of {part}");
+        }
     }
 }
 
