@@ -16,4 +16,11 @@ impl Mlp {
         let gated = swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
         self.down_proj.forward(gated)
     }
+
+    /// Zeros whose backward gives the block's gradients for its output gradient `grad`, the
+    /// last projection's product never computed (see `Projection::pullback`).
+    pub fn pullback(&self, x: Tensor<3>, grad: Tensor<3>) -> Tensor<3> {
+        let gated = swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        self.down_proj.pullback(gated, grad)
+    }
 }
