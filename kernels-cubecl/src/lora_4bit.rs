@@ -652,6 +652,27 @@ mod autodiff {
         adapter_dtype: DType,
     }
 
+    impl<B: Lora4bitPassOps> State<B> {
+        /// The state from the input's node and the forward's `(hidden, transposed_a, scaled_b)`.
+        fn new(
+            input: NodeId,
+            (hidden, transposed_a, scaled_b): (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>),
+            weight: Weight4bitPrimitive<B>,
+            scaling: f64,
+            adapter_dtype: DType,
+        ) -> Self {
+            Self {
+                input,
+                hidden,
+                transposed_a,
+                scaled_b,
+                weight,
+                scaling,
+                adapter_dtype,
+            }
+        }
+    }
+
     #[derive(Debug)]
     struct Lora4bitBackward;
 
@@ -747,15 +768,8 @@ mod autodiff {
                         lora_b.into_primitive(),
                         scaling,
                     );
-                    let state = State {
-                        input: input_id,
-                        hidden,
-                        transposed_a,
-                        scaled_b,
-                        weight,
-                        scaling,
-                        adapter_dtype,
-                    };
+                    let kept = (hidden, transposed_a, scaled_b);
+                    let state = State::new(input_id, kept, weight, scaling, adapter_dtype);
                     prep.finish(state, output)
                 }
                 OpsKind::UnTracked(prep) => prep.finish(B::lora_4bit_linear(
@@ -787,21 +801,13 @@ mod autodiff {
                 OpsKind::Tracked(mut prep) => {
                     let input_id = prep.checkpoint(&input);
                     let adapter_dtype = lora_a.dtype();
-                    let (hidden, transposed_a, scaled_b) = B::lora_4bit_adapter(
+                    let kept = B::lora_4bit_adapter(
                         input.into_primitive(),
                         lora_a.into_primitive(),
                         lora_b.into_primitive(),
                         scaling,
                     );
-                    let state = State {
-                        input: input_id,
-                        hidden,
-                        transposed_a,
-                        scaled_b,
-                        weight,
-                        scaling,
-                        adapter_dtype,
-                    };
+                    let state = State::new(input_id, kept, weight, scaling, adapter_dtype);
                     prep.finish((state, grad), zeros)
                 }
                 OpsKind::UnTracked(prep) => prep.finish(zeros),

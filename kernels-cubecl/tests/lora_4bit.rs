@@ -144,10 +144,7 @@ fn lora_4bit_linear_gives_the_composed_layers_numbers() {
                         "{name} rank {rank} {part}: relative error {error}"
                     );
                 } else {
-                    let difference = (ours.cast(DType::F32) - composed.cast(DType::F32))
-                        .abs()
-                        .max()
-                        .into_scalar::<f32>();
+                    let difference = largest_difference(ours, composed);
                     assert_eq!(difference, 0.0, "{name} rank {rank} {part}");
                 }
             }
@@ -196,10 +193,7 @@ fn lora_4bit_pullback_gives_the_layers_gradients_without_its_output() {
             ];
             for ((part, ours), expected) in PARTS[1..].iter().zip(pulled).zip(&layer[1..]) {
                 assert_eq!(ours.dtype(), expected.dtype(), "{name} {part}");
-                let difference = (ours.cast(DType::F32) - expected.clone().cast(DType::F32))
-                    .abs()
-                    .max()
-                    .into_scalar::<f32>();
+                let difference = largest_difference(ours, expected.clone());
                 assert_eq!(difference, 0.0, "{name} rank {rank} {part}");
             }
         }
@@ -247,4 +241,12 @@ fn lora_4bit_linear_refuses_an_adapter_that_does_not_fit() {
             .to_string();
         assert!(err.contains("128 input features"), "{name}: {err}");
     }
+}
+
+/// The largest absolute difference of two tensors' elements, in f32.
+fn largest_difference(ours: Tensor<3>, theirs: Tensor<3>) -> f32 {
+    (ours.cast(DType::F32) - theirs.cast(DType::F32))
+        .abs()
+        .max()
+        .into_scalar::<f32>()
 }
