@@ -82,24 +82,24 @@ impl Linear4bit {
     ) -> Tensor<D> {
         let zeros = lora_4bit_pullback(input, &self.weight, lora_a, lora_b, scaling, grad.clone())
             .unwrap_or_else(|err| panic!("4-bit LoRA pullback: {err}"));
-        match &self.bias {
-            // A trainable bias's gradient is the rows' sum of `grad`.
-            Some(bias) => {
-                let bias = bias.val().cast(grad.dtype()).unsqueeze();
-                zeros + pullback_through(bias, grad)
-            }
+        // A trainable bias's gradient is the rows' sum of `grad`.
+        match self.bias_in(grad.dtype()) {
+            Some(bias) => zeros + pullback_through(bias, grad),
             None => zeros,
         }
     }
 
     fn add_bias<const D: usize>(&self, output: Tensor<D>) -> Tensor<D> {
-        match &self.bias {
-            Some(bias) => {
-                let bias = bias.val().cast(output.dtype()).unsqueeze();
-                output + bias
-            }
+        match self.bias_in(output.dtype()) {
+            Some(bias) => output + bias,
             None => output,
         }
+    }
+
+    /// The bias in `dtype`, broadcastable over an output of rank `D`.
+    fn bias_in<const D: usize>(&self, dtype: DType) -> Option<Tensor<D>> {
+        let bias = self.bias.as_ref()?;
+        Some(bias.val().cast(dtype).unsqueeze())
     }
 
     /// The layer with its weight dequantized to `dtype` (f32, f16 or bf16), Burn's layout.

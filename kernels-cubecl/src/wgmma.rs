@@ -178,29 +178,19 @@ fn launch(
     rhs: &CubeTensor,
     adapter: Option<(&CubeTensor, &CubeTensor)>,
 ) -> Option<(CubeTensor, Option<CubeTensor>)> {
-    if lhs.dtype() != DType::BF16
-        || rhs.dtype() != DType::BF16
-        || lhs.client.properties().identity.fingerprint != "ptx_sm90"
-    {
+    let rhs_shape = rhs.shape();
+    if !lhs_fits(lhs) || rhs.dtype() != DType::BF16 || rhs_shape.num_dims() != 2 {
         return None;
     }
-    let (lhs_shape, rhs_shape) = (lhs.shape(), rhs.shape());
-    if lhs_shape.num_dims() != 2 || rhs_shape.num_dims() != 2 {
-        return None;
-    }
-    let [rows, depth] = [lhs_shape[0], lhs_shape[1]];
+    let [rows, depth] = lhs.shape().dims();
     let [rhs_depth, cols] = [rhs_shape[0], rhs_shape[1]];
     let rhs_strides = rhs.meta.strides();
     let rhs_row_major = rhs_strides[..] == [cols, 1];
     let tile_cols = tile_cols(cols)?;
     let fits = rhs_depth == depth
-        && rows.is_multiple_of(BLOCK_ROWS)
         && depth.is_multiple_of(STAGE_DEPTH)
-        && lhs.meta.strides()[..] == [depth, 1]
         && (rhs_row_major || rhs_strides[..] == [1, depth])
-        && !lhs.meta.is_tiled()
         && !rhs.meta.is_tiled()
-        && aligned(lhs)
         && aligned(rhs);
     if !fits {
         return None;
@@ -297,19 +287,25 @@ fn down_rank(down: &CubeTensor, rows: usize, depth: usize) -> Option<usize> {
 /// The adapter's hidden `lhs · downᵀ` as [`lora_product`] computes it (`thin_product`), for a
 /// backward that needs no product; `None` where the kernels would not take `lhs` and `down`.
 pub(crate) fn lora_hidden(lhs: &CubeTensor, down: &CubeTensor) -> Option<CubeTensor> {
+    if !lhs_fits(lhs) {
+        return None;
+    }
+    let [rows, depth] = lhs.shape().dims();
+    down_rank(down, rows, depth)?;
+    Some(crate::thin_product::hidden(lhs, down))
+}
+
+/// Whether the kernels take `lhs` as their `[rows, depth]` input: bf16 on sm_90, rows whole
+/// blocks, contiguous and 16-byte aligned.
+fn lhs_fits(lhs: &CubeTensor) -> bool {
     let shape = lhs.shape();
-    let fits = lhs.dtype() == DType::BF16
+    lhs.dtype() == DType::BF16
         && lhs.client.properties().identity.fingerprint == "ptx_sm90"
         && shape.num_dims() == 2
         && shape[0].is_multiple_of(BLOCK_ROWS)
         && lhs.meta.strides()[..] == [shape[1], 1]
         && !lhs.meta.is_tiled()
-        && aligned(lhs);
-    if !fits {
-        return None;
-    }
-    down_rank(down, shape[0], shape[1])?;
-    Some(crate::thin_product::hidden(lhs, down))
+        && aligned(lhs)
 }
 
 /// The tensor map of a contiguous bf16 `[rows, cols]` matrix read in `box_shape` boxes

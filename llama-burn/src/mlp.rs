@@ -13,14 +13,17 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gated = swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
-        self.down_proj.forward(gated)
+        self.down_proj.forward(self.gated(x))
     }
 
     /// Zeros whose backward gives the block's gradients for its output gradient `grad`, the
     /// last projection's product never computed (see `Projection::pullback`).
     pub fn pullback(&self, x: Tensor<3>, grad: Tensor<3>) -> Tensor<3> {
-        let gated = swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
-        self.down_proj.pullback(gated, grad)
+        self.down_proj.pullback(self.gated(x), grad)
+    }
+
+    /// `silu(gate(x)) * up(x)`: the last projection's input.
+    fn gated(&self, x: Tensor<3>) -> Tensor<3> {
+        swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x))
     }
 }

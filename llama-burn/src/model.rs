@@ -58,21 +58,28 @@ impl KvCache {
 impl DecoderLayer {
     /// `x` `[batch, seq, hidden]` through the layer; with a cache, `x` continues the cached tokens.
     pub fn forward(&self, x: Tensor<3>, rope: &Rope, cache: Option<&mut LayerCache>) -> Tensor<3> {
-        let h = x.clone()
+        let h = self.attention_block(x, rope, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+
+    /// `x` plus its attention: the MLP block's input and residual.
+    fn attention_block(
+        &self,
+        x: Tensor<3>,
+        rope: &Rope,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor<3> {
+        x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rope, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+                .forward(self.input_layernorm.forward(x), rope, cache)
     }
 
     /// A tensor whose backward (from ones) gives the layer's gradients for its output gradient
     /// `grad`, as `(self.forward(x) * grad).backward()` would, without the MLP's last product:
     /// the output itself is never needed, only the MLP's input and `h` (its value is `h * grad`).
     pub fn pullback(&self, x: Tensor<3>, rope: &Rope, grad: Tensor<3>) -> Tensor<3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), rope, None);
+        let h = self.attention_block(x, rope, None);
         let mlp_input = self.post_attention_layernorm.forward(h.clone());
         h * grad.clone() + self.mlp.pullback(mlp_input, grad)
     }
