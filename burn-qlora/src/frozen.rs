@@ -87,6 +87,15 @@ impl FrozenLinear {
         }
     }
 
+    /// The same base, a 4-bit one carrying its dequantized copy in `dtype` (see
+    /// [`Linear4bit::with_dense_copy`]); a dense base as it is.
+    pub fn with_dense_copy(&self, dtype: DType) -> Result<Self, QuantError> {
+        match self {
+            Self::Dense(_) => Ok(self.clone()),
+            Self::Packed(linear) => Ok(Self::Packed(linear.with_dense_copy(dtype)?)),
+        }
+    }
+
     /// The dense layer, its weight in `dtype`: a 4-bit base is dequantized, never re-quantized.
     pub fn to_dense(&self, dtype: DType) -> Result<Linear, QuantError> {
         match self {

@@ -7,8 +7,8 @@ use crate::lora::pullback_through;
 
 /// A frozen linear layer whose weight stays packed in 4 bits (NF4 or FP4), bitsandbytes'
 /// `Linear4bit`. The forward dequantizes the weight for the product and drops it after; the
-/// backward dequantizes it again, so the dense weight is never kept alive for backward.
-/// Gradients reach the input only.
+/// backward dequantizes it again, so the dense weight is never kept alive for backward (but
+/// in a copy made by [`Linear4bit::with_dense_copy`]). Gradients reach the input only.
 #[derive(Module, Debug)]
 pub struct Linear4bit {
     /// The weight in torch's `[d_output, d_input]` layout, as bitsandbytes packs it.
@@ -100,6 +100,16 @@ impl Linear4bit {
     fn bias_in<const D: usize>(&self, dtype: DType) -> Option<Tensor<D>> {
         let bias = self.bias.as_ref()?;
         Some(bias.val().cast(dtype).unsqueeze())
+    }
+
+    /// The same layer with its weight's dequantized copy in `dtype` kept beside the packed one
+    /// (see [`Packed4bit::with_dense_copy`]): the same numbers, one dequantization for the
+    /// products of a checkpointed layer's recomputation and backward instead of one each.
+    pub fn with_dense_copy(&self, dtype: DType) -> Result<Self, QuantError> {
+        Ok(Self {
+            weight: self.weight.with_dense_copy(dtype)?,
+            bias: self.bias.clone(),
+        })
     }
 
     /// The layer with its weight dequantized to `dtype` (f32, f16 or bf16), Burn's layout.

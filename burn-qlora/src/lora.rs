@@ -2,7 +2,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig};
 use burn::tensor::{DType, Tensor};
-use kernels_cubecl::{low_rank_down, low_rank_up_add};
+use kernels_cubecl::{QuantError, low_rank_down, low_rank_up_add};
 use serde::{Deserialize, Serialize};
 
 use crate::{FrozenLinear, MergeError};
@@ -170,6 +170,15 @@ impl LoraLinear {
         self.dropout.prob > 0.0
             && self.dropout.training.is_enabled()
             && input.device().is_autodiff()
+    }
+
+    /// The same layer (the adapter's parameters shared), its 4-bit base carrying its
+    /// dequantized copy in `dtype` (see [`Linear4bit::with_dense_copy`]).
+    pub fn with_dense_copy(&self, dtype: DType) -> Result<Self, QuantError> {
+        Ok(Self {
+            base: self.base.with_dense_copy(dtype)?,
+            ..self.clone()
+        })
     }
 
     /// `scaling * B·A` in Burn's `[d_input, d_output]` layout, f32.

@@ -129,6 +129,15 @@ impl Projection {
         }
     }
 
+    /// The same projection (its parameters shared), a 4-bit base carrying its dequantized copy
+    /// in `dtype` (see [`crate::Linear4bit::with_dense_copy`]).
+    pub fn with_dense_copy(&self, dtype: DType) -> Result<Self, QuantError> {
+        Ok(match self {
+            Self::Frozen(linear) => Self::Frozen(linear.with_dense_copy(dtype)?),
+            Self::Lora(linear) => Self::Lora(linear.with_dense_copy(dtype)?),
+        })
+    }
+
     /// `[d_input, d_output]`.
     pub fn dims(&self) -> [usize; 2] {
         match self {

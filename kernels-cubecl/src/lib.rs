@@ -79,7 +79,7 @@ pub use heads::{SwapHeadsOps, swap_heads};
 pub use lora_4bit::{Lora4bitOps, Lora4bitPassOps, lora_4bit_linear, lora_4bit_pullback};
 pub use low_rank::{LowRankOps, MAX_RANK, low_rank_down, low_rank_up, low_rank_up_add};
 #[cfg(any(feature = "cube", feature = "flex"))]
-pub use matmul::{AbsmaxPrimitive, Matmul4bitOps, Weight4bitPrimitive};
+pub use matmul::{AbsmaxPrimitive, DenseCopy, Matmul4bitOps, Weight4bitPrimitive};
 pub use packed::{DeviceAbsmax, Packed4bit};
 pub use rms_norm::{RmsNormOps, rms_norm};
 pub use rotary::{RotaryOps, rotary};

@@ -1,7 +1,8 @@
 //! A matrix product with a 4-bit weight, as a Burn operation: the weight is dequantized on the
 //! fly for the product and dropped right after, in the forward pass and again in the backward
 //! pass. Its `Autodiff` implementation keeps only the packed weight for backward, never the
-//! dense one (torchao's `linear_nf4` does the same; a plain `x.matmul(w)` would keep `w`).
+//! dense one (torchao's `linear_nf4` does the same; a plain `x.matmul(w)` would keep `w`),
+//! unless the caller made one to share ([`DenseCopy`]).
 //!
 //! CubeCL devices dequantize with the kernels; Flex (the CPU backend) on the host
 //! (`host_dequantize`).
@@ -26,6 +27,29 @@ pub struct Weight4bitPrimitive<B: Backend> {
     pub block_size: usize,
     /// `[rows, cols]`, torch's `[out_features, in_features]` for a linear layer.
     pub shape: [usize; 2],
+    #[extension_type]
+    pub dense: DenseCopy<B>,
+}
+
+/// The weight already dequantized, `[rows, cols]`, where a caller made it once for several
+/// products in a row (a checkpointed layer's recomputation and its backward): the products that
+/// would dequantize the weight whole read it instead.
+#[derive(ExtensionType, Clone, Debug)]
+#[extension_type(fusion: cfg(all(feature = "cube", feature = "fusion")))]
+pub enum DenseCopy<B: Backend> {
+    Absent,
+    Kept(FloatTensor<B>),
+}
+
+impl<B: Backend> DenseCopy<B> {
+    /// The copy in `dtype`, cast where it was made in another.
+    fn in_dtype(self, dtype: burn::tensor::DType) -> Option<FloatTensor<B>> {
+        match self {
+            Self::Absent => None,
+            Self::Kept(dense) if dense.dtype() == dtype => Some(dense),
+            Self::Kept(dense) => Some(B::float_cast(dense, dtype.into())),
+        }
+    }
 }
 
 /// Plain f32 absmax, or bitsandbytes' double-quantized form.
@@ -243,12 +267,15 @@ pub(crate) mod cube {
         }
     }
 
-    /// The weight dequantized whole, `[rows, cols]` in `dtype`.
+    /// The weight dequantized whole, `[rows, cols]` in `dtype` (its dense copy where it has one).
     pub(crate) fn dequantized(
         weight: Weight4bitPrimitive<CubeBackend>,
         dtype: DType,
     ) -> CubeTensor {
         let num_elements = weight.num_elements();
+        if let Some(dense) = weight.dense.in_dtype(dtype) {
+            return dense;
+        }
         let dense = dequantize_flat::<CubeBackend>(
             weight.words,
             weight.absmax,
@@ -540,10 +567,15 @@ mod flex {
             weight: Weight4bitPrimitive<Self>,
             transpose: bool,
         ) -> FlexTensor {
-            let state = host_state(weight, lhs.dtype());
-            let dense =
-                host_dequantize::dequantize(&state).expect("the weight's state was validated");
-            let dense = FlexTensor::from_data(dense);
+            let dense = match weight.dense.clone().in_dtype(lhs.dtype()) {
+                Some(dense) => dense,
+                None => {
+                    let state = host_state(weight, lhs.dtype());
+                    let dense = host_dequantize::dequantize(&state)
+                        .expect("the weight's state was validated");
+                    FlexTensor::from_data(dense)
+                }
+            };
             matmul_dense::<Self>(lhs, dense, transpose, Self::float_matmul)
         }
     }
@@ -598,7 +630,7 @@ mod autodiff {
     use burn::backend::tensor::FloatTensor;
     use burn::backend::{Autodiff, Backend};
 
-    use super::{AbsmaxPrimitive, Matmul4bitOps, Weight4bitPrimitive};
+    use super::{AbsmaxPrimitive, DenseCopy, Matmul4bitOps, Weight4bitPrimitive};
 
     impl<B: Backend, C: CheckpointStrategy> Weight4bitPrimitive<Autodiff<B, C>> {
         /// The weight on the inner backend: it is frozen, its float parts constants of the graph.
@@ -625,6 +657,10 @@ mod autodiff {
                 quant_type: self.quant_type,
                 block_size: self.block_size,
                 shape: self.shape,
+                dense: match self.dense {
+                    DenseCopy::Absent => DenseCopy::Absent,
+                    DenseCopy::Kept(dense) => DenseCopy::Kept(dense.into_primitive()),
+                },
             }
         }
     }
@@ -704,6 +740,10 @@ impl Packed4bit {
             quant_type: self.quant_type,
             block_size: self.block_size,
             shape: self.matrix_shape("linear")?,
+            dense: match &self.dense {
+                Some(dense) => DenseCopy::Kept(dense.clone().into_dispatch()),
+                None => DenseCopy::Absent,
+            },
         })
     }
 }

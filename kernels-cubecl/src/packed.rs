@@ -22,6 +22,9 @@ pub struct Packed4bit {
     pub absmax: DeviceAbsmax,
     /// The 16 values of the code book, kept on the device for the kernels.
     pub code: Tensor<1>,
+    /// The weight dequantized, where [`Packed4bit::with_dense_copy`] made it: the products read
+    /// it instead of dequantizing again. `None` for a weight as quantized or loaded.
+    pub dense: Option<Tensor<2>>,
 }
 
 /// The absmax on the device. (One per weight, so the size of the larger variant does not matter.)
@@ -83,6 +86,7 @@ impl Packed4bit {
             words: u32_tensor(bytes_to_words(&state.packed), device),
             absmax,
             code: f32_tensor(state.quant_type.code().to_vec(), device),
+            dense: None,
         })
     }
 
@@ -147,6 +151,18 @@ impl Packed4bit {
 }
 
 impl Packed4bit {
+    /// The same weight carrying its dequantized copy in `dtype` (rank 2 only), for a run of
+    /// products that would each dequantize it: a checkpointed layer's recomputation reads its
+    /// weights in the forward and again for the input gradient. The copy is what dequantizing
+    /// gives, so the products are unchanged; it costs the dense weight's memory while it lives.
+    pub fn with_dense_copy(&self, dtype: DType) -> Result<Self, QuantError> {
+        let dense = self.dequantize_to::<2>(dtype)?;
+        Ok(Self {
+            dense: Some(dense),
+            ..self.clone()
+        })
+    }
+
     /// A linear layer's product `input · Wᵀ` for this `[out_features, in_features]` weight,
     /// in `input`'s dtype. The weight is dequantized for the product and dropped after it; on an
     /// autodiff device the backward dequantizes it again, so the dense weight is never kept for
@@ -345,6 +361,7 @@ mod cube {
             words,
             absmax,
             code: f32_tensor(config.quant_type.code().to_vec(), &device),
+            dense: None,
         })
     }
 

@@ -200,6 +200,36 @@ fn lora_4bit_pullback_gives_the_layers_gradients_without_its_output() {
     }
 }
 
+/// A weight carrying its dequantized copy (`Packed4bit::with_dense_copy`, as a checkpointed
+/// layer's recomputation makes it) gives the layer's output and gradients bit for bit, and the
+/// 4-bit product's likewise: the copy is what each product would have dequantized.
+#[test]
+fn a_dense_copy_of_the_weight_changes_no_number() {
+    for (name, plain) in devices() {
+        let dtype = half_dtype(name);
+        let device = plain.clone().autodiff();
+        let shape = [384, 512];
+        let weight = Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.05), &plain);
+        let packed = Packed4bit::quantize(weight, QuantConfig::default()).unwrap();
+        let with_copy = packed.with_dense_copy(dtype).unwrap();
+        assert_eq!(
+            with_copy.dense.as_ref().map(Tensor::dims),
+            Some(shape),
+            "{name}"
+        );
+        let inputs = Inputs::random(128, shape, 8, dtype, &device);
+        let layer = |weight: &Packed4bit| {
+            inputs.run(|x, a, b| lora_4bit_linear(x, weight, a, b, SCALING).unwrap())
+        };
+        for ((part, ours), expected) in PARTS.iter().zip(layer(&with_copy)).zip(layer(&packed)) {
+            assert_eq!(largest_difference(ours, expected), 0.0, "{name} {part}");
+        }
+        let product = |weight: &Packed4bit| weight.linear(inputs.x.clone().inner()).unwrap();
+        let difference = largest_difference(product(&with_copy), product(&packed));
+        assert_eq!(difference, 0.0, "{name}: the 4-bit product");
+    }
+}
+
 /// A gradient that is not the layer's output shape is refused, naming both shapes.
 #[test]
 fn lora_4bit_pullback_refuses_a_gradient_of_another_shape() {

@@ -1,7 +1,7 @@
 use burn::module::Module;
-use burn::tensor::Tensor;
-use burn_qlora::Projection;
+use burn::tensor::{DType, Tensor};
 use burn_qlora::kernels::causal_attention;
+use burn_qlora::{Projection, QuantError};
 
 use crate::Rope;
 
@@ -35,6 +35,17 @@ impl LayerCache {
 }
 
 impl Attention {
+    /// The same block, its 4-bit bases carrying their dequantized copies in `dtype`.
+    pub fn with_dense_copies(&self, dtype: DType) -> Result<Self, QuantError> {
+        Ok(Self {
+            q_proj: self.q_proj.with_dense_copy(dtype)?,
+            k_proj: self.k_proj.with_dense_copy(dtype)?,
+            v_proj: self.v_proj.with_dense_copy(dtype)?,
+            o_proj: self.o_proj.with_dense_copy(dtype)?,
+            ..self.clone()
+        })
+    }
+
     /// `x`: `[batch, seq, hidden]`. With a cache, `x` continues the cached tokens and its keys
     /// and values are appended to it.
     pub fn forward(&self, x: Tensor<3>, rope: &Rope, cache: Option<&mut LayerCache>) -> Tensor<3> {

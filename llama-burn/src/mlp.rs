@@ -1,7 +1,7 @@
 use burn::module::Module;
-use burn::tensor::Tensor;
-use burn_qlora::Projection;
+use burn::tensor::{DType, Tensor};
 use burn_qlora::kernels::swiglu;
+use burn_qlora::{Projection, QuantError};
 
 /// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
 #[derive(Module, Debug)]
@@ -20,6 +20,15 @@ impl Mlp {
     /// last projection's product never computed (see `Projection::pullback`).
     pub fn pullback(&self, x: Tensor<3>, grad: Tensor<3>) -> Tensor<3> {
         self.down_proj.pullback(self.gated(x), grad)
+    }
+
+    /// The same block, its 4-bit bases carrying their dequantized copies in `dtype`.
+    pub fn with_dense_copies(&self, dtype: DType) -> Result<Self, QuantError> {
+        Ok(Self {
+            gate_proj: self.gate_proj.with_dense_copy(dtype)?,
+            up_proj: self.up_proj.with_dense_copy(dtype)?,
+            down_proj: self.down_proj.with_dense_copy(dtype)?,
+        })
     }
 
     /// `silu(gate(x)) * up(x)`: the last projection's input.

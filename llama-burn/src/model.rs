@@ -1,7 +1,7 @@
 use burn::module::Module;
 use burn::nn::Embedding;
-use burn::tensor::{Int, Tensor};
-use burn_qlora::Projection;
+use burn::tensor::{DType, Int, Tensor};
+use burn_qlora::{Projection, QuantError};
 
 use crate::{Attention, LayerCache, LlamaConfig, Mlp, RmsNorm, Rope};
 
@@ -73,6 +73,17 @@ impl DecoderLayer {
             + self
                 .self_attn
                 .forward(self.input_layernorm.forward(x), rope, cache)
+    }
+
+    /// The same layer (its parameters shared), each 4-bit base carrying its dequantized copy in
+    /// `dtype`: a checkpointed layer's recomputation and backward then dequantize each weight
+    /// once instead of twice, for the layer's dense weights in memory while the copy lives.
+    pub fn with_dense_copies(&self, dtype: DType) -> Result<Self, QuantError> {
+        Ok(Self {
+            self_attn: self.self_attn.with_dense_copies(dtype)?,
+            mlp: self.mlp.with_dense_copies(dtype)?,
+            ..self.clone()
+        })
     }
 
     /// A tensor whose backward (from ones) gives the layer's gradients for its output gradient

@@ -99,7 +99,8 @@ fn a_bf16_layer_keeps_f32_adapters_and_gives_peft_numbers() {
 /// `pullback` gives the layer's gradients for an output gradient without using its output:
 /// zeros whose backward gives peft's gradients of `sum(y * loss_weights)` on the dense base, and
 /// on a 4-bit base (the fused path that never computes the base's product; with dropout, the
-/// composed one) exactly those of the layer's own forward and backward, the input's included.
+/// composed one) exactly those of the layer's own forward and backward, the input's included;
+/// likewise with the 4-bit base's dense copy (`with_dense_copy`).
 #[test]
 fn pullback_gives_the_layers_gradients_without_its_output() {
     let Some(dir) = golden_dir() else { return };
@@ -150,10 +151,24 @@ fn pullback_gives_the_layers_gradients_without_its_output() {
             device.seed(5);
             layer.pullback(x, upstream.clone())
         });
-        for (part, (ours, expected)) in ["x", "A", "B"].iter().zip(pulled.into_iter().zip(expected))
+        // The base carrying its dequantized copy (as a checkpointed layer's recomputation
+        // makes it): the same gradients, registered for the original's parameters.
+        let copied = layer.with_dense_copy(DType::F32).unwrap();
+        let through_copy = gradients(&layer, &|x| {
+            device.seed(5);
+            copied.pullback(x, upstream.clone())
+        });
+        for (part, ((ours, copy), expected)) in ["x", "A", "B"]
+            .iter()
+            .zip(pulled.into_iter().zip(through_copy).zip(expected))
         {
-            let difference = (ours - expected).abs().max().into_scalar::<f32>();
+            let difference = (ours - expected.clone()).abs().max().into_scalar::<f32>();
             assert_eq!(difference, 0.0, "dropout {dropout}: gradient of {part}");
+            let difference = (copy - expected).abs().max().into_scalar::<f32>();
+            assert_eq!(
+                difference, 0.0,
+                "dropout {dropout}, dense copy: gradient of {part}"
+            );
         }
     }
 }
