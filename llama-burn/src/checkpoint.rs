@@ -3,10 +3,11 @@
 //!
 //! A backward through the whole model keeps every layer's activations (attention scores, MLP
 //! intermediates) until it runs, and the f32 logits of every position with them. Here the
-//! forward runs without a graph and keeps only each layer's input; the backward then runs in
-//! stages, each its own small graph freed before the next: the head and loss for one chunk of
-//! positions at a time (so the f32 logits never exist whole), then each layer again from its
-//! input, last to first, handing the gradient of its input to the layer before. Parameters are
+//! forward runs without a graph and keeps only each layer's input (the last layer's graph
+//! whole: its stage comes next); the backward then runs in stages, each its own small graph
+//! freed before the next: the head and loss for one chunk of positions at a time (so the f32
+//! logits never exist whole), the last layer, then each layer again from its input, last to
+//! first, handing the gradient of its input to the layer before. Parameters are
 //! leaves shared by the stages, so their gradients are collected from each stage's backward.
 
 use std::ops::Range;
@@ -15,7 +16,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Distribution, Gradients, Int, Tensor};
 
-use crate::Llama;
+use crate::{DecoderLayer, Llama};
 
 /// The loss and parameter gradients of one checkpointed step.
 pub struct CheckpointedStep {
@@ -50,12 +51,26 @@ impl Llama {
         let layer_seed = |layer: usize| seed.wrapping_add(layer as u64);
 
         // The forward, without a graph: `no_grad` copies keep dropout active but record nothing.
+        // The last layer's graph is kept instead: its backward stage comes right after the
+        // head's, so recomputing it would only repeat this forward.
         let mut hidden = model.embed_tokens.clone().no_grad().forward(tokens.clone());
         let mut inputs = Vec::with_capacity(model.layers.len());
+        let mut last_stage = None;
         for (index, layer) in model.layers.iter().enumerate() {
-            inputs.push(hidden.clone());
             device.seed(layer_seed(index));
-            hidden = layer.clone().no_grad().forward(hidden, &model.rope, None);
+            if index + 1 == model.layers.len() {
+                let input = hidden.detach().require_grad();
+                let output = with_dense_copies(layer, index, &input).forward(
+                    input.clone(),
+                    &model.rope,
+                    None,
+                );
+                hidden = output.clone().detach();
+                last_stage = Some((input, output));
+            } else {
+                inputs.push(hidden.clone());
+                hidden = layer.clone().no_grad().forward(hidden, &model.rope, None);
+            }
         }
 
         // The head and the loss, a chunk of positions at a time.
@@ -85,23 +100,25 @@ impl Llama {
         }
         let mut grad = Tensor::cat(hidden_grads, 1);
 
-        // Each layer again from its input, last to first.
-        for (index, layer) in model.layers.iter().enumerate().rev() {
+        // The last layer's kept graph, then each layer again from its input, last to first.
+        // The backward of `output * grad` seeded with ones gives the input `grad`'s gradient (a
+        // `.sum()` would add a reduction of the whole output, 0.18 ms a layer at the 7B's
+        // shapes, whose value nothing reads).
+        if let (Some((input, output)), Some(layer)) = (last_stage, model.layers.last()) {
+            let mut stage = (output * grad).backward();
+            collect_grads(layer, &mut stage, &mut grads);
+            grad = take_grad(&input, &mut stage);
+        }
+        for (index, layer) in model.layers.iter().enumerate().rev().skip(1) {
             let input = inputs
                 .pop()
                 .expect("one input kept per layer")
                 .detach()
                 .require_grad();
             device.seed(layer_seed(index));
-            // The stage reads each weight twice (the forward again, then the input gradient):
-            // dequantized once here, 0.38 GiB at the 7B's shapes while the stage runs.
-            let layer = layer
-                .with_dense_copies(input.dtype())
-                .unwrap_or_else(|err| panic!("layer {index}'s weights: {err}"));
-            // The backward of `output * grad` seeded with ones gives the input `grad`'s
-            // gradient (a `.sum()` would add a reduction of the whole output, 0.18 ms a layer
-            // at the 7B's shapes, whose value nothing reads); the layer's pullback gives the
-            // same without the output, so without its MLP's last product.
+            // The layer's pullback gives the same without the output, so without its MLP's
+            // last product.
+            let layer = with_dense_copies(layer, index, &input);
             let mut stage = layer.pullback(input.clone(), &model.rope, grad).backward();
             collect_grads(&layer, &mut stage, &mut grads);
             grad = take_grad(&input, &mut stage);
@@ -116,6 +133,14 @@ impl Llama {
             grads,
         }
     }
+}
+
+/// `layer` with its 4-bit weights dequantized once for a stage that reads each twice (the
+/// forward, then the input gradient): 0.38 GiB at the 7B's shapes while the stage runs.
+fn with_dense_copies(layer: &DecoderLayer, index: usize, input: &Tensor<3>) -> DecoderLayer {
+    layer
+        .with_dense_copies(input.dtype())
+        .unwrap_or_else(|err| panic!("layer {index}'s weights: {err}"))
 }
 
 /// The gradient a stage's backward left for its input leaf.
