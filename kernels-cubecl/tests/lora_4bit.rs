@@ -65,6 +65,16 @@ impl Inputs {
 
 const PARTS: [&str; 4] = ["y", "grad x", "grad A", "grad B"];
 
+/// The random weights' shape: with 256 rows of input, tiles of the `wgmma` kernel on CUDA.
+const SHAPE: [usize; 2] = [384, 512];
+
+/// A random `SHAPE` weight packed in NF4, its scale making the adapter's term (from `Inputs`)
+/// as large as the base's, so a wrong term shows.
+fn random_weight(device: &Device) -> Packed4bit {
+    let weight = Tensor::<2>::random(SHAPE, Distribution::Normal(0.0, 0.05), device);
+    Packed4bit::quantize(weight, QuantConfig::default()).unwrap()
+}
+
 /// For every 2-D f32 golden state (NF4 and FP4, with and without double quantization), the
 /// fused layer's output and gradients equal those of `x·Wᵀ + (x·A)·(s·B)` with bitsandbytes'
 /// dequantized `W`, through Burn's f32 matmul on the CPU.
@@ -121,14 +131,10 @@ fn lora_4bit_linear_gives_the_composed_layers_numbers() {
     for (name, plain) in devices() {
         let dtype = half_dtype(name);
         let device = plain.clone().autodiff();
-        // 256 rows of x and a 384 x 512 weight: the `wgmma` kernel's tiles on CUDA. The weight's
-        // scale makes the adapter's term as large as the base's, so a wrong term shows.
-        let shape = [384, 512];
-        let weight = Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.05), &plain);
-        let packed = Packed4bit::quantize(weight, QuantConfig::default()).unwrap();
+        let packed = random_weight(&plain);
         // Ranks 8 and 16: the two widths the CUDA kernels' hidden (`thin_product`) takes.
         for rank in [8, 16] {
-            let inputs = Inputs::random(128, shape, rank, dtype, &device);
+            let inputs = Inputs::random(128, SHAPE, rank, dtype, &device);
             let ours = inputs.run(|x, a, b| lora_4bit_linear(x, &packed, a, b, SCALING).unwrap());
             let composed = inputs.run(|x, a, b| {
                 let hidden = low_rank_down(x.clone(), a);
@@ -161,11 +167,9 @@ fn lora_4bit_pullback_gives_the_layers_gradients_without_its_output() {
     for (name, plain) in devices() {
         let dtype = half_dtype(name);
         let device = plain.clone().autodiff();
-        let shape = [384, 512];
-        let weight = Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.05), &plain);
-        let packed = Packed4bit::quantize(weight, QuantConfig::default()).unwrap();
+        let packed = random_weight(&plain);
         for rank in [8, 16] {
-            let inputs = Inputs::random(128, shape, rank, dtype, &device);
+            let inputs = Inputs::random(128, SHAPE, rank, dtype, &device);
             let layer = inputs.run(|x, a, b| lora_4bit_linear(x, &packed, a, b, SCALING).unwrap());
             let (x, lora_a, lora_b) = (
                 inputs.x.clone().require_grad(),
@@ -208,16 +212,14 @@ fn a_dense_copy_of_the_weight_changes_no_number() {
     for (name, plain) in devices() {
         let dtype = half_dtype(name);
         let device = plain.clone().autodiff();
-        let shape = [384, 512];
-        let weight = Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.05), &plain);
-        let packed = Packed4bit::quantize(weight, QuantConfig::default()).unwrap();
+        let packed = random_weight(&plain);
         let with_copy = packed.with_dense_copy(dtype).unwrap();
         assert_eq!(
             with_copy.dense.as_ref().map(Tensor::dims),
-            Some(shape),
+            Some(SHAPE),
             "{name}"
         );
-        let inputs = Inputs::random(128, shape, 8, dtype, &device);
+        let inputs = Inputs::random(128, SHAPE, 8, dtype, &device);
         let layer = |weight: &Packed4bit| {
             inputs.run(|x, a, b| lora_4bit_linear(x, weight, a, b, SCALING).unwrap())
         };
