@@ -59,12 +59,10 @@ impl Llama {
         for (index, layer) in model.layers.iter().enumerate() {
             device.seed(layer_seed(index));
             if index + 1 == model.layers.len() {
+                // Over its packed weights: dense copies would live through the head's stages,
+                // beside every layer's input.
                 let input = hidden.detach().require_grad();
-                let output = with_dense_copies(layer, index, &input).forward(
-                    input.clone(),
-                    &model.rope,
-                    None,
-                );
+                let output = layer.forward(input.clone(), &model.rope, None);
                 hidden = output.clone().detach();
                 last_stage = Some((input, output));
             } else {
