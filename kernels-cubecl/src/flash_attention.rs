@@ -256,3 +256,18 @@ pub(crate) fn backward(
     );
     (dq, dk, dv)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Entry, FlashKernel, HEAD_DIMS};
+    use crate::precompiled::nvrtc_check::compile_for_hopper;
+
+    #[test]
+    fn the_kernels_compile_for_hopper() {
+        for head_dim in HEAD_DIMS {
+            for entry in [Entry::Forward, Entry::BackwardDq, Entry::BackwardDkDv] {
+                compile_for_hopper(&FlashKernel { entry, head_dim });
+            }
+        }
+    }
+}

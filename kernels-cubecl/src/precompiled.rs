@@ -59,3 +59,70 @@ impl<K: CudaKernel> CubeKernel for Precompiled<K> {
         })
     }
 }
+
+/// The kernels' texts compiled here, without a GPU: NVRTC (loaded at run time, as CubeCL loads
+/// it) builds each for `sm_90a`, through ptxas, so a syntax error, a bad inline `asm` or an
+/// operand list that does not match its instruction fails a test on any machine with the
+/// library (CI installs it from the `nvidia-cuda-nvrtc` wheel), not first on the GPU.
+#[cfg(test)]
+pub(crate) mod nvrtc_check {
+    use std::ffi::CString;
+
+    use cudarc::nvrtc::result;
+
+    use super::CudaKernel;
+
+    /// Compiles `kernel`'s text for `sm_90a` and returns ptxas' report (registers, spills), or
+    /// `None`, with the reason printed, where NVRTC cannot be loaded (a failure instead where
+    /// `KERNELS_REQUIRE_NVRTC` is set, as in CI). Panics with NVRTC's log where the text does
+    /// not compile.
+    pub(crate) fn compile_for_hopper(kernel: &impl CudaKernel) -> Option<String> {
+        // SAFETY: only tries to open the library by its names.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            assert!(
+                std::env::var_os("KERNELS_REQUIRE_NVRTC").is_none(),
+                "KERNELS_REQUIRE_NVRTC is set but libnvrtc is not on the library path"
+            );
+            println!("skipped: libnvrtc is not on the library path");
+            return None;
+        }
+        let source = CString::new(kernel.text()).expect("the text has no NUL byte");
+        let program = result::create_program(&source, None).expect("NVRTC takes the program");
+        let options = [
+            "--gpu-architecture=sm_90a",
+            "--ptxas-options=-v",
+            "--std=c++17",
+        ];
+        // SAFETY: the program was just created and is destroyed once, below.
+        let compiled = unsafe { result::compile_program(program, &options) };
+        // SAFETY: as above; the log exists once compilation ran.
+        let log = unsafe { result::get_program_log(program) }.expect("NVRTC has a log");
+        // SAFETY: as above.
+        unsafe { result::destroy_program(program) }.expect("the program is destroyed once");
+        let log: Vec<u8> = log
+            .iter()
+            .map(|&c| c as u8)
+            .take_while(|&c| c != 0)
+            .collect();
+        let log = String::from_utf8_lossy(&log).into_owned();
+        assert!(
+            compiled.is_ok(),
+            "{} does not compile: {log}",
+            kernel.entry_point()
+        );
+        Some(log)
+    }
+
+    /// [`compile_for_hopper`], also failing where ptxas spilled registers or serialized the
+    /// `wgmma` instructions: the configurations the 7B shapes run, whose speed depends on both.
+    pub(crate) fn compiles_without_spills(kernel: &impl CudaKernel) {
+        let Some(log) = compile_for_hopper(kernel) else {
+            return;
+        };
+        assert!(
+            log.contains(" 0 bytes spill stores") && !log.contains("serialized"),
+            "{:?}: {log}",
+            kernel
+        );
+    }
+}

@@ -61,3 +61,18 @@ pub(crate) fn hidden(x: &CubeTensor, down: &CubeTensor) -> CubeTensor {
     x.client.launch(Box::new(kernel), count, arguments);
     hidden
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ThinProduct;
+    use crate::precompiled::nvrtc_check::compiles_without_spills;
+
+    #[test]
+    fn the_kernel_compiles_for_hopper() {
+        for rank in [8, 16] {
+            for depth in [4096, 11008] {
+                compiles_without_spills(&ThinProduct { rank, depth });
+            }
+        }
+    }
+}

@@ -40,36 +40,6 @@
 #define A_STAGE_BYTES (BM * BK * 2)
 #define B_STAGE_BYTES (BN * BK * 2)
 #define STAGE_BYTES (A_STAGE_BYTES + B_STAGE_BYTES)
-#define STRING_(x) #x
-#define STRING(x) STRING_(x)
-
-typedef unsigned short bf16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
-
-// CUDA's `CUtensorMap`: opaque, 128 bytes aligned to 64.
-struct __align__(64) TensorMap {
-    u64 opaque[16];
-};
-
-static __device__ __forceinline__ u32 shared_address(const void *pointer) {
-    u32 address;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }"
-        : "=r"(address)
-        : "l"(pointer));
-    return address;
-}
-
-// K-major operands: rows of BK = 64 elements (128 bytes), groups of eight rows 1024 bytes apart,
-// the 128-byte swizzle; 16 deeper is 32 bytes further along the rows (2 in the address field).
-static __device__ __forceinline__ u64 k_major_descriptor(u32 address) {
-    return (u64)((address & 0x3FFFF) >> 4)
-           | ((u64)1 << 16)             // leading byte offset: unused when swizzled
-           | ((u64)(1024 >> 4) << 32)   // stride byte offset: eight rows to a group
-           | ((u64)1 << 62);            // 128-byte swizzle
-}
-#define K_MAJOR_DEPTH_STEP 2
-
 #if B_MN_MAJOR
 // N-major B: the BN columns as panels of 64 (128-byte rows, one box each), each panel BK rows
 // deep; the panels BK rows apart (leading byte offset), groups of eight rows 1024 bytes apart
@@ -93,63 +63,6 @@ static __device__ __forceinline__ void mma(float *d, u64 a, u64 b) {
                  ", " DESCRIPTORS ", p, 1, 1, 0, " TRANSPOSE_B ";\n}\n"
                  : ACC_OPERANDS
                  : "l"(a), "l"(b), "r"(1));
-}
-
-// Waits until at most `pending` of this warpgroup's MMA groups are in flight; the accumulators
-// are operands so no read of them moves above.
-#define MMA_WAIT(pending) \
-    asm volatile("wgmma.wait_group.sync.aligned " STRING(pending) ";\n" : ACC_OPERANDS : : "memory")
-
-// Two f32 as bf16, `low` in the low half: the first of the pair in memory.
-static __device__ __forceinline__ u32 pack(float low, float high) {
-    u32 packed;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(high), "f"(low));
-    return packed;
-}
-
-#if LOW_RANK
-// The two bf16 of a pair as f32: the first in memory (the low half), then the second.
-static __device__ __forceinline__ float unpack_low(u32 pair) {
-    return __uint_as_float(pair << 16);
-}
-static __device__ __forceinline__ float unpack_high(u32 pair) {
-    return __uint_as_float(pair & 0xFFFF0000u);
-}
-#endif
-
-static __device__ __forceinline__ void barrier_init(u32 barrier, u32 arrivals) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(barrier), "r"(arrivals));
-}
-
-// One arrival, releasing this thread's earlier reads and writes to whoever waits for the phase.
-static __device__ __forceinline__ void barrier_arrive(u32 barrier) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(barrier)
-                 : "memory");
-}
-
-// The producer's arrival on a full barrier, which completes once `bytes` more have landed.
-static __device__ __forceinline__ void barrier_expect(u32 barrier, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(barrier),
-                 "r"(bytes)
-                 : "memory");
-}
-
-// Until the barrier's phase of this parity has completed.
-static __device__ __forceinline__ void barrier_wait(u32 barrier, u32 parity) {
-    asm volatile("{\n.reg .pred done;\nwait:\n"
-                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-                 "@!done bra wait;\n}\n" ::"r"(barrier),
-                 "r"(parity)
-                 : "memory");
-}
-
-// The box of `map` at (inner, outer) into shared memory at `to`, counted on `barrier`.
-static __device__ __forceinline__ void load_box(u32 to, const TensorMap *map, int inner, int outer,
-                                                u32 barrier) {
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-                 " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(to),
-                 "l"((u64)map), "r"(inner), "r"(outer), "r"(barrier)
-                 : "memory");
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)

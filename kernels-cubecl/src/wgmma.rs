@@ -19,7 +19,7 @@ use crate::extension::empty_output;
 use crate::precompiled::{CudaKernel, Precompiled};
 
 /// The kernel's text; the sizes and the accumulator's asm operands are prepended per product.
-const SOURCE: &str = include_str!("wgmma.cu");
+const SOURCE: &str = concat!(include_str!("wgmma_common.cu"), include_str!("wgmma.cu"));
 const ENTRY_POINT: &str = "wgmma_bf16_tn";
 
 /// The bf16 elements of one 128-byte row, the span of the TMA's widest swizzle: every box is that
@@ -333,7 +333,34 @@ fn tensor_map(
 
 #[cfg(test)]
 mod tests {
-    use super::{ColumnSpan, column_spans};
+    use super::{ColumnSpan, WgmmaProduct, column_spans};
+    use crate::precompiled::nvrtc_check::{compile_for_hopper, compiles_without_spills};
+
+    fn product(rhs_row_major: bool, tile_cols: usize, rank: usize) -> WgmmaProduct {
+        WgmmaProduct {
+            cols: 11008,
+            depth: 4096,
+            rhs_row_major,
+            tile_cols,
+            first_col: 0,
+            rank,
+        }
+    }
+
+    /// The 7B step's products (the forward and the input gradient, with and without an adapter
+    /// of rank 8, wide and narrow tiles) compile without spills; the other tiles and rank 16
+    /// compile.
+    #[test]
+    fn the_kernel_compiles_for_hopper() {
+        for rhs_row_major in [false, true] {
+            for rank in [0, 8] {
+                for tile_cols in [256, 64] {
+                    compiles_without_spills(&product(rhs_row_major, tile_cols, rank));
+                }
+            }
+            compile_for_hopper(&product(rhs_row_major, 128, 16));
+        }
+    }
 
     #[test]
     fn a_short_last_wave_becomes_narrow_tiles() {
