@@ -63,6 +63,8 @@ mod swiglu;
 mod thin_product;
 #[cfg(feature = "cuda")]
 mod wgmma;
+#[cfg(feature = "cuda")]
+mod wgmma_4bit;
 
 pub use adamw::{AdamWOps, AdamWScalars, adamw_update, fused_adamw_supported};
 #[cfg(feature = "cuda")]

@@ -503,8 +503,10 @@ mod cube {
             (first_out, second_out)
         }
 
-        /// The `wgmma` kernel with the adapter's term on its accumulator (its hidden from
-        /// `thin_product`) where it applies, else the separate kernels.
+        /// The forward's `wgmma` kernel with the weight dequantized inside it (`wgmma_4bit`)
+        /// where it applies, else the `wgmma` kernel over the dense weight; both add the
+        /// adapter's term on their accumulator (its hidden from `thin_product`). Elsewhere the
+        /// separate kernels.
         fn lora_product(
             lhs: CubeTensor,
             weight: Weight4bitPrimitive<Self>,
@@ -514,6 +516,12 @@ mod cube {
         ) -> (CubeTensor, CubeTensor) {
             #[cfg(feature = "cuda")]
             if lhs.shape()[0] > crate::matmul::cube::MATVEC_MAX_ROWS && lhs.dtype() == DType::BF16 {
+                if transpose
+                    && let Some((out, Some(hidden))) =
+                        crate::wgmma_4bit::product(&lhs, &weight, Some((&down, &up)))
+                {
+                    return (out, hidden);
+                }
                 let dense = crate::matmul::cube::dequantized(weight, lhs.dtype());
                 let rhs = if transpose {
                     Self::float_transpose(dense)

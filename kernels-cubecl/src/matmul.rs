@@ -95,7 +95,7 @@ impl AbsmaxPrimitive<Dispatch> {
 
 /// The absmax as f32 values and the offset still to add: double-quantized absmax decoded first.
 #[cfg(feature = "cube")]
-fn decoded_absmax<B: crate::extension::Quant4bitOps>(
+pub(crate) fn decoded_absmax<B: crate::extension::Quant4bitOps>(
     absmax: AbsmaxPrimitive<B>,
     num_elements: usize,
     block_size: usize,
@@ -260,6 +260,18 @@ pub(crate) mod cube {
                         features,
                         weight.block_size,
                     )
+                });
+            }
+            // The forward over 2-D rows: the weight dequantized inside the product where that
+            // kernel takes the operands.
+            #[cfg(feature = "cuda")]
+            if transpose && lhs.dtype() == DType::BF16 && lhs.is_contiguous() {
+                let dtype = lhs.dtype();
+                return over_rows::<Self>(lhs, |lhs| {
+                    if let Some((out, _)) = crate::wgmma_4bit::product(&lhs, &weight, None) {
+                        return out;
+                    }
+                    dense_product(lhs, Self::float_transpose(dequantized(weight, dtype)))
                 });
             }
             let dense = dequantized(weight, lhs.dtype());

@@ -9,7 +9,7 @@ use burn::backend::TensorMetadata;
 use burn::tensor::DType;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::ir::attributes::BufferIOAttr;
-use cubecl::ir::{ElemType, FloatKind};
+use cubecl::ir::{ElemType, FloatKind, UIntKind};
 use cubecl::prelude::*;
 use cubecl::server::{KernelArguments, TensorMapBinding, TensorMapMeta};
 use cubecl::zspace::metadata::Metadata;
@@ -27,7 +27,7 @@ const ENTRY_POINT: &str = "wgmma_bf16_tn";
 const SWIZZLE_ELEMENTS: usize = 64;
 /// A block's output rows (`BM` in the source) and the depth of one stage (`BK`): one swizzled row.
 const BLOCK_ROWS: usize = 128;
-const STAGE_DEPTH: usize = SWIZZLE_ELEMENTS;
+pub(crate) const STAGE_DEPTH: usize = SWIZZLE_ELEMENTS;
 /// Two consumer warpgroups and one producer warp.
 const THREADS: u32 = 256 + 32;
 /// The ring's stages: 193 KiB at 256 wide, one block an SM. The narrower tiles use the same (eight
@@ -201,7 +201,12 @@ fn launch(
     };
     let hidden = adapter.map(|(down, _)| crate::thin_product::hidden(lhs, down));
     let out = empty_output(lhs, [rows, cols], DType::BF16);
-    let lhs_map = tensor_map(lhs, [rows, depth], [BLOCK_ROWS, STAGE_DEPTH]);
+    let lhs_map = tensor_map(
+        lhs,
+        [rows, depth],
+        [BLOCK_ROWS, STAGE_DEPTH],
+        TensorMapLayout::SwizzledBf16,
+    );
     let processors = lhs
         .client
         .properties()
@@ -213,9 +218,19 @@ fn launch(
         // stage-deep panels one swizzled row wide of the `[depth, cols]` matrix for the input
         // gradient.
         let rhs_map = if rhs_row_major {
-            tensor_map(rhs, [depth, cols], [STAGE_DEPTH, SWIZZLE_ELEMENTS])
+            tensor_map(
+                rhs,
+                [depth, cols],
+                [STAGE_DEPTH, SWIZZLE_ELEMENTS],
+                TensorMapLayout::SwizzledBf16,
+            )
         } else {
-            tensor_map(rhs, [cols, depth], [span.tile_cols, STAGE_DEPTH])
+            tensor_map(
+                rhs,
+                [cols, depth],
+                [span.tile_cols, STAGE_DEPTH],
+                TensorMapLayout::SwizzledBf16,
+            )
         };
         let mut arguments = KernelArguments::new().with_tensor_maps(vec![lhs_map.clone(), rhs_map]);
         arguments.declared_io = vec![BufferIOAttr::ReadOnly; 2];
@@ -243,13 +258,13 @@ fn launch(
 }
 
 /// Whether `tensor` starts on 16 bytes, as the TMA and the kernel's vector loads need.
-fn aligned(tensor: &CubeTensor) -> bool {
+pub(crate) fn aligned(tensor: &CubeTensor) -> bool {
     tensor.handle.offset_start.unwrap_or(0).is_multiple_of(16)
 }
 
 /// The rank of an adapter `down` `[r, depth]`, `up` `[r, cols]` the kernels take: bf16, both
 /// contiguous, r a width every thread's registers hold and `thin_product` computes.
-fn adapter_rank(
+pub(crate) fn adapter_rank(
     down: &CubeTensor,
     up: &CubeTensor,
     rows: usize,
@@ -297,7 +312,7 @@ pub(crate) fn lora_hidden(lhs: &CubeTensor, down: &CubeTensor) -> Option<CubeTen
 
 /// Whether the kernels take `lhs` as their `[rows, depth]` input: bf16 on sm_90, rows whole
 /// blocks, contiguous and 16-byte aligned.
-fn lhs_fits(lhs: &CubeTensor) -> bool {
+pub(crate) fn lhs_fits(lhs: &CubeTensor) -> bool {
     let shape = lhs.shape();
     lhs.dtype() == DType::BF16
         && lhs.client.properties().identity.fingerprint == "ptx_sm90"
@@ -308,13 +323,28 @@ fn lhs_fits(lhs: &CubeTensor) -> bool {
         && aligned(lhs)
 }
 
-/// The tensor map of a contiguous bf16 `[rows, cols]` matrix read in `box_shape` boxes
-/// (`SWIZZLE_ELEMENTS` wide: one 128-byte swizzled row each), with the L2 promotion CUTLASS uses.
-fn tensor_map(
+/// What a tensor map's elements are and how its boxes land in shared memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TensorMapLayout {
+    /// bf16 in boxes `SWIZZLE_ELEMENTS` wide (one 128-byte row each), rows swizzled as the
+    /// `wgmma` descriptors name them.
+    SwizzledBf16,
+    /// A 4-bit weight's packed `u32` words, rows of the box contiguous (`wgmma_4bit.cu`).
+    PackedWords,
+}
+
+/// The tensor map of a contiguous `[rows, cols]` matrix read in `box_shape` boxes, with the L2
+/// promotion CUTLASS uses.
+pub(crate) fn tensor_map(
     tensor: &CubeTensor,
     [rows, cols]: [usize; 2],
     box_shape: [usize; 2],
+    layout: TensorMapLayout,
 ) -> TensorMapBinding {
+    let (elem_ty, swizzle) = match layout {
+        TensorMapLayout::SwizzledBf16 => (ElemType::Float(FloatKind::BF16), TensorMapSwizzle::B128),
+        TensorMapLayout::PackedWords => (ElemType::UInt(UIntKind::U32), TensorMapSwizzle::None),
+    };
     let metadata = Metadata::new(Shape::new([rows, cols]), Strides::new(&[cols, 1]));
     let map = TensorMapMeta {
         format: TensorMapFormat::Tiled(TiledArgs {
@@ -323,10 +353,10 @@ fn tensor_map(
         metadata,
         elem_stride: Strides::new(&[1, 1]),
         interleave: TensorMapInterleave::None,
-        swizzle: TensorMapSwizzle::B128,
+        swizzle,
         prefetch: TensorMapPrefetch::B256,
         oob_fill: OobFill::Zero,
-        elem_ty: ElemType::Float(FloatKind::BF16),
+        elem_ty,
     };
     TensorMapBinding::new(tensor.handle.clone().binding(), map)
 }

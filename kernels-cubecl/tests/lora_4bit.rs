@@ -65,7 +65,8 @@ impl Inputs {
 
 const PARTS: [&str; 4] = ["y", "grad x", "grad A", "grad B"];
 
-/// The random weights' shape: with 256 rows of input, tiles of the `wgmma` kernel on CUDA.
+/// The random weights' shape: with 256 rows of input, tiles of the `wgmma` kernels on CUDA (the
+/// forward's that dequantizes the weight inside the product takes 128 features a tile).
 const SHAPE: [usize; 2] = [384, 512];
 
 /// A random `SHAPE` weight packed in NF4, its scale making the adapter's term (from `Inputs`)
@@ -206,7 +207,10 @@ fn lora_4bit_pullback_gives_the_layers_gradients_without_its_output() {
 
 /// A weight carrying its dequantized copy (`Packed4bit::with_dense_copy`, as a checkpointed
 /// layer's recomputation makes it) gives the layer's output and gradients bit for bit, and the
-/// 4-bit product's likewise: the copy is what each product would have dequantized.
+/// 4-bit product's likewise: the copy is what each product would have dequantized. On CUDA with
+/// `KERNELS_CUBECL_4BIT_FORWARD=fused` the forward without the copy dequantizes inside its
+/// product (`wgmma_4bit`) and with it takes the dense `wgmma` kernel, so this holds the two
+/// kernels to the same numbers too.
 #[test]
 fn a_dense_copy_of_the_weight_changes_no_number() {
     for (name, plain) in devices() {

@@ -236,7 +236,9 @@ fn bf16_products_at_tile_sizes_equal_the_f32_product() {
 /// A linear layer's 4-bit forward is bitwise the product with the dequantized weight through the
 /// dense routine (`frozen_matmul`), for NF4 with and without double quantization and FP4, at both
 /// `wgmma` tile widths on CUDA (512 and 384 rows), over a 3-D input: the dequantization rounds
-/// each value once and nothing else differs. WGSL has no bf16, so wgpu runs it in f16.
+/// each value once and nothing else differs. On CUDA with `KERNELS_CUBECL_4BIT_FORWARD=fused` the
+/// forward dequantizes inside its product (`wgmma_4bit`, computing the transpose) and the
+/// reference is the dense `wgmma` kernel: the same sums. WGSL has no bf16, so wgpu runs it in f16.
 #[test]
 fn forward_4bit_equals_the_dequantized_product_bitwise() {
     for (name, device) in devices() {
