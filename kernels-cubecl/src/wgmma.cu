@@ -85,14 +85,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     __shared__ __align__(8) u64 full[STAGES], empty[STAGES];
     const u32 full_barriers = shared_address(full);
     const u32 empty_barriers = shared_address(empty);
-    if (thread == 0) {
-#pragma unroll
-        for (int s = 0; s < STAGES; s++) {
-            barrier_init(full_barriers + 8 * s, 1);
-            barrier_init(empty_barriers + 8 * s, CONSUMER_THREADS);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
+    init_ring(full_barriers, empty_barriers, CONSUMER_THREADS);
     __syncthreads();
 
     if (thread >= CONSUMER_THREADS) {
@@ -100,14 +93,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
             asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)&a_map) : "memory");
             asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)&b_map) : "memory");
             for (int step = 0; step < steps; step++) {
-                const int s = step % STAGES;
-                if (step >= STAGES) {
-                    barrier_wait(empty_barriers + 8 * s, (step / STAGES - 1) & 1);
-                }
-                const u32 full_barrier = full_barriers + 8 * s;
-                const u32 stage = base + s * STAGE_BYTES;
+                const u32 full_barrier =
+                    acquire_stage(step, full_barriers, empty_barriers, STAGE_BYTES);
+                const u32 stage = base + (step % STAGES) * STAGE_BYTES;
                 const int k0 = step * BK;
-                barrier_expect(full_barrier, STAGE_BYTES);
                 load_box(stage, &a_map, k0, m0, full_barrier);
 #if B_MN_MAJOR
 #pragma unroll

@@ -109,14 +109,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     if (thread < 16) {
         codebook[thread] = code[thread];
     }
-    if (thread == 0) {
-#pragma unroll
-        for (int s = 0; s < STAGES; s++) {
-            barrier_init(full_barriers + 8 * s, 1);
-            barrier_init(empty_barriers + 8 * s, CONSUMER_THREADS);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
+    init_ring(full_barriers, empty_barriers, CONSUMER_THREADS);
     __syncthreads();
 
     if (thread >= CONSUMER_THREADS) {
@@ -127,13 +120,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
             asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)&x_map) : "memory");
             asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)&w_map) : "memory");
             for (int step = 0; step < STEPS; step++) {
-                const int s = step % STAGES;
-                if (step >= STAGES) {
-                    barrier_wait(empty_barriers + 8 * s, (step / STAGES - 1) & 1);
-                }
-                const u32 full_barrier = full_barriers + 8 * s;
-                const u32 stage = base + s * STAGE_BYTES;
-                barrier_expect(full_barrier, STAGE_BYTES);
+                const u32 full_barrier =
+                    acquire_stage(step, full_barriers, empty_barriers, STAGE_BYTES);
+                const u32 stage = base + (step % STAGES) * STAGE_BYTES;
                 load_box(stage, &x_map, step * BK, m0, full_barrier);
                 load_box(stage + X_STAGE_BYTES, &w_map, step * BK / 8, n0, full_barrier);
             }

@@ -89,3 +89,29 @@ static __device__ __forceinline__ void load_box(u32 to, const TensorMap *map, in
                  : "memory");
 }
 
+// A ring of STAGES stages' barriers, set up by the block's first thread (the caller synchronizes
+// the block after): full[s] completes on the producer's arrival and the stage's bytes, empty[s]
+// once all `consumers` threads have arrived.
+static __device__ __forceinline__ void init_ring(u32 full_barriers, u32 empty_barriers,
+                                                 u32 consumers) {
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int s = 0; s < STAGES; s++) {
+            barrier_init(full_barriers + 8 * s, 1);
+            barrier_init(empty_barriers + 8 * s, consumers);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+}
+
+// The producer's turn at step `step`'s stage: waits until the consumers freed it (from the
+// ring's second round on), arms its full barrier for `bytes`, and returns that barrier.
+static __device__ __forceinline__ u32 acquire_stage(int step, u32 full_barriers,
+                                                    u32 empty_barriers, u32 bytes) {
+    const int s = step % STAGES;
+    if (step >= STAGES) {
+        barrier_wait(empty_barriers + 8 * s, (step / STAGES - 1) & 1);
+    }
+    barrier_expect(full_barriers + 8 * s, bytes);
+    return full_barriers + 8 * s;
+}
