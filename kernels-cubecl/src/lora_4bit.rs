@@ -503,10 +503,10 @@ mod cube {
             (first_out, second_out)
         }
 
-        /// The forward's `wgmma` kernel with the weight dequantized inside it (`wgmma_4bit`)
-        /// where it applies, else the `wgmma` kernel over the dense weight; both add the
-        /// adapter's term on their accumulator (its hidden from `thin_product`). Elsewhere the
-        /// separate kernels.
+        /// The `wgmma` kernel with the weight dequantized inside it (`wgmma_4bit`) where it
+        /// applies, else the `wgmma` kernel over the dense weight; both add the adapter's term
+        /// on their accumulator (its hidden from `thin_product`). Elsewhere the separate
+        /// kernels.
         fn lora_product(
             lhs: CubeTensor,
             weight: Weight4bitPrimitive<Self>,
@@ -516,9 +516,8 @@ mod cube {
         ) -> (CubeTensor, CubeTensor) {
             #[cfg(feature = "cuda")]
             if lhs.shape()[0] > crate::matmul::cube::MATVEC_MAX_ROWS && lhs.dtype() == DType::BF16 {
-                if transpose
-                    && let Some((out, Some(hidden))) =
-                        crate::wgmma_4bit::product(&lhs, &weight, Some((&down, &up)))
+                if let Some((out, Some(hidden))) =
+                    crate::wgmma_4bit::product(&lhs, &weight, transpose, Some((&down, &up)))
                 {
                     return (out, hidden);
                 }

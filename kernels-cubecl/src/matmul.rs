@@ -262,16 +262,24 @@ pub(crate) mod cube {
                     )
                 });
             }
-            // The forward over 2-D rows: the weight dequantized inside the product where that
-            // kernel takes the operands.
+            // Over 2-D rows: the weight dequantized inside the product where that kernel takes
+            // the operands.
             #[cfg(feature = "cuda")]
-            if transpose && lhs.dtype() == DType::BF16 && lhs.is_contiguous() {
+            if lhs.dtype() == DType::BF16 && lhs.is_contiguous() {
                 let dtype = lhs.dtype();
                 return over_rows::<Self>(lhs, |lhs| {
-                    if let Some((out, _)) = crate::wgmma_4bit::product(&lhs, &weight, None) {
+                    if let Some((out, _)) =
+                        crate::wgmma_4bit::product(&lhs, &weight, transpose, None)
+                    {
                         return out;
                     }
-                    dense_product(lhs, Self::float_transpose(dequantized(weight, dtype)))
+                    let dense = dequantized(weight, dtype);
+                    let rhs = if transpose {
+                        Self::float_transpose(dense)
+                    } else {
+                        dense
+                    };
+                    dense_product(lhs, rhs)
                 });
             }
             let dense = dequantized(weight, lhs.dtype());

@@ -331,6 +331,11 @@ pub(crate) enum TensorMapLayout {
     SwizzledBf16,
     /// A 4-bit weight's packed `u32` words, rows of the box contiguous (`wgmma_4bit.cu`).
     PackedWords,
+    /// Packed words in boxes of 64-byte rows with the 64-byte swizzle (`wgmma_4bit.cu`'s
+    /// transposed weight: the rows a thread reads at once fall on different banks).
+    SwizzledPackedWords,
+    /// f32, rows of the box contiguous (`wgmma_4bit.cu`'s absmax).
+    Floats,
 }
 
 /// The tensor map of a contiguous `[rows, cols]` matrix read in `box_shape` boxes, with the L2
@@ -344,6 +349,10 @@ pub(crate) fn tensor_map(
     let (elem_ty, swizzle) = match layout {
         TensorMapLayout::SwizzledBf16 => (ElemType::Float(FloatKind::BF16), TensorMapSwizzle::B128),
         TensorMapLayout::PackedWords => (ElemType::UInt(UIntKind::U32), TensorMapSwizzle::None),
+        TensorMapLayout::SwizzledPackedWords => {
+            (ElemType::UInt(UIntKind::U32), TensorMapSwizzle::B64)
+        }
+        TensorMapLayout::Floats => (ElemType::Float(FloatKind::F32), TensorMapSwizzle::None),
     };
     let metadata = Metadata::new(Shape::new([rows, cols]), Strides::new(&[cols, 1]));
     let map = TensorMapMeta {

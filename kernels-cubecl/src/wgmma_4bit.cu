@@ -1,31 +1,40 @@
-// A linear layer's forward over a 4-bit weight, C = X · Wᵀ (+ H · U for a LoRA layer), with W
+// A linear layer's product with a 4-bit weight, C = X · Wᵀ (the forward) or, with MN_MAJOR,
+// C = X · W (the input gradient, X the output's gradient), + H · U for a LoRA layer, with W
 // dequantized inside the product: bitsandbytes' packed codes (two a byte, the first element in
 // the high nibble) and one f32 absmax per block of 64 along a row, never a dense W in memory.
 //
-// Computed transposed, Cᵀ = W · Xᵀ, because `wgmma` reads its A operand from registers: the
-// consumer warps decode W's codes straight into their A fragments (`code[nibble] * (absmax +
-// offset)` rounded to bf16, the dequantization kernel's numbers), one stage ahead, while the
+// Computed transposed, Cᵀ = W · Xᵀ (Wᵀ · Xᵀ), because `wgmma` reads its A operand from registers:
+// the consumer warps decode W's codes straight into their A fragments (`code[nibble] * (absmax
+// + offset)` rounded to bf16, the dequantization kernel's numbers), one stage ahead, while the
 // tensor cores run the previous stage's MMAs; X is the B operand, read from shared memory as
 // `wgmma.cu` reads a K-major weight. An earlier attempt decoded W in producer warps into the
 // shared-memory operand: their stores bound it at 1.5x the dense product (BENCHMARKS.md).
 //
-// The host prepends N_DIM (W's rows, the output's features: a multiple of BM) and K_DIM (its
-// columns, a multiple of BK; the block size is BK), the tile's tokens BN (256 or 64: the MMA's
-// N), the launch's first feature FEATURE_OFFSET, LOW_RANK (8 or 16, 0 for none), STAGES, the
-// ring's DYNAMIC_SHARED_MEMORY_BYTES, the accumulator's BN / 2 asm operands (ACC_REGS,
-// ACC_OPERANDS) and the indices of the operands after them (FRAGMENT, DESCRIPTOR, SCALE).
+// The host prepends MN_MAJOR (1 where the product's depth runs along W's rows, so C's features
+// are W's contiguous columns), N_DIM (C's features: W's rows, or its columns with MN_MAJOR; a
+// multiple of BM) and K_DIM (the product's depth, a multiple of BK; the block size
+// is 64), the tile's tokens BN (256 or 64: the MMA's N), the launch's first feature
+// FEATURE_OFFSET, LOW_RANK (8 or 16, 0 for none), STAGES, the ring's
+// DYNAMIC_SHARED_MEMORY_BYTES, the accumulator's BN / 2 asm operands (ACC_REGS, ACC_OPERANDS)
+// and the indices of the operands after them (FRAGMENT, DESCRIPTOR, SCALE).
 //
 // The launch passes X's tensor map (boxes of BN rows by 64 elements, the 128-byte swizzle) and
-// the packed weight's (u32 words viewed as [N_DIM, K_DIM / 8], boxes of BM rows by 8 words, no
-// swizzle), the decoded absmax (f32, one a block, without the offset), the 16 code values, for
-// a LoRA layer the hidden H [M, LOW_RANK] and U [LOW_RANK, N_DIM] (bf16, as `wgmma.cu` takes
-// them), C, and last the absmax's offset as a scalar parameter.
+// the packed weight's (u32 words): for the forward viewed as [N_DIM, K_DIM / 8] in boxes of BM
+// rows by 8 words, no swizzle, then the decoded absmax (f32, one a block, without the offset);
+// with MN_MAJOR viewed as [K_DIM, N_DIM / 8] in boxes of BK rows by 16 words with the 64-byte
+// swizzle, then the decoded absmax's map ([K_DIM, N_DIM / 64] f32, boxes of BK rows by 4). Then
+// the 16 code values, for a LoRA layer the hidden H [M, LOW_RANK] and U [LOW_RANK, N_DIM] (bf16,
+// as `wgmma.cu` takes them), C, and last the absmax's offset as a scalar parameter.
 //
 // Each block computes a BM-feature by BN-token tile of Cᵀ: two consumer warpgroups, warpgroup w
 // the features [64 w, 64 w + 64), and a producer warpgroup whose first thread fills a
-// STAGES-deep ring. A stage holds X's box and the tile's BM packed rows of 32 bytes. A thread's fragments
-// for a stage are its warp's rows g and g + 8 (g its lane / 4), each eight bytes of the row: byte
-// t (its lane % 4) of each of the row's eight words.
+// STAGES-deep ring. A stage holds X's box and the tile's packed weight: for the forward its BM
+// rows of 32 bytes, and a thread's fragments are its warp's rows g and g + 8 (g its lane / 4),
+// each eight bytes of the row: byte t (its lane % 4) of each of the row's eight words. With
+// MN_MAJOR the stage holds BK weight rows of BM features (64 bytes) and their absmax: a
+// thread's features are again g and g + 8 of its warp's 16, one nibble of two adjacent words in
+// each of the weight rows 2 t, 2 t + 1, 2 t + 8 and 2 t + 9 of every 16; a warpgroup's 64
+// features are one quantization block, so each weight row has one scale for the warpgroup.
 
 #define BM 128
 #define BK 64
@@ -34,7 +43,13 @@
 #define THREADS (CONSUMER_THREADS + 128)
 #define X_STAGE_BYTES (BN * BK * 2)
 #define W_STAGE_BYTES (BM * BK / 2)
-#define STAGE_BYTES (X_STAGE_BYTES + W_STAGE_BYTES)
+#if MN_MAJOR
+// The weight rows' absmax: four blocks (16 bytes, the least a box row may be) of each row.
+#define SCALE_STAGE_BYTES (BK * 16)
+#else
+#define SCALE_STAGE_BYTES 0
+#endif
+#define STAGE_BYTES (X_STAGE_BYTES + W_STAGE_BYTES + SCALE_STAGE_BYTES)
 
 // One k16 MMA: A the thread's four fragment registers, B (X) from shared memory, K-major.
 static __device__ __forceinline__ void mma(float *d, const u32 *a, u64 b) {
@@ -84,9 +99,52 @@ static __device__ __forceinline__ void decode_stage(u32 (&fragments)[16], const 
     }
 }
 
+#if MN_MAJOR
+// Eight bytes of the stage's packed weight row `k` (64 bytes, the 64-byte swizzle: its 16-byte
+// chunk c lies at chunk c ^ ((k >> 1) & 3)) from byte `column`, a multiple of 8.
+static __device__ __forceinline__ uint2 packed_pair(const unsigned char *rows, int k, int column) {
+    const int chunk = (column >> 4) ^ ((k >> 1) & 3);
+    return *(const uint2 *)(rows + k * 64 + chunk * 16 + (column & 15));
+}
+
+// A thread's fragments for one stage's four k16 steps of Wᵀ: register 4 k + 2 h + i holds, for
+// h and i 0 or 1, feature g's (i = 0) or g + 8's (i = 1) elements of weight rows 16 k + 8 h + 2 t
+// and + 1, each `code[nibble] * (its row's absmax + offset)`. `column` is the byte of the words
+// of the warp's 16 features, `shift` the thread's nibble in them, `scales` the stage's absmax
+// (four a weight row, the thread's warpgroup's first).
+static __device__ __forceinline__ void decode_stage(u32 (&fragments)[16],
+                                                    const unsigned char *rows,
+                                                    const float *scales, int column, int shift,
+                                                    int quad, float offset,
+                                                    const float *codebook) {
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int first_row = 16 * k + 8 * h + 2 * quad;
+            const uint2 first = packed_pair(rows, first_row, column);
+            const uint2 second = packed_pair(rows, first_row + 1, column);
+            const float first_scale = __fadd_rn(scales[4 * first_row], offset);
+            const float second_scale = __fadd_rn(scales[4 * first_row + 4], offset);
+            fragments[4 * k + 2 * h] =
+                pack(__fmul_rn(codebook[(first.x >> shift) & 15], first_scale),
+                     __fmul_rn(codebook[(second.x >> shift) & 15], second_scale));
+            fragments[4 * k + 2 * h + 1] =
+                pack(__fmul_rn(codebook[(first.y >> shift) & 15], first_scale),
+                     __fmul_rn(codebook[(second.y >> shift) & 15], second_scale));
+        }
+    }
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     wgmma_4bit_tn(const __grid_constant__ TensorMap x_map, const __grid_constant__ TensorMap w_map,
-                  const float *__restrict__ absmax, const float *__restrict__ code,
+#if MN_MAJOR
+                  const __grid_constant__ TensorMap absmax_map,
+#else
+                  const float *__restrict__ absmax,
+#endif
+                  const float *__restrict__ code,
 #if LOW_RANK
                   const u32 *__restrict__ h, const bf16 *__restrict__ u,
 #endif
@@ -119,12 +177,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         if (thread == CONSUMER_THREADS) {
             asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)&x_map) : "memory");
             asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)&w_map) : "memory");
+#if MN_MAJOR
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)&absmax_map) : "memory");
+#endif
             for (int step = 0; step < STEPS; step++) {
                 const u32 full_barrier =
                     acquire_stage(step, full_barriers, empty_barriers, STAGE_BYTES);
                 const u32 stage = base + (step % STAGES) * STAGE_BYTES;
                 load_box(stage, &x_map, step * BK, m0, full_barrier);
+#if MN_MAJOR
+                load_box(stage + X_STAGE_BYTES, &w_map, n0 / 8, step * BK, full_barrier);
+                load_box(stage + X_STAGE_BYTES + W_STAGE_BYTES, &absmax_map, n0 / 64, step * BK,
+                         full_barrier);
+#else
                 load_box(stage + X_STAGE_BYTES, &w_map, step * BK / 8, n0, full_barrier);
+#endif
             }
         }
         return;
@@ -137,21 +204,47 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     // The thread's first weight row within the tile (the second is 8 below): its warpgroup's
     // 64, its warp's 16.
     const int row = (thread / 128) * 64 + ((thread % 128) / 32) * 16 + group;
-    const float *row_absmax = absmax + (u64)(n0 + row) * STEPS;
-    const float *below_absmax = row_absmax + 8 * STEPS;
-    // The absmax of the stage after the one being decoded, loaded a stage early.
-    float next_absmax = STEPS > 1 ? row_absmax[1] : 0.0f;
-    float next_below_absmax = STEPS > 1 ? below_absmax[1] : 0.0f;
-
     float d[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; i++) {
         d[i] = 0.0f;
     }
+#if MN_MAJOR
+    // The byte of the warp's 16 features' words in a weight row, and the thread's nibble in them
+    // (byte g / 2 of each word, the first element of a byte in its high nibble).
+    const int column = (row - group) / 2;
+    const int shift = 8 * (group / 2) + (group % 2 == 0 ? 4 : 0);
+    const int warpgroup = thread / 128;
+    // Step `step`'s fragments, once its stage has landed.
+    auto decode = [&](u32(&fragments)[16], int step) {
+        const int s = step % STAGES;
+        barrier_wait(full_barriers + 8 * s, (step / STAGES) & 1);
+        const unsigned char *stage = aligned_ring + s * STAGE_BYTES + X_STAGE_BYTES;
+        decode_stage(fragments, stage, (const float *)(stage + W_STAGE_BYTES) + warpgroup, column,
+                     shift, quad, offset, codebook);
+    };
+#else
+    const float *row_absmax = absmax + (u64)(n0 + row) * STEPS;
+    const float *below_absmax = row_absmax + 8 * STEPS;
+    // The absmax of the next stage to decode, loaded a stage early.
+    float next_absmax = row_absmax[0];
+    float next_below_absmax = below_absmax[0];
+    // Step `step`'s fragments, once its stage has landed; step + 1's absmax loads meanwhile.
+    auto decode = [&](u32(&fragments)[16], int step) {
+        const float scale = __fadd_rn(next_absmax, offset);
+        const float scale_below = __fadd_rn(next_below_absmax, offset);
+        if (step + 1 < STEPS) {
+            next_absmax = row_absmax[step + 1];
+            next_below_absmax = below_absmax[step + 1];
+        }
+        const int s = step % STAGES;
+        barrier_wait(full_barriers + 8 * s, (step / STAGES) & 1);
+        decode_stage(fragments, (const u32 *)(aligned_ring + s * STAGE_BYTES + X_STAGE_BYTES),
+                     row, quad, scale, scale_below, codebook);
+    };
+#endif
     u32 even_fragments[16], odd_fragments[16];
-    barrier_wait(full_barriers, 0);
-    decode_stage(even_fragments, (const u32 *)(aligned_ring + X_STAGE_BYTES), row, quad,
-                 __fadd_rn(row_absmax[0], offset), __fadd_rn(below_absmax[0], offset), codebook);
+    decode(even_fragments, 0);
 
     // Step `step`'s MMAs on `current`; while they run, step + 1's fragments into `next`.
     auto consume = [&](int step, u32(&current)[16], u32(&next)[16]) {
@@ -170,16 +263,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
             barrier_arrive(empty_barriers + 8 * ((step - 1) % STAGES));
         }
         if (step + 1 < STEPS) {
-            const float scale = __fadd_rn(next_absmax, offset);
-            const float scale_below = __fadd_rn(next_below_absmax, offset);
-            if (step + 2 < STEPS) {
-                next_absmax = row_absmax[step + 2];
-                next_below_absmax = below_absmax[step + 2];
-            }
-            const int s = (step + 1) % STAGES;
-            barrier_wait(full_barriers + 8 * s, ((step + 1) / STAGES) & 1);
-            decode_stage(next, (const u32 *)(aligned_ring + s * STAGE_BYTES + X_STAGE_BYTES), row,
-                         quad, scale, scale_below, codebook);
+            decode(next, step + 1);
         }
     };
     for (int step = 0; step < STEPS; step += 2) {

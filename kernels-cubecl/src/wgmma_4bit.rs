@@ -1,10 +1,11 @@
-//! A linear layer's forward over a 4-bit weight with the weight dequantized inside Hopper's
-//! `wgmma` product (`wgmma_4bit.cu`), hand-written in CUDA and launched as `wgmma.rs` launches
-//! the dense product. Computed as `Cᵀ = W · xᵀ`: `wgmma` reads its A operand from registers, so
-//! the consumer warps decode the packed codes straight into it, and the dense weight never
-//! exists. It replaces the dequantization pass and the dense product of a forward (the
-//! dequantization alone cost a tenth of the product: BENCHMARKS.md); the numbers are the dense
-//! path's (the same rounded weights, the same adapter term in the same order).
+//! A linear layer's products over a 4-bit weight, the forward's `x · Wᵀ` and the input
+//! gradient's `g · W`, with the weight dequantized inside Hopper's `wgmma` product
+//! (`wgmma_4bit.cu`), hand-written in CUDA and launched as `wgmma.rs` launches the dense product.
+//! Computed as `Cᵀ = W · xᵀ` (`Wᵀ · gᵀ`): `wgmma` reads its A operand from registers, so the
+//! consumer warps decode the packed codes straight into it, and the dense weight never exists.
+//! It replaces the dequantization pass and the dense product (the dequantization alone cost a
+//! tenth of the product: BENCHMARKS.md); the numbers are the dense path's (the same rounded
+//! weights, the same adapter term in the same order).
 
 use burn::backend::TensorMetadata;
 use burn::tensor::DType;
@@ -38,33 +39,58 @@ const THREADS: u32 = 384;
 /// The ring's stages: 5 of 36 KiB at 256 tokens.
 const STAGES: usize = 5;
 
-/// The packed words' box: a block's weight rows, one stage of each (32 bytes).
+/// The packed words' box for the forward: a block's weight rows, one stage of each (32 bytes).
 const WORDS_BOX: [usize; 2] = [BLOCK_FEATURES, BLOCK_SIZE / 8];
+/// For the input gradient: a stage's weight rows, a block's features of each (64 bytes).
+const MN_MAJOR_WORDS_BOX: [usize; 2] = [STAGE_DEPTH, BLOCK_FEATURES / 8];
+/// The input gradient's absmax box: a stage's weight rows, four blocks of each (16 bytes, the
+/// least a box row may be; a tile's features are two blocks).
+const MN_MAJOR_ABSMAX_BOX: [usize; 2] = [STAGE_DEPTH, 4];
 
-/// Whether the forward takes this kernel by default (else the dequantization pass and the dense
-/// `wgmma` product). Off until its tests and timings have run on a GPU: it was written and
-/// compiled (NVRTC, `sm_90a`) in a session that had none (BENCHMARKS.md).
-const FUSED_BY_DEFAULT: bool = false;
+/// Which products take this kernel by default (else the dequantization pass and the dense
+/// `wgmma` product). None until its tests and timings have run on a GPU: it was written and
+/// compiled (NVRTC, `sm_90a`) in sessions that had none (BENCHMARKS.md).
+const FUSED_BY_DEFAULT: FusedProducts = FusedProducts::None;
 
-/// Whether a forward takes this kernel where it fits: `KERNELS_CUBECL_4BIT_FORWARD` (read once)
-/// may say `fused` or `dequantize`, to compare the two on one build or to step around the kernel.
-fn fused_forward() -> bool {
-    static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FUSED.get_or_init(
-        || match std::env::var("KERNELS_CUBECL_4BIT_FORWARD").as_deref() {
-            Ok("fused") => true,
-            Ok("dequantize") => false,
-            Ok(other) => {
-                panic!("KERNELS_CUBECL_4BIT_FORWARD={other:?} is not `fused` or `dequantize`")
-            }
-            Err(_) => FUSED_BY_DEFAULT,
-        },
-    )
+/// The products that dequantize inside `wgmma`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FusedProducts {
+    None,
+    /// The forward's `x · Wᵀ` only.
+    Forward,
+    /// The forward's and the input gradient's.
+    Both,
 }
 
-/// One compilation: the shape, the tile and the adapter's rank.
+/// Whether the product (`x · Wᵀ` for `transpose`) takes this kernel where it fits:
+/// `KERNELS_CUBECL_4BIT_PRODUCTS` (read once) may say `fused` (both products), `forward` or
+/// `dequantize`, to compare them on one build or to step around the kernel.
+fn fused(transpose: bool) -> bool {
+    static FUSED: std::sync::OnceLock<FusedProducts> = std::sync::OnceLock::new();
+    let fused = *FUSED.get_or_init(|| {
+        match std::env::var("KERNELS_CUBECL_4BIT_PRODUCTS").as_deref() {
+            Ok("fused") => FusedProducts::Both,
+            Ok("forward") => FusedProducts::Forward,
+            Ok("dequantize") => FusedProducts::None,
+            Ok(other) => panic!(
+                "KERNELS_CUBECL_4BIT_PRODUCTS={other:?} is not `fused`, `forward` or `dequantize`"
+            ),
+            Err(_) => FUSED_BY_DEFAULT,
+        }
+    });
+    match fused {
+        FusedProducts::None => false,
+        FusedProducts::Forward => transpose,
+        FusedProducts::Both => true,
+    }
+}
+
+/// One compilation: the product, the shape, the tile and the adapter's rank.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Wgmma4bitProduct {
+    /// The input gradient's `g · W` (its depth along the weight's rows), else `x · Wᵀ`.
+    mn_major: bool,
+    /// The output's features: the weight's rows, or its columns for `g · W`.
     features: usize,
     depth: usize,
     tile_tokens: usize,
@@ -75,9 +101,16 @@ struct Wgmma4bitProduct {
 }
 
 impl Wgmma4bitProduct {
-    /// The ring's bytes (x's box and the packed rows a stage), and 1 KiB to align its start.
+    /// The ring's bytes (x's box, the packed weight and for `g · W` the absmax a stage), and 1
+    /// KiB to align its start.
     fn shared_memory_bytes(&self) -> usize {
-        STAGES * (self.tile_tokens * BLOCK_SIZE * 2 + BLOCK_FEATURES * BLOCK_SIZE / 2) + 1024
+        let absmax_box = if self.mn_major {
+            MN_MAJOR_ABSMAX_BOX[0] * MN_MAJOR_ABSMAX_BOX[1] * 4
+        } else {
+            0
+        };
+        STAGES * (self.tile_tokens * BLOCK_SIZE * 2 + BLOCK_FEATURES * BLOCK_SIZE / 2 + absmax_box)
+            + 1024
     }
 }
 
@@ -98,12 +131,14 @@ impl CudaKernel for Wgmma4bitProduct {
             .map(|i| format!("%{i}"))
             .collect::<Vec<_>>();
         format!(
-            "#define N_DIM {}\n#define K_DIM {}\n#define BN {}\n#define FEATURE_OFFSET {}\n\
+            "#define MN_MAJOR {}\n#define N_DIM {}\n#define K_DIM {}\n#define BN {}\n\
+             #define FEATURE_OFFSET {}\n\
              #define LOW_RANK {}\n#define STAGES {STAGES}\n\
              #define DYNAMIC_SHARED_MEMORY_BYTES {}\n\
              #define ACC_REGS \"{{{}}}\"\n#define ACC_OPERANDS {}\n\
              #define FRAGMENT \"{{{}}}\"\n#define DESCRIPTOR \"%{}\"\n#define SCALE \"%{}\"\n\
              {SOURCE}",
+            u8::from(self.mn_major),
             self.features,
             self.depth,
             self.tile_tokens,
@@ -151,26 +186,38 @@ fn feature_spans(token_tiles: usize, feature_tiles: usize, processors: usize) ->
     ]
 }
 
-/// `x · Wᵀ` for a bf16 `x` `[rows, depth]` and a packed `[features, depth]` weight in blocks of
-/// 64 without a dense copy, on devices of compute capability 9.0; with an adapter (`down` `[r,
-/// depth]`, `up` `[r, features]`, as `wgmma::lora_product` takes them) `+ (x · downᵀ) · up`,
-/// and the hidden. `None` where the kernel does not take them: rows a multiple of 256, features
-/// of 128, depth of 64.
+/// `x · Wᵀ` (`transpose`) or `x · W` for a bf16 `x` `[rows, depth]` and a packed `[features,
+/// depth]` (`[depth, features]`) weight in blocks of 64 without a dense copy, on devices of
+/// compute capability 9.0; with an adapter (`down` `[r, depth]`, `up` `[r, features]`, as
+/// `wgmma::lora_product` takes them) `+ (x · downᵀ) · up`, and the hidden. `None` where the
+/// kernel does not take them: rows a multiple of 256, features of 128 (of 256 for `x · W`, whose
+/// absmax rows the tensor map reads in 16-byte steps), depth of 64.
 pub(crate) fn product(
     x: &CubeTensor,
     weight: &Weight4bitPrimitive<CubeBackend>,
+    transpose: bool,
     adapter: Option<(&CubeTensor, &CubeTensor)>,
 ) -> Option<(CubeTensor, Option<CubeTensor>)> {
-    let [features, depth] = weight.shape;
-    if !fused_forward() || !lhs_fits(x) || !matches!(weight.dense, DenseCopy::Absent) {
+    let [features, depth] = if transpose {
+        weight.shape
+    } else {
+        let [rows, cols] = weight.shape;
+        [cols, rows]
+    };
+    if !fused(transpose) || !lhs_fits(x) || !matches!(weight.dense, DenseCopy::Absent) {
         return None;
     }
     let rows = x.shape()[0];
     let words = &weight.words;
+    let feature_multiple = if transpose {
+        BLOCK_FEATURES
+    } else {
+        2 * BLOCK_FEATURES
+    };
     let fits = rows.is_multiple_of(WIDE_TOKENS)
         && x.shape()[1] == depth
         && weight.block_size == BLOCK_SIZE
-        && features.is_multiple_of(BLOCK_FEATURES)
+        && features.is_multiple_of(feature_multiple)
         && depth.is_multiple_of(BLOCK_SIZE)
         && words.dtype() == DType::U32
         && words.shape().num_elements() == features * depth / 8
@@ -188,17 +235,35 @@ pub(crate) fn product(
     };
     let (absmax, offset) =
         decoded_absmax::<CubeBackend>(weight.absmax.clone(), features * depth, BLOCK_SIZE);
-    if absmax.dtype() != DType::F32 || !absmax.is_contiguous() {
+    if absmax.dtype() != DType::F32 || !absmax.is_contiguous() || !aligned(&absmax) {
         return None;
     }
     let hidden = adapter.map(|(down, _)| crate::thin_product::hidden(x, down));
     let out = empty_output(x, [rows, features], DType::BF16);
-    let words_map = tensor_map(
-        words,
-        [features, depth / 8],
-        WORDS_BOX,
-        TensorMapLayout::PackedWords,
-    );
+    // The weight's tensor maps, and for the forward its absmax as a buffer.
+    let (weight_maps, absmax_buffer) = if transpose {
+        let words_map = tensor_map(
+            words,
+            [features, depth / 8],
+            WORDS_BOX,
+            TensorMapLayout::PackedWords,
+        );
+        (vec![words_map], Some(absmax.handle.clone().binding()))
+    } else {
+        let words_map = tensor_map(
+            words,
+            [depth, features / 8],
+            MN_MAJOR_WORDS_BOX,
+            TensorMapLayout::SwizzledPackedWords,
+        );
+        let absmax_map = tensor_map(
+            &absmax,
+            [depth, features / BLOCK_SIZE],
+            MN_MAJOR_ABSMAX_BOX,
+            TensorMapLayout::Floats,
+        );
+        (vec![words_map, absmax_map], None)
+    };
     let processors = x
         .client
         .properties()
@@ -212,11 +277,15 @@ pub(crate) fn product(
             [span.tile_tokens, STAGE_DEPTH],
             TensorMapLayout::SwizzledBf16,
         );
-        let mut arguments = KernelArguments::new().with_tensor_maps(vec![x_map, words_map.clone()]);
-        arguments.declared_io = vec![BufferIOAttr::ReadOnly; 2];
-        arguments = arguments
-            .with_buffer_io(absmax.handle.clone().binding(), BufferIOAttr::ReadOnly)
-            .with_buffer_io(weight.code.handle.clone().binding(), BufferIOAttr::ReadOnly);
+        let maps = [vec![x_map], weight_maps.clone()].concat();
+        let mut arguments = KernelArguments::new();
+        arguments.declared_io = vec![BufferIOAttr::ReadOnly; maps.len()];
+        arguments = arguments.with_tensor_maps(maps);
+        if let Some(absmax) = &absmax_buffer {
+            arguments = arguments.with_buffer_io(absmax.clone(), BufferIOAttr::ReadOnly);
+        }
+        arguments =
+            arguments.with_buffer_io(weight.code.handle.clone().binding(), BufferIOAttr::ReadOnly);
         if let (Some((_, up)), Some(hidden)) = (adapter, &hidden) {
             arguments = arguments
                 .with_buffer_io(hidden.handle.clone().binding(), BufferIOAttr::ReadOnly)
@@ -233,6 +302,7 @@ pub(crate) fn product(
             1,
         );
         let kernel = Wgmma4bitProduct {
+            mn_major: !transpose,
             features,
             depth,
             tile_tokens: span.tile_tokens,
@@ -250,22 +320,26 @@ mod tests {
     use super::{FeatureSpan, Wgmma4bitProduct, feature_spans};
     use crate::precompiled::nvrtc_check::{compile_for_hopper, compiles_without_spills};
 
-    /// The 7B forward's tiles (rank 8 and none) compile without spills; rank 16 compiles.
+    /// The 7B step's tiles (the forward and the input gradient, rank 8 and none) compile
+    /// without spills; rank 16 compiles.
     #[test]
     fn the_kernel_compiles_for_hopper() {
-        let product = |tile_tokens, rank| Wgmma4bitProduct {
+        let product = |mn_major, tile_tokens, rank| Wgmma4bitProduct {
+            mn_major,
             features: 11008,
             depth: 4096,
             tile_tokens,
             first_feature: 0,
             rank,
         };
-        for rank in [0, 8] {
-            for tile_tokens in [256, 64] {
-                compiles_without_spills(&product(tile_tokens, rank));
+        for mn_major in [false, true] {
+            for rank in [0, 8] {
+                for tile_tokens in [256, 64] {
+                    compiles_without_spills(&product(mn_major, tile_tokens, rank));
+                }
             }
+            compile_for_hopper(&product(mn_major, 256, 16));
         }
-        compile_for_hopper(&product(256, 16));
     }
 
     #[test]

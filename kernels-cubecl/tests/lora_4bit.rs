@@ -208,9 +208,9 @@ fn lora_4bit_pullback_gives_the_layers_gradients_without_its_output() {
 /// A weight carrying its dequantized copy (`Packed4bit::with_dense_copy`, as a checkpointed
 /// layer's recomputation makes it) gives the layer's output and gradients bit for bit, and the
 /// 4-bit product's likewise: the copy is what each product would have dequantized. On CUDA with
-/// `KERNELS_CUBECL_4BIT_FORWARD=fused` the forward without the copy dequantizes inside its
-/// product (`wgmma_4bit`) and with it takes the dense `wgmma` kernel, so this holds the two
-/// kernels to the same numbers too.
+/// `KERNELS_CUBECL_4BIT_PRODUCTS=fused` the forward and the input gradient without the copy
+/// dequantize inside their products (`wgmma_4bit`) and with it take the dense `wgmma` kernel, so
+/// this holds the two kernels to the same numbers too.
 #[test]
 fn a_dense_copy_of_the_weight_changes_no_number() {
     for (name, plain) in devices() {

@@ -233,14 +233,15 @@ fn bf16_products_at_tile_sizes_equal_the_f32_product() {
     }
 }
 
-/// A linear layer's 4-bit forward is bitwise the product with the dequantized weight through the
-/// dense routine (`frozen_matmul`), for NF4 with and without double quantization and FP4, at both
-/// `wgmma` tile widths on CUDA (512 and 384 rows), over a 3-D input: the dequantization rounds
-/// each value once and nothing else differs. On CUDA with `KERNELS_CUBECL_4BIT_FORWARD=fused` the
-/// forward dequantizes inside its product (`wgmma_4bit`, computing the transpose) and the
-/// reference is the dense `wgmma` kernel: the same sums. WGSL has no bf16, so wgpu runs it in f16.
+/// A linear layer's 4-bit products, the forward `x · Wᵀ` and the input gradient's `g · W`, are
+/// bitwise the products with the dequantized weight through the dense routine (`frozen_matmul`),
+/// for NF4 with and without double quantization and FP4, at both `wgmma` tile widths on CUDA
+/// (512 and 384 rows), over a 3-D input: the dequantization rounds each value once and nothing
+/// else differs. On CUDA with `KERNELS_CUBECL_4BIT_PRODUCTS=fused` both dequantize inside their
+/// product (`wgmma_4bit`, computing the transpose) and the reference is the dense `wgmma` kernel:
+/// the same sums. WGSL has no bf16, so wgpu runs it in f16.
 #[test]
-fn forward_4bit_equals_the_dequantized_product_bitwise() {
+fn products_4bit_equal_the_dequantized_products_bitwise() {
     for (name, device) in devices() {
         let dtype = half_dtype(name);
         for config in [
@@ -255,9 +256,14 @@ fn forward_4bit_equals_the_dequantized_product_bitwise() {
                 let x =
                     Tensor::<3>::random([2, 128, 512], Distribution::Default, &device).cast(dtype);
                 let ours = packed.linear(x.clone()).unwrap();
-                let theirs = frozen_matmul(x, dense.transpose());
+                let theirs = frozen_matmul(x, dense.clone().transpose());
                 let difference = largest_difference(ours, theirs);
-                assert_eq!(difference, 0.0, "{name} {config:?} {rows} rows");
+                assert_eq!(difference, 0.0, "{name} {config:?} {rows} rows: x · Wᵀ");
+                let g =
+                    Tensor::<3>::random([2, 128, rows], Distribution::Default, &device).cast(dtype);
+                let ours = packed.matmul(g.clone()).unwrap();
+                let difference = largest_difference(ours, frozen_matmul(g, dense));
+                assert_eq!(difference, 0.0, "{name} {config:?} {rows} rows: g · W");
             }
         }
     }

@@ -370,17 +370,17 @@ fn low_rank_table(device: &Device, args: &Args, dtype: DType, shapes: &[[usize; 
 }
 
 /// Training's 4-bit products at `tokens` rows, dequantization included: a linear layer's forward
-/// `x·Wᵀ` and its input gradient `g·W`, with each result's distance from Burn's product of the
-/// dequantized weight, beside the forward with that dense weight through the same routine
-/// (`frozen_matmul`) and the 4-bit forward's time over it.
+/// `x·Wᵀ` and its input gradient `g·W`, each with its result's distance from Burn's product of
+/// the dequantized weight, the same product of that dense weight through the same routine
+/// (`frozen_matmul`) and the 4-bit product's time over the dense one's.
 fn matmul_table(device: &Device, args: &Args, dtype: DType, shapes: &[[usize; 2]]) -> Result<()> {
     let tiling = std::env::var("KERNELS_CUBECL_TMA_TILING").unwrap_or_else(|_| "tuned".into());
     println!("4-bit matmul, TMA tiling {tiling}");
     println!(
-        "| weight rows x cols, {} tokens | x·Wᵀ ms (device) | TFLOP/s | error | g·W ms (device) | TFLOP/s | error | dense x·Wᵀ ms | TFLOP/s | 4-bit / dense |",
+        "| weight rows x cols, {} tokens | x·Wᵀ ms (device) | TFLOP/s | error | dense x·Wᵀ ms | 4-bit / dense | g·W ms (device) | TFLOP/s | error | dense g·W ms | 4-bit / dense |",
         args.tokens
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for &shape in shapes {
         let [rows, cols] = shape;
         let weight =
@@ -404,17 +404,21 @@ fn matmul_table(device: &Device, args: &Args, dtype: DType, shapes: &[[usize; 2]
         let (gradient_ms, _) = time(&|| {
             let _ = packed.matmul(g.clone()).expect("4-bit matmul");
         })?;
-        let dense_t = dense.transpose();
-        let (dense_ms, _) = time(&|| {
+        let dense_in_dtype = dense.cast(dtype);
+        let dense_t = dense_in_dtype.clone().transpose();
+        let (dense_forward_ms, _) = time(&|| {
             let _ = frozen_matmul(x.clone(), dense_t.clone());
+        })?;
+        let (dense_gradient_ms, _) = time(&|| {
+            let _ = frozen_matmul(g.clone(), dense_in_dtype.clone());
         })?;
         let tflops = |ms: f64| 2.0 * (args.tokens * rows * cols) as f64 / (ms * 1e-3) / 1e12;
         println!(
-            "| {rows}x{cols} | {forward_ms:.4} | {:.0} | {forward_error:.1e} | {gradient_ms:.4} | {:.0} | {gradient_error:.1e} | {dense_ms:.4} | {:.0} | {:.3} |",
+            "| {rows}x{cols} | {forward_ms:.4} | {:.0} | {forward_error:.1e} | {dense_forward_ms:.4} | {:.3} | {gradient_ms:.4} | {:.0} | {gradient_error:.1e} | {dense_gradient_ms:.4} | {:.3} |",
             tflops(forward_ms),
+            forward_ms / dense_forward_ms,
             tflops(gradient_ms),
-            tflops(dense_ms),
-            forward_ms / dense_ms
+            gradient_ms / dense_gradient_ms,
         );
     }
     println!();
