@@ -44,8 +44,12 @@
 #define X_STAGE_BYTES (BN * BK * 2)
 #define W_STAGE_BYTES (BM * BK / 2)
 #if MN_MAJOR
-// The weight rows' absmax: four blocks (16 bytes, the least a box row may be) of each row.
+// The weight rows' absmax: four blocks (16 bytes, the least a box row may be) of each row, from
+// the tile's first block rounded down to a multiple of four: a box's innermost start must be 16
+// bytes aligned in global memory (an odd tile's two blocks, from 2, faulted as an illegal
+// instruction).
 #define SCALE_STAGE_BYTES (BK * 16)
+#define ABSMAX_BOX_BLOCK ((n0 / 64) & ~3)
 #else
 #define SCALE_STAGE_BYTES 0
 #endif
@@ -68,6 +72,7 @@ static __device__ __forceinline__ void fence_fragments(u32 (&fragments)[16]) {
     }
 }
 
+#if !MN_MAJOR
 // The byte in the low eight bits of `pair`, decoded: the high nibble's value first (the low
 // half), both `code[nibble] * scale` in f32 and rounded once to bf16.
 static __device__ __forceinline__ u32 decode_pair(u32 pair, float scale, const float *codebook) {
@@ -98,8 +103,7 @@ static __device__ __forceinline__ void decode_stage(u32 (&fragments)[16], const 
         fragments[4 * k + 3] = decode_pair(below[2 * k + 1] >> shift, scale_below, codebook);
     }
 }
-
-#if MN_MAJOR
+#else
 // Eight bytes of the stage's packed weight row `k` (64 bytes, the 64-byte swizzle: its 16-byte
 // chunk c lies at chunk c ^ ((k >> 1) & 3)) from byte `column`, a multiple of 8.
 static __device__ __forceinline__ uint2 packed_pair(const unsigned char *rows, int k, int column) {
@@ -187,8 +191,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
                 load_box(stage, &x_map, step * BK, m0, full_barrier);
 #if MN_MAJOR
                 load_box(stage + X_STAGE_BYTES, &w_map, n0 / 8, step * BK, full_barrier);
-                load_box(stage + X_STAGE_BYTES + W_STAGE_BYTES, &absmax_map, n0 / 64, step * BK,
-                         full_barrier);
+                load_box(stage + X_STAGE_BYTES + W_STAGE_BYTES, &absmax_map, ABSMAX_BOX_BLOCK,
+                         step * BK, full_barrier);
 #else
                 load_box(stage + X_STAGE_BYTES, &w_map, step * BK / 8, n0, full_barrier);
 #endif
@@ -220,8 +224,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         const int s = step % STAGES;
         barrier_wait(full_barriers + 8 * s, (step / STAGES) & 1);
         const unsigned char *stage = aligned_ring + s * STAGE_BYTES + X_STAGE_BYTES;
-        decode_stage(fragments, stage, (const float *)(stage + W_STAGE_BYTES) + warpgroup, column,
-                     shift, quad, offset, codebook);
+        decode_stage(fragments, stage,
+                     (const float *)(stage + W_STAGE_BYTES) + n0 / 64 - ABSMAX_BOX_BLOCK + warpgroup,
+                     column, shift, quad, offset, codebook);
     };
 #else
     const float *row_absmax = absmax + (u64)(n0 + row) * STEPS;

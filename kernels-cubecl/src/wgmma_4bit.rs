@@ -48,8 +48,9 @@ const MN_MAJOR_WORDS_BOX: [usize; 2] = [STAGE_DEPTH, BLOCK_FEATURES / 8];
 const MN_MAJOR_ABSMAX_BOX: [usize; 2] = [STAGE_DEPTH, 4];
 
 /// Which products take this kernel by default (else the dequantization pass and the dense
-/// `wgmma` product). None until its tests and timings have run on a GPU: it was written and
-/// compiled (NVRTC, `sm_90a`) in sessions that had none (BENCHMARKS.md).
+/// `wgmma` product). None: the forward passes its tests on an H200 but takes 1.25 to 1.38x the
+/// dense product's time, more than the dequantization pass adds to it, and the input gradient's
+/// has not yet run on a GPU since its fix (BENCHMARKS.md).
 const FUSED_BY_DEFAULT: FusedProducts = FusedProducts::None;
 
 /// The products that dequantize inside `wgmma`.
