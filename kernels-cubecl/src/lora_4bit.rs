@@ -522,11 +522,7 @@ mod cube {
                     return (out, hidden);
                 }
                 let dense = crate::matmul::cube::dequantized(weight, lhs.dtype());
-                let rhs = if transpose {
-                    Self::float_transpose(dense)
-                } else {
-                    dense
-                };
+                let rhs = crate::matmul::oriented::<Self>(dense, transpose);
                 if let Some(result) = crate::wgmma::lora_product(&lhs, &rhs, &down, &up) {
                     return result;
                 }

@@ -190,6 +190,15 @@ pub(crate) fn over_rows<B: Backend>(
     B::float_reshape(out, Shape::from(dims))
 }
 
+/// A dense `[rows, cols]` weight as the right-hand side of `lhs · Wᵀ` (`transpose`) or `lhs · W`.
+pub(crate) fn oriented<B: Backend>(dense: FloatTensor<B>, transpose: bool) -> FloatTensor<B> {
+    if transpose {
+        B::float_transpose(dense)
+    } else {
+        dense
+    }
+}
+
 /// `lhs · W` (or `Wᵀ`) over `lhs`' last dimension, for a dense `[rows, cols]` weight, with
 /// `product` doing the 2-D matmul of the flattened `lhs` and the (transposed) weight.
 fn matmul_dense<B: Backend>(
@@ -198,11 +207,7 @@ fn matmul_dense<B: Backend>(
     transpose: bool,
     product: impl FnOnce(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
 ) -> FloatTensor<B> {
-    let rhs = if transpose {
-        B::float_transpose(dense)
-    } else {
-        dense
-    };
+    let rhs = oriented::<B>(dense, transpose);
     over_rows::<B>(lhs, |lhs| product(lhs, rhs))
 }
 
@@ -273,13 +278,10 @@ pub(crate) mod cube {
                     {
                         return out;
                     }
-                    let dense = dequantized(weight, dtype);
-                    let rhs = if transpose {
-                        Self::float_transpose(dense)
-                    } else {
-                        dense
-                    };
-                    dense_product(lhs, rhs)
+                    dense_product(
+                        lhs,
+                        super::oriented::<Self>(dequantized(weight, dtype), transpose),
+                    )
                 });
             }
             let dense = dequantized(weight, lhs.dtype());

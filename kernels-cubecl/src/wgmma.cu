@@ -149,17 +149,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     float hidden[2][LOW_RANK];
 #pragma unroll
     for (int half = 0; half < 2; half++) {
-        const uint4 *at = (const uint4 *)(h + (u64)(row + 8 * half) * LOW_RANK / 2);
-#pragma unroll
-        for (int v = 0; v < LOW_RANK / 8; v++) {
-            const uint4 pairs = at[v];
-            const u32 words[4] = {pairs.x, pairs.y, pairs.z, pairs.w};
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                hidden[half][8 * v + 2 * i] = unpack_low(words[i]);
-                hidden[half][8 * v + 2 * i + 1] = unpack_high(words[i]);
-            }
-        }
+        load_hidden(hidden[half], h, row + 8 * half);
     }
 #endif
 #pragma unroll

@@ -304,17 +304,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
         for (int pair = 0; pair < 2; pair++) {
             float hidden[LOW_RANK];
-            const uint4 *at = (const uint4 *)(h + (u64)(token + 8 * j + pair) * LOW_RANK / 2);
-#pragma unroll
-            for (int v = 0; v < LOW_RANK / 8; v++) {
-                const uint4 pairs = at[v];
-                const u32 words[4] = {pairs.x, pairs.y, pairs.z, pairs.w};
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    hidden[8 * v + 2 * i] = unpack_low(words[i]);
-                    hidden[8 * v + 2 * i + 1] = unpack_high(words[i]);
-                }
-            }
+            load_hidden(hidden, h, token + 8 * j + pair);
 #pragma unroll
             for (int r = 0; r < LOW_RANK; r++) {
 #pragma unroll

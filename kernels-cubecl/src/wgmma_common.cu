@@ -52,6 +52,22 @@ static __device__ __forceinline__ float unpack_low(u32 pair) {
 static __device__ __forceinline__ float unpack_high(u32 pair) {
     return __uint_as_float(pair & 0xFFFF0000u);
 }
+
+// Row `row` of the hidden H ([rows, LOW_RANK] bf16, as u32 pairs) as f32, in 16-byte vectors.
+static __device__ __forceinline__ void load_hidden(float (&hidden)[LOW_RANK], const u32 *h,
+                                                   int row) {
+    const uint4 *at = (const uint4 *)(h + (u64)row * LOW_RANK / 2);
+#pragma unroll
+    for (int v = 0; v < LOW_RANK / 8; v++) {
+        const uint4 pairs = at[v];
+        const u32 words[4] = {pairs.x, pairs.y, pairs.z, pairs.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            hidden[8 * v + 2 * i] = unpack_low(words[i]);
+            hidden[8 * v + 2 * i + 1] = unpack_high(words[i]);
+        }
+    }
+}
 #endif
 
 static __device__ __forceinline__ void barrier_init(u32 barrier, u32 arrivals) {
