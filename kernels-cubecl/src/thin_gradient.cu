@@ -1,0 +1,171 @@
+// O = Xᵀ · T for a bf16 X [rows, DEPTH] with contiguous rows and a thin T [rows, RANK] (RANK 8
+// or 16), summed in f32 over every row and rounded once to bf16 O [DEPTH, RANK]: a LoRA layer's
+// weight gradients, `xᵀ·(g·Bᵀ)` for A and `gᵀ·h` for B.
+//
+// The product is bound by X's bytes (16 MiB at 2048 x 4096 against 0.13 GFLOP at rank 8). A
+// block owns COLUMNS columns of X over all its rows, so its sums are whole and no partial sums
+// leave it (the portable kernel writes one per block of rows, and a second kernel adds them).
+// Its 16 warps take the 16-row steps in turn and meet in shared memory at the end.
+//
+// On `mma.sync.m16n8k16`, D[i][n] += A[i][k] · B[k][n] with i a column of X, k a row of the step
+// and n a rank. An MMA sums its 16 depths and 16 output rows in whatever order its operands
+// give them, so lane (g, t) loads what its fragments need and no more: 8 bytes (4 columns at
+// 4g) of each of the step's rows 2t, 2t + 1, 2t + 8 and 2t + 9. MMA j (0 or 1) takes column
+// 4g + 2j as its output row g and column 4g + 2j + 1 as row g + 8; a register pairs one column
+// of two rows, which one byte permute of the two rows' words gives.
+//
+// The host prepends RANK and DEPTH (a multiple of COLUMNS) and passes the rows (a multiple of
+// 16) in `Params`.
+
+#define WARPS 16
+#define THREADS (32 * WARPS)
+#define COLUMNS 32
+#define STEP_ROWS 16
+#define TILES (RANK / 8)
+// Steps a warp loads at once: their loads are in flight together, the next group's while this
+// one multiplies. Two keep rank 8's registers at two blocks a multiprocessor, which times best
+// on an H100 (9.3 µs at 2048 x 4096, 21.7 at 2048 x 11008; four steps: 9.7 and 24.6).
+#define GROUP 2
+// A lane's words of a row, two columns each: its four columns.
+#define LANE_WORDS 2
+
+typedef unsigned short bf16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+struct Params {
+    u64 rows;
+};
+
+// c += a · b: the m16n8k16 MMA, bf16 operands and f32 accumulators.
+static __device__ __forceinline__ void mma(float *c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
+                                           u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// A lane's four bf16 of a row of X, kept out of L1: each is read once.
+static __device__ __forceinline__ void load_x(u32 *w, const bf16 *at) {
+    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n" : "=r"(w[0]), "=r"(w[1]) : "l"(at));
+}
+
+// One bf16 of T: every block reads all of T, so it stays in L1 and L2.
+static __device__ __forceinline__ u32 load_thin(const bf16 *at) {
+    unsigned short v;
+    asm("ld.global.nc.u16 %0, [%1];\n" : "=h"(v) : "l"(at));
+    return v;
+}
+
+// A step's operands in this lane: X's rows 2t, 2t + 1, 2t + 8, 2t + 9 at its four columns, and
+// the B fragments of each rank tile (rank 8 tile + g of the same rows, paired).
+struct Step {
+    u32 x[4][LANE_WORDS];
+    u32 b[TILES][2];
+};
+
+// Step `step`'s operands, zeros past the last step (they add nothing).
+static __device__ __forceinline__ Step load_step(const bf16 *x_lane, const bf16 *thin_lane,
+                                                 int step, int steps, int t) {
+    Step s;
+    if (step >= steps) {
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+#pragma unroll
+            for (int w = 0; w < LANE_WORDS; w++) s.x[r][w] = 0;
+        }
+#pragma unroll
+        for (int j = 0; j < TILES; j++) s.b[j][0] = s.b[j][1] = 0;
+        return s;
+    }
+    const u64 row = (u64)step * STEP_ROWS + 2 * t;
+    const u64 rows[4] = {row, row + 1, row + 8, row + 9};
+#pragma unroll
+    for (int r = 0; r < 4; r++) load_x(s.x[r], x_lane + rows[r] * DEPTH);
+#pragma unroll
+    for (int j = 0; j < TILES; j++) {
+        const bf16 *at = thin_lane + 8 * j;
+        s.b[j][0] = load_thin(at + rows[0] * RANK) | load_thin(at + rows[1] * RANK) << 16;
+        s.b[j][1] = load_thin(at + rows[2] * RANK) | load_thin(at + rows[3] * RANK) << 16;
+    }
+    return s;
+}
+
+static __device__ __forceinline__ void multiply(float (*c)[TILES][4], const Step &s) {
+#pragma unroll
+    for (int j = 0; j < LANE_WORDS; j++) {
+        // Columns 2j, 2j + 1 of the lane's: word j of each row.
+        const u32 w0 = s.x[0][j], w1 = s.x[1][j], w2 = s.x[2][j], w3 = s.x[3][j];
+        // Low halves: column 4g + 2j (output row g); high halves: the next (row g + 8).
+        const u32 a0 = __byte_perm(w0, w1, 0x5410), a1 = __byte_perm(w0, w1, 0x7632);
+        const u32 a2 = __byte_perm(w2, w3, 0x5410), a3 = __byte_perm(w2, w3, 0x7632);
+#pragma unroll
+        for (int tile = 0; tile < TILES; tile++) {
+            mma(c[j][tile], a0, a1, a2, a3, s.b[tile][0], s.b[tile][1]);
+        }
+    }
+}
+
+static __device__ __forceinline__ u32 pack(float low, float high) {
+    u32 packed;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(high), "f"(low));
+    return packed;
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    thin_gradient(const bf16 *__restrict__ x, const bf16 *__restrict__ thin, u32 *__restrict__ out,
+                  const __grid_constant__ Params p) {
+    __shared__ float partial[WARPS][COLUMNS][RANK];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int column0 = blockIdx.x * COLUMNS;
+    const int steps = (int)(p.rows / STEP_ROWS);
+    const bf16 *x_lane = x + column0 + 2 * LANE_WORDS * g;
+    const bf16 *thin_lane = thin + g;
+
+    float c[LANE_WORDS][TILES][4] = {};
+    Step current[GROUP];
+#pragma unroll
+    for (int i = 0; i < GROUP; i++) {
+        current[i] = load_step(x_lane, thin_lane, warp + i * WARPS, steps, t);
+    }
+    for (int first = warp; first < steps; first += GROUP * WARPS) {
+        Step next[GROUP];
+#pragma unroll
+        for (int i = 0; i < GROUP; i++) {
+            next[i] = load_step(x_lane, thin_lane, first + (GROUP + i) * WARPS, steps, t);
+        }
+#pragma unroll
+        for (int i = 0; i < GROUP; i++) multiply(c, current[i]);
+#pragma unroll
+        for (int i = 0; i < GROUP; i++) current[i] = next[i];
+    }
+
+    // c[j][tile]: output rows g (0, 1) and g + 8 (2, 3) are the lane's columns 2j and 2j + 1;
+    // its columns 2t, 2t + 1 are ranks 8 tile + 2t and + 1.
+#pragma unroll
+    for (int j = 0; j < LANE_WORDS; j++) {
+        const int column = 2 * LANE_WORDS * g + 2 * j;
+#pragma unroll
+        for (int tile = 0; tile < TILES; tile++) {
+            const int rank = 8 * tile + 2 * t;
+            partial[warp][column][rank] = c[j][tile][0];
+            partial[warp][column][rank + 1] = c[j][tile][1];
+            partial[warp][column + 1][rank] = c[j][tile][2];
+            partial[warp][column + 1][rank + 1] = c[j][tile][3];
+        }
+    }
+    __syncthreads();
+    // One pair of ranks of one column a thread, the warps' sums in a fixed order.
+    if (threadIdx.x < COLUMNS * RANK / 2) {
+        const int column = threadIdx.x / (RANK / 2), rank = threadIdx.x % (RANK / 2) * 2;
+        float low = 0.0f, high = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) {
+            low += partial[w][column][rank];
+            high += partial[w][column][rank + 1];
+        }
+        out[((u64)(column0 + column) * RANK + rank) / 2] = pack(low, high);
+    }
+}
