@@ -60,8 +60,6 @@ mod softmax;
 mod state;
 mod swiglu;
 #[cfg(feature = "cuda")]
-mod thin_gradient;
-#[cfg(feature = "cuda")]
 mod thin_product;
 #[cfg(feature = "cuda")]
 mod wgmma;

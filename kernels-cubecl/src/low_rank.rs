@@ -11,8 +11,9 @@
 //! | `h·B`, `[m, r] x [r, n]` | kernel | `g·Bᵀ` (`low_rank_down`) | `(gᵀ·h)ᵀ` (`low_rank_gradient`) |
 //! | `xᵀ·g`, `[m, k]ᵀ x [m, r]` | kernel | `g·dOutᵀ` (`low_rank_up`) | `x·dOut` (`low_rank_down`) |
 //!
-//! Ranks above [`MAX_RANK`] take Burn's matmul; Flex (the CPU backend) always does. On CUDA (sm_90)
-//! a bf16 `xᵀ·g` of whole 16-row steps takes `thin_gradient.cu` instead: whole sums in one launch.
+//! Ranks above [`MAX_RANK`] take Burn's matmul; Flex (the CPU backend) always does. On CUDA
+//! (sm_90) a bf16 `xᵀ·g` of whole 16-row steps takes `thin_product.cu`'s `thin_gradient`
+//! instead: whole sums in one launch.
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
@@ -228,7 +229,7 @@ pub(crate) mod cube {
             }
             let (input, grad) = (into_contiguous(input), into_contiguous(grad));
             #[cfg(feature = "cuda")]
-            if let Some(gradient) = crate::thin_gradient::gradient(&input, &grad) {
+            if let Some(gradient) = crate::thin_product::gradient(&input, &grad) {
                 return gradient;
             }
             rank_gradient(input, grad)

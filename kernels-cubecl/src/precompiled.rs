@@ -1,7 +1,7 @@
-//! The CUDA kernels written by hand (`wgmma.cu`, `flash_attention.cu`, `thin_product.cu`,
-//! `thin_gradient.cu`) enter CubeCL as precompiled sources: NVRTC compiles their text as it does
-//! a generated kernel's, and they launch on the same stream and allocator. What they share: no
-//! IR, a block size, an entry point and a text per compilation.
+//! The CUDA kernels written by hand (`wgmma.cu`, `flash_attention.cu`, `thin_product.cu`) enter
+//! CubeCL as precompiled sources: NVRTC compiles their text as it does a generated kernel's, and
+//! they launch on the same stream and allocator. What they share: no IR, a block size, an entry
+//! point and a text per compilation.
 
 use std::fmt::Debug;
 use std::hash::Hash;
