@@ -90,17 +90,11 @@ pub(crate) fn hidden(x: &CubeTensor, down: &CubeTensor) -> CubeTensor {
 pub(crate) fn gradient(input: &CubeTensor, thin: &CubeTensor) -> Option<CubeTensor> {
     let [rows, depth] = input.shape().dims();
     let rank = thin.shape()[1];
-    let contiguous = |tensor: &CubeTensor, cols: usize| {
-        tensor.dtype == DType::BF16
-            && tensor.meta.strides()[..] == [cols, 1]
-            && !tensor.meta.is_tiled()
-            && crate::wgmma::aligned(tensor)
-    };
     let takes = input.client.properties().identity.fingerprint == "ptx_sm90"
         && thin.shape()[0] == rows
         && fits(rows, depth, rank)
-        && contiguous(input, depth)
-        && contiguous(thin, rank);
+        && crate::wgmma::bf16_rows(input, depth)
+        && crate::wgmma::bf16_rows(thin, rank);
     if !takes {
         return None;
     }

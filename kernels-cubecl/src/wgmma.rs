@@ -262,6 +262,15 @@ pub(crate) fn aligned(tensor: &CubeTensor) -> bool {
     tensor.handle.offset_start.unwrap_or(0).is_multiple_of(16)
 }
 
+/// Whether `tensor` is bf16 rows of `cols` elements, contiguous and [`aligned`]: how the
+/// hand-written kernels read their row-major operands.
+pub(crate) fn bf16_rows(tensor: &CubeTensor, cols: usize) -> bool {
+    tensor.dtype() == DType::BF16
+        && tensor.meta.strides()[..] == [cols, 1]
+        && !tensor.meta.is_tiled()
+        && aligned(tensor)
+}
+
 /// The rank of an adapter `down` `[r, depth]`, `up` `[r, cols]` the kernels take: bf16, both
 /// contiguous, r a width every thread's registers hold and `thin_product` computes.
 pub(crate) fn adapter_rank(
@@ -273,12 +282,8 @@ pub(crate) fn adapter_rank(
 ) -> Option<usize> {
     let rank = down_rank(down, rows, depth)?;
     let up_shape = up.shape();
-    let fits = up_shape.num_dims() == 2
-        && up.dtype() == DType::BF16
-        && up_shape.dims::<2>() == [rank, cols]
-        && up.meta.strides()[..] == [cols, 1]
-        && !up.meta.is_tiled()
-        && aligned(up);
+    let fits =
+        up_shape.num_dims() == 2 && up_shape.dims::<2>() == [rank, cols] && bf16_rows(up, cols);
     fits.then_some(rank)
 }
 
@@ -290,12 +295,8 @@ fn down_rank(down: &CubeTensor, rows: usize, depth: usize) -> Option<usize> {
         return None;
     }
     let rank = shape[0];
-    let fits = crate::thin_product::fits(rows, depth, rank)
-        && down.dtype() == DType::BF16
-        && shape[1] == depth
-        && down.meta.strides()[..] == [depth, 1]
-        && !down.meta.is_tiled()
-        && aligned(down);
+    let fits =
+        crate::thin_product::fits(rows, depth, rank) && shape[1] == depth && bf16_rows(down, depth);
     fits.then_some(rank)
 }
 
@@ -314,13 +315,10 @@ pub(crate) fn lora_hidden(lhs: &CubeTensor, down: &CubeTensor) -> Option<CubeTen
 /// blocks, contiguous and 16-byte aligned.
 pub(crate) fn lhs_fits(lhs: &CubeTensor) -> bool {
     let shape = lhs.shape();
-    lhs.dtype() == DType::BF16
-        && lhs.client.properties().identity.fingerprint == "ptx_sm90"
+    lhs.client.properties().identity.fingerprint == "ptx_sm90"
         && shape.num_dims() == 2
         && shape[0].is_multiple_of(BLOCK_ROWS)
-        && lhs.meta.strides()[..] == [shape[1], 1]
-        && !lhs.meta.is_tiled()
-        && aligned(lhs)
+        && bf16_rows(lhs, shape[1])
 }
 
 /// What a tensor map's elements are and how its boxes land in shared memory.

@@ -48,9 +48,8 @@ const MN_MAJOR_WORDS_BOX: [usize; 2] = [STAGE_DEPTH, BLOCK_FEATURES / 8];
 const MN_MAJOR_ABSMAX_BOX: [usize; 2] = [STAGE_DEPTH, 4];
 
 /// Which products take this kernel by default (else the dequantization pass and the dense
-/// `wgmma` product). None: the forward passes its tests on an H200 but takes 1.25 to 1.38x the
-/// dense product's time, more than the dequantization pass adds to it, and the input gradient's
-/// has not yet run on a GPU since its fix (BENCHMARKS.md).
+/// `wgmma` product). None: both pass their tests (H100, H200) but take 1.18 to 1.49x the dense
+/// product's time, more than the dequantization pass adds to it (BENCHMARKS.md).
 const FUSED_BY_DEFAULT: FusedProducts = FusedProducts::None;
 
 /// The products that dequantize inside `wgmma`.
