@@ -115,6 +115,23 @@ pub trait Lora4bitPassOps: Backend {
         scaling: f64,
         adapter_dtype: DType,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// [`Self::lora_4bit_backward`] without the input's gradient, for an input that needs none
+    /// (the first layer's, under frozen embeddings): the gradients of `lora_a` and `lora_b`
+    /// alone, so the input gradient's product (the weight's whole size) is never computed.
+    #[fusion(meta = |_grad, input, _hidden, scaled_b, _scaling, adapter_dtype| {
+        let mut grad_a = spec_in(scaled_b, *adapter_dtype);
+        grad_a.shape = Shape::new([input.shape[input.shape.len() - 1], scaled_b.shape[0]]);
+        (grad_a, spec_in(scaled_b, *adapter_dtype))
+    })]
+    fn lora_4bit_adapter_backward(
+        grad: FloatTensor<Self>,
+        input: FloatTensor<Self>,
+        hidden: FloatTensor<Self>,
+        scaled_b: FloatTensor<Self>,
+        scaling: f64,
+        adapter_dtype: DType,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// The layer's output as fusion records it: `input`'s spec with `rows` output features.
@@ -357,13 +374,41 @@ fn backward<B: LoraPass>(
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let dims = input.shape();
     let grad = flat_rows::<B>(grad);
-    let input = flat_rows::<B>(input);
     let (grad_input, grad_hidden) =
         B::lora_product(grad.clone(), weight, false, scaled_b, transposed_a);
-    let grad_a = B::low_rank_gradient(input, grad_hidden);
-    let grad_b = B::float_transpose(B::low_rank_gradient(grad, hidden));
-    let (grad_a, grad_b) = B::cast_adapter(grad_a, grad_b, scaling, adapter_dtype);
+    let (grad_a, grad_b) =
+        adapter_gradients::<B>(grad, input, hidden, grad_hidden, scaling, adapter_dtype);
     (B::float_reshape(grad_input, dims), grad_a, grad_b)
+}
+
+/// [`Lora4bitPassOps::lora_4bit_adapter_backward`]: [`backward`] but the input's gradient, the
+/// hidden `g·(s·B)ᵀ` by the kernel [`LoraPass::lora_product`] computes it with.
+fn adapter_backward<B: LoraPass>(
+    grad: FloatTensor<B>,
+    input: FloatTensor<B>,
+    hidden: FloatTensor<B>,
+    scaled_b: FloatTensor<B>,
+    scaling: f64,
+    adapter_dtype: DType,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let grad = flat_rows::<B>(grad);
+    let grad_hidden = B::lora_hidden(grad.clone(), scaled_b);
+    adapter_gradients::<B>(grad, input, hidden, grad_hidden, scaling, adapter_dtype)
+}
+
+/// `xᵀ·h'` for `A` and `s·(hᵀ·g)` for `B` in `adapter_dtype`, from the flat output gradient
+/// `grad` and the gradient's hidden `h'`.
+fn adapter_gradients<B: LoraPass>(
+    grad: FloatTensor<B>,
+    input: FloatTensor<B>,
+    hidden: FloatTensor<B>,
+    grad_hidden: FloatTensor<B>,
+    scaling: f64,
+    adapter_dtype: DType,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let grad_a = B::low_rank_gradient(flat_rows::<B>(input), grad_hidden);
+    let grad_b = B::float_transpose(B::low_rank_gradient(grad, hidden));
+    B::cast_adapter(grad_a, grad_b, scaling, adapter_dtype)
 }
 
 /// The two traits for a backend whose products and [`LoraPass`] run [`forward`] and
@@ -436,6 +481,17 @@ macro_rules! impl_lora_4bit_ops {
                     adapter_dtype,
                 )
             }
+
+            fn lora_4bit_adapter_backward(
+                grad: $tensor,
+                input: $tensor,
+                hidden: $tensor,
+                scaled_b: $tensor,
+                scaling: f64,
+                adapter_dtype: burn::tensor::DType,
+            ) -> ($tensor, $tensor) {
+                adapter_backward::<Self>(grad, input, hidden, scaled_b, scaling, adapter_dtype)
+            }
         }
     };
 }
@@ -451,7 +507,9 @@ mod cube {
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
-    use super::{Lora4bitOps, Lora4bitPassOps, LoraPass, adapter, backward, forward};
+    use super::{
+        Lora4bitOps, Lora4bitPassOps, LoraPass, adapter, adapter_backward, backward, forward,
+    };
     use crate::extension::{empty_output, launch_dims};
     use crate::low_rank::LowRankOps;
     use crate::low_rank::cube::thin_weight;
@@ -602,7 +660,9 @@ mod flex {
     use burn::backend::{Flex, TensorMetadata};
     use burn::tensor::DType;
 
-    use super::{Lora4bitOps, Lora4bitPassOps, LoraPass, adapter, backward, forward};
+    use super::{
+        Lora4bitOps, Lora4bitPassOps, LoraPass, adapter, adapter_backward, backward, forward,
+    };
     use crate::matmul::Weight4bitPrimitive;
 
     super::impl_lora_4bit_ops!(Flex, FlexTensor);
@@ -716,8 +776,9 @@ mod autodiff {
     }
 
     /// The gradients of the input and the adapter for the output's `grad`, registered for the
-    /// parents that are tracked (a frozen adapter, the embeddings' output drop theirs). One
-    /// launch sequence gives all three.
+    /// parents that are tracked (a frozen adapter drops its own). One launch sequence gives all
+    /// three; an input that is not tracked (the embeddings' output, under frozen embeddings)
+    /// skips its gradient's product.
     fn register_gradients<B: Lora4bitPassOps>(
         state: State<B>,
         parents: [Option<NodeId>; 3],
@@ -726,6 +787,22 @@ mod autodiff {
         checkpointer: &mut Checkpointer,
     ) {
         let input = checkpointer.retrieve_node_output::<FloatTensor<B>>(state.input);
+        if parents[0].is_none() {
+            let (of_a, of_b) = B::lora_4bit_adapter_backward(
+                grad,
+                input,
+                state.hidden,
+                state.scaled_b,
+                state.scaling,
+                state.adapter_dtype,
+            );
+            for (node, of) in parents[1..].iter().zip([of_a, of_b]) {
+                if let Some(node) = node {
+                    grads.register::<B>(*node, of);
+                }
+            }
+            return;
+        }
         let (of_input, of_a, of_b) = B::lora_4bit_backward(
             grad,
             input,

@@ -107,12 +107,17 @@ impl Llama {
             collect_grads(layer, &mut stage, &mut grads);
             grad = take_grad(&input, &mut stage);
         }
+        // The first layer's input needs a gradient only for trainable embeddings: otherwise its
+        // stage skips the input gradients (of its q, k and v projections' products, its norm).
+        let embeddings_train = model.embed_tokens.weight.is_require_grad();
         for (index, layer) in model.layers.iter().enumerate().rev().skip(1) {
-            let input = inputs
-                .pop()
-                .expect("one input kept per layer")
-                .detach()
-                .require_grad();
+            let input_grad = index > 0 || embeddings_train;
+            let input = inputs.pop().expect("one input kept per layer").detach();
+            let input = if input_grad {
+                input.require_grad()
+            } else {
+                input
+            };
             device.seed(layer_seed(index));
             // The stage reads each weight twice (the forward again, then the input gradient):
             // dequantized once here, 0.38 GiB at the 7B's shapes while the stage runs. The
@@ -121,11 +126,15 @@ impl Llama {
             let layer = layer
                 .with_dense_copies(input.dtype())
                 .unwrap_or_else(|err| panic!("layer {index}'s weights: {err}"));
-            let mut stage = layer.pullback(input.clone(), &model.rope, grad).backward();
+            let mut stage = layer
+                .pullback(input.clone(), &model.rope, grad.clone())
+                .backward();
             collect_grads(&layer, &mut stage, &mut grads);
-            grad = take_grad(&input, &mut stage);
+            if input_grad {
+                grad = take_grad(&input, &mut stage);
+            }
         }
-        if model.embed_tokens.weight.is_require_grad() {
+        if embeddings_train {
             let embedded = model.embed_tokens.forward(tokens);
             let mut stage = (embedded * grad).backward();
             collect_grads(&model.embed_tokens, &mut stage, &mut grads);
