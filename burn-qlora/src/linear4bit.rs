@@ -1,7 +1,10 @@
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{DType, Tensor};
-use kernels_cubecl::{Packed4bit, QuantConfig, QuantError, lora_4bit_linear, lora_4bit_pullback};
+use kernels_cubecl::{
+    Packed4bit, QuantConfig, QuantError, lora_4bit_linear, lora_4bit_linear_keeping_hidden,
+    lora_4bit_pullback,
+};
 
 use crate::lora::pullback_through;
 
@@ -49,25 +52,47 @@ impl Linear4bit {
 
     /// `input · Wᵀ + (input · lora_a) · (scaling · lora_b) + bias`: the layer with a LoRA
     /// adapter in Burn's layout (`lora_a` `[d_input, r]`, `lora_b` `[r, d_output]`), as one
-    /// operation each way.
+    /// operation each way. `hidden`, where given, is `input · lora_a` as
+    /// [`Self::forward_keeping_hidden`] kept it for this input, taken instead of computed.
     ///
     /// # Panics
     ///
-    /// As [`Self::forward`], and if the adapter does not fit the layer.
+    /// As [`Self::forward`], and if the adapter or the hidden does not fit the layer.
     pub fn forward_with_adapter<const D: usize>(
         &self,
         input: Tensor<D>,
         lora_a: Tensor<2>,
         lora_b: Tensor<2>,
         scaling: f64,
+        hidden: Option<Tensor<2>>,
     ) -> Tensor<D> {
-        let output = lora_4bit_linear(input, &self.weight, lora_a, lora_b, scaling)
+        let output = lora_4bit_linear(input, &self.weight, lora_a, lora_b, scaling, hidden)
             .unwrap_or_else(|err| panic!("4-bit LoRA linear: {err}"));
         self.add_bias(output)
     }
 
+    /// [`Self::forward_with_adapter`] without a graph, and the adapter's hidden `input · lora_a`
+    /// for a recomputation over the same input.
+    ///
+    /// # Panics
+    ///
+    /// As [`Self::forward_with_adapter`].
+    pub fn forward_keeping_hidden<const D: usize>(
+        &self,
+        input: Tensor<D>,
+        lora_a: Tensor<2>,
+        lora_b: Tensor<2>,
+        scaling: f64,
+    ) -> (Tensor<D>, Tensor<2>) {
+        let (output, hidden) =
+            lora_4bit_linear_keeping_hidden(input, &self.weight, lora_a, lora_b, scaling)
+                .unwrap_or_else(|err| panic!("4-bit LoRA linear: {err}"));
+        (self.add_bias(output).detach(), hidden)
+    }
+
     /// [`Self::forward_with_adapter`]'s pullback for the output gradient `grad` (see
-    /// [`crate::LoraLinear::pullback`]): the base's product is never computed.
+    /// [`crate::LoraLinear::pullback`]): the base's product is never computed; `hidden` as for
+    /// [`Self::forward_with_adapter`].
     ///
     /// # Panics
     ///
@@ -79,9 +104,18 @@ impl Linear4bit {
         lora_b: Tensor<2>,
         scaling: f64,
         grad: Tensor<D>,
+        hidden: Option<Tensor<2>>,
     ) -> Tensor<D> {
-        let zeros = lora_4bit_pullback(input, &self.weight, lora_a, lora_b, scaling, grad.clone())
-            .unwrap_or_else(|err| panic!("4-bit LoRA pullback: {err}"));
+        let zeros = lora_4bit_pullback(
+            input,
+            &self.weight,
+            lora_a,
+            lora_b,
+            scaling,
+            grad.clone(),
+            hidden,
+        )
+        .unwrap_or_else(|err| panic!("4-bit LoRA pullback: {err}"));
         // A trainable bias's gradient is the rows' sum of `grad`.
         match self.bias_in(grad.dtype()) {
             Some(bias) => zeros + pullback_through(bias, grad),

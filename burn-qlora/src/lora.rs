@@ -5,7 +5,7 @@ use burn::tensor::{DType, Tensor};
 use kernels_cubecl::{QuantError, low_rank_down, low_rank_up_add};
 use serde::{Deserialize, Serialize};
 
-use crate::{FrozenLinear, MergeError};
+use crate::{FrozenLinear, KeptHidden, MergeError};
 
 /// Which biases train beside the adapters, as PEFT's `bias` option.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +93,7 @@ impl LoraConfig {
             dropout: DropoutConfig::new(self.dropout).init(),
             scaling: self.scaling(),
             merged: false,
+            kept_hidden: None,
         }
     }
 }
@@ -110,6 +111,10 @@ pub struct LoraLinear {
     pub scaling: f64,
     /// Whether the update is folded into a dense base (see [`LoraLinear::merge`]).
     pub merged: bool,
+    /// In a checkpointed layer's two copies ([`LoraLinear::with_kept_hidden`]): where the
+    /// adapter's hidden goes from the forward without a graph to the recomputation.
+    #[module(skip)]
+    pub kept_hidden: Option<KeptHidden>,
 }
 
 impl LoraLinear {
@@ -128,12 +133,15 @@ impl LoraLinear {
         if let FrozenLinear::Packed(base) = &self.base
             && !self.dropout_active(&input)
         {
-            return base.forward_with_adapter(
-                input,
-                self.lora_a.weight.val(),
-                self.lora_b.weight.val(),
-                self.scaling,
-            );
+            let (lora_a, lora_b) = (self.lora_a.weight.val(), self.lora_b.weight.val());
+            if let Some(KeptHidden::Keep(slot)) = &self.kept_hidden {
+                let (output, hidden) =
+                    base.forward_keeping_hidden(input, lora_a, lora_b, self.scaling);
+                slot.put(hidden);
+                return output;
+            }
+            let hidden = self.taken_hidden();
+            return base.forward_with_adapter(input, lora_a, lora_b, self.scaling, hidden);
         }
         let lora_b = self.lora_b.weight.val().mul_scalar(self.scaling);
         let hidden = low_rank_down(
@@ -159,9 +167,31 @@ impl LoraLinear {
                 self.lora_b.weight.val(),
                 self.scaling,
                 grad,
+                self.taken_hidden(),
             );
         }
         pullback_through(self.forward(input), grad)
+    }
+
+    /// Two copies of the layer (the adapter's parameters shared) for activation checkpointing:
+    /// the first, for the forward without a graph, keeps the adapter's hidden; the second, for
+    /// the recomputation over the same input, takes it instead of computing it. Over a 4-bit
+    /// base without dropout; elsewhere both compute as the layer does.
+    pub fn with_kept_hidden(&self) -> (Self, Self) {
+        let (keep, take) = KeptHidden::pair();
+        let copy = |kept_hidden| Self {
+            kept_hidden: Some(kept_hidden),
+            ..self.clone()
+        };
+        (copy(keep), copy(take))
+    }
+
+    /// The hidden a recomputation's copy finds kept, if any.
+    fn taken_hidden(&self) -> Option<Tensor<2>> {
+        match &self.kept_hidden {
+            Some(KeptHidden::Take(slot)) => slot.take(),
+            _ => None,
+        }
     }
 
     /// Whether dropout changes `input`: configured, training, on an autodiff device (Burn's

@@ -129,6 +129,19 @@ impl Projection {
         }
     }
 
+    /// Two copies for activation checkpointing, the first keeping the adapter's hidden, the
+    /// second taking it (see [`LoraLinear::with_kept_hidden`]); a frozen projection's copies
+    /// are itself.
+    pub fn with_kept_hidden(&self) -> (Self, Self) {
+        match self {
+            Self::Frozen(_) => (self.clone(), self.clone()),
+            Self::Lora(linear) => {
+                let (keep, take) = linear.with_kept_hidden();
+                (Self::Lora(keep), Self::Lora(take))
+            }
+        }
+    }
+
     /// The same projection (its parameters shared), a 4-bit base carrying its dequantized copy
     /// in `dtype` (see [`crate::Linear4bit::with_dense_copy`]).
     pub fn with_dense_copy(&self, dtype: DType) -> Result<Self, QuantError> {

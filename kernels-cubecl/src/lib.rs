@@ -78,7 +78,10 @@ pub use error::QuantError;
 pub use frozen::{FrozenMatmulOps, frozen_matmul};
 pub use heads::{SwapHeadsOps, swap_heads};
 #[cfg(any(feature = "cube", feature = "flex"))]
-pub use lora_4bit::{Lora4bitOps, Lora4bitPassOps, lora_4bit_linear, lora_4bit_pullback};
+pub use lora_4bit::{
+    Lora4bitOps, Lora4bitPassOps, lora_4bit_linear, lora_4bit_linear_keeping_hidden,
+    lora_4bit_pullback,
+};
 pub use low_rank::{LowRankOps, MAX_RANK, low_rank_down, low_rank_up, low_rank_up_add};
 #[cfg(any(feature = "cube", feature = "flex"))]
 pub use matmul::{AbsmaxPrimitive, DenseCopy, Matmul4bitOps, Weight4bitPrimitive};

@@ -45,6 +45,35 @@ pub trait Lora4bitOps: Backend {
         scaling: f64,
     ) -> FloatTensor<Self>;
 
+    /// [`Self::lora_4bit_linear`] with the adapter's hidden `input · lora_a` known: as
+    /// [`Self::lora_4bit_linear_keeping_hidden`] gave it for this input, not computed again.
+    #[fusion(meta = |input, weight, _lora_a, _lora_b, _scaling, _hidden| {
+        output_spec(input, weight.shape[0])
+    })]
+    fn lora_4bit_linear_with_hidden(
+        input: FloatTensor<Self>,
+        #[extension_type] weight: Weight4bitPrimitive<Self>,
+        lora_a: FloatTensor<Self>,
+        lora_b: FloatTensor<Self>,
+        scaling: f64,
+        hidden: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// [`Self::lora_4bit_linear`]'s output and the adapter's hidden `input · lora_a` (`[rows of
+    /// input, r]`, the compute dtype), without a graph: for a forward whose layer runs again
+    /// over the same input (activation checkpointing's), which then takes the hidden.
+    #[fusion(meta = |input, weight, lora_a, lora_b, _scaling| {
+        let (hidden, _, _) = adapter_specs(input, lora_a, lora_b);
+        (output_spec(input, weight.shape[0]), hidden)
+    })]
+    fn lora_4bit_linear_keeping_hidden(
+        input: FloatTensor<Self>,
+        #[extension_type] weight: Weight4bitPrimitive<Self>,
+        lora_a: FloatTensor<Self>,
+        lora_b: FloatTensor<Self>,
+        scaling: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
     /// Zeros in `grad`'s shape whose backward gives the gradients of `lora_4bit_linear(..) ·
     /// grad` without computing the layer's output: `y·grad − stop_gradient(y·grad)` for its
     /// output `y`, the forward only the adapter's hidden. `grad` is a constant of the graph.
@@ -56,6 +85,21 @@ pub trait Lora4bitOps: Backend {
         lora_b: FloatTensor<Self>,
         scaling: f64,
         grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// [`Self::lora_4bit_pullback`] with the adapter's hidden known (see
+    /// [`Self::lora_4bit_linear_with_hidden`]): its forward computes nothing but the adapter's
+    /// cast.
+    #[fusion(meta = |_input, _weight, _lora_a, _lora_b, _scaling, grad, _hidden| grad.clone())]
+    #[allow(clippy::too_many_arguments)]
+    fn lora_4bit_pullback_with_hidden(
+        input: FloatTensor<Self>,
+        #[extension_type] weight: Weight4bitPrimitive<Self>,
+        lora_a: FloatTensor<Self>,
+        lora_b: FloatTensor<Self>,
+        scaling: f64,
+        grad: FloatTensor<Self>,
+        hidden: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
 }
 
@@ -86,6 +130,21 @@ pub trait Lora4bitPassOps: Backend {
         FloatTensor<Self>,
     );
 
+    /// [`Self::lora_4bit_forward`] with the hidden known: the output, `lora_aᵀ` and `scaling ·
+    /// lora_b`.
+    #[fusion(meta = |input, weight, lora_a, lora_b, _scaling, _hidden| {
+        let (_, transposed_a, scaled_b) = adapter_specs(input, lora_a, lora_b);
+        (output_spec(input, weight.shape[0]), transposed_a, scaled_b)
+    })]
+    fn lora_4bit_forward_with_hidden(
+        input: FloatTensor<Self>,
+        #[extension_type] weight: Weight4bitPrimitive<Self>,
+        lora_a: FloatTensor<Self>,
+        lora_b: FloatTensor<Self>,
+        scaling: f64,
+        hidden: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
     /// What [`Self::lora_4bit_forward`] gives but the output: the hidden, `lora_aᵀ` and
     /// `scaling · lora_b`, for a backward that needs no output.
     #[fusion(meta = |input, lora_a, lora_b, _scaling| adapter_specs(input, lora_a, lora_b))]
@@ -95,6 +154,20 @@ pub trait Lora4bitPassOps: Backend {
         lora_b: FloatTensor<Self>,
         scaling: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `lora_aᵀ` and `scaling · lora_b` in `dtype` alone (see [`Self::lora_4bit_adapter`]), for
+    /// a backward whose hidden is known.
+    #[fusion(meta = |lora_a, lora_b, _scaling, dtype| {
+        let mut transposed_a = spec_in(lora_a, *dtype);
+        transposed_a.shape = Shape::new([lora_a.shape[1], lora_a.shape[0]]);
+        (transposed_a, spec_in(lora_b, *dtype))
+    })]
+    fn lora_4bit_cast_adapter(
+        lora_a: FloatTensor<Self>,
+        lora_b: FloatTensor<Self>,
+        scaling: f64,
+        dtype: DType,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// The gradients of `input`, `lora_a` and `lora_b` (the last two in `adapter_dtype`) from
     /// the output's `grad` and what the forward kept (`transposed_a`, `scaled_b` in the compute
@@ -172,22 +245,59 @@ fn spec_in(spec: &TensorSpec, dtype: DType) -> TensorSpec {
 /// frozen `[out_features, in_features]` 4-bit weight and a trainable adapter in Burn's layout
 /// (`lora_a` `[in_features, r]`, `lora_b` `[r, out_features]`, any float dtype: the products
 /// run in `input`'s). A LoRA layer's forward without dropout, as one operation each way.
+///
+/// `hidden`, where given, is the adapter's hidden `input · lora_a` for this very input as
+/// [`lora_4bit_linear_keeping_hidden`] returned it (a checkpointed layer's recomputation over
+/// its first forward's input): it is taken instead of computed again.
 pub fn lora_4bit_linear<const D: usize>(
     input: Tensor<D>,
     weight: &Packed4bit,
     lora_a: Tensor<2>,
     lora_b: Tensor<2>,
     scaling: f64,
+    hidden: Option<Tensor<2>>,
 ) -> Result<Tensor<D>, QuantError> {
     check_adapter(&input, weight, &lora_a, &lora_b)?;
+    check_hidden(&input, &lora_a, hidden.as_ref())?;
     let primitive = weight.primitive()?;
-    Ok(Tensor::from_dispatch(Dispatch::lora_4bit_linear(
+    let (input, lora_a, lora_b) = (
+        input.into_dispatch(),
+        lora_a.into_dispatch(),
+        lora_b.into_dispatch(),
+    );
+    Ok(Tensor::from_dispatch(match hidden {
+        Some(hidden) => Dispatch::lora_4bit_linear_with_hidden(
+            input,
+            primitive,
+            lora_a,
+            lora_b,
+            scaling,
+            hidden.into_dispatch(),
+        ),
+        None => Dispatch::lora_4bit_linear(input, primitive, lora_a, lora_b, scaling),
+    }))
+}
+
+/// [`lora_4bit_linear`]'s output and the adapter's hidden `input · lora_a` (`[rows of input,
+/// r]`, flattened over the leading dimensions, in `input`'s dtype), with no graph recorded: the
+/// forward of a layer that runs again over the same input, which then takes the hidden.
+pub fn lora_4bit_linear_keeping_hidden<const D: usize>(
+    input: Tensor<D>,
+    weight: &Packed4bit,
+    lora_a: Tensor<2>,
+    lora_b: Tensor<2>,
+    scaling: f64,
+) -> Result<(Tensor<D>, Tensor<2>), QuantError> {
+    check_adapter(&input, weight, &lora_a, &lora_b)?;
+    let primitive = weight.primitive()?;
+    let (output, hidden) = Dispatch::lora_4bit_linear_keeping_hidden(
         input.into_dispatch(),
         primitive,
         lora_a.into_dispatch(),
         lora_b.into_dispatch(),
         scaling,
-    )))
+    );
+    Ok((Tensor::from_dispatch(output), Tensor::from_dispatch(hidden)))
 }
 
 /// Zeros in `grad`'s shape whose backward gives the gradients (of `input`, `lora_a` and
@@ -195,7 +305,7 @@ pub fn lora_4bit_linear<const D: usize>(
 /// `grad`, without the base product's forward: for a backward that needs a layer's gradients
 /// but never its output, as activation checkpointing's recomputed last projection of a block
 /// (its output reaches only the block's output, whose gradient is known). `grad`, the output's
-/// gradient, gets none itself.
+/// gradient, gets none itself. `hidden` as for [`lora_4bit_linear`].
 pub fn lora_4bit_pullback<const D: usize>(
     input: Tensor<D>,
     weight: &Packed4bit,
@@ -203,8 +313,10 @@ pub fn lora_4bit_pullback<const D: usize>(
     lora_b: Tensor<2>,
     scaling: f64,
     grad: Tensor<D>,
+    hidden: Option<Tensor<2>>,
 ) -> Result<Tensor<D>, QuantError> {
     check_adapter(&input, weight, &lora_a, &lora_b)?;
+    check_hidden(&input, &lora_a, hidden.as_ref())?;
     let mut output_dims = input.dims();
     output_dims[D - 1] = weight.matrix_shape("LoRA linear")?[0];
     if grad.dims() != output_dims || grad.dtype() != input.dtype() {
@@ -219,14 +331,49 @@ pub fn lora_4bit_pullback<const D: usize>(
         });
     }
     let primitive = weight.primitive()?;
-    Ok(Tensor::from_dispatch(Dispatch::lora_4bit_pullback(
+    let (input, lora_a, lora_b, grad) = (
         input.into_dispatch(),
-        primitive,
         lora_a.into_dispatch(),
         lora_b.into_dispatch(),
-        scaling,
         grad.into_dispatch(),
-    )))
+    );
+    Ok(Tensor::from_dispatch(match hidden {
+        Some(hidden) => Dispatch::lora_4bit_pullback_with_hidden(
+            input,
+            primitive,
+            lora_a,
+            lora_b,
+            scaling,
+            grad,
+            hidden.into_dispatch(),
+        ),
+        None => Dispatch::lora_4bit_pullback(input, primitive, lora_a, lora_b, scaling, grad),
+    }))
+}
+
+/// That a known `hidden` is `input · lora_a`'s shape `[rows of input, r]` in `input`'s dtype.
+fn check_hidden<const D: usize>(
+    input: &Tensor<D>,
+    lora_a: &Tensor<2>,
+    hidden: Option<&Tensor<2>>,
+) -> Result<(), QuantError> {
+    let Some(hidden) = hidden else {
+        return Ok(());
+    };
+    let dims = input.dims();
+    let expected = [dims[..D - 1].iter().product(), lora_a.dims()[1]];
+    if hidden.dims() != expected || hidden.dtype() != input.dtype() {
+        return Err(QuantError::Format {
+            what: "LoRA hidden".into(),
+            detail: format!(
+                "the known hidden is {:?} {:?}, the adapter's for this input {expected:?} {:?}",
+                hidden.dims(),
+                hidden.dtype(),
+                input.dtype()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// That `input` and the adapter (`lora_a` `[in_features, r]`, `lora_b` `[r, out_features]`, one
@@ -284,16 +431,17 @@ trait LoraPass: Matmul4bitOps + LowRankOps {
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// A LoRA layer's product and its hidden: `lhs · Wᵀ` (`transpose`) or `lhs · W`, plus
-    /// `(lhs · downᵀ) · up`, and `lhs · downᵀ`, for a `[rows, k]` `lhs`, `down` `[r, k]` and `up`
-    /// `[r, n]`.
+    /// `(lhs · downᵀ) · up`, and `lhs · downᵀ` (`hidden` where given), for a `[rows, k]`
+    /// `lhs`, `down` `[r, k]` and `up` `[r, n]`.
     fn lora_product(
         lhs: FloatTensor<Self>,
         weight: Weight4bitPrimitive<Self>,
         transpose: bool,
         down: FloatTensor<Self>,
         up: FloatTensor<Self>,
+        hidden: Option<FloatTensor<Self>>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        composed_lora_product::<Self>(lhs, down, up, |lhs| {
+        composed_lora_product::<Self>(lhs, down, up, hidden, |lhs| {
             Self::matmul_4bit(lhs, weight, transpose)
         })
     }
@@ -304,15 +452,17 @@ trait LoraPass: Matmul4bitOps + LowRankOps {
     }
 }
 
-/// [`LoraPass::lora_product`] as the separate kernels: `x·A`-shaped, then `base` (the 4-bit
-/// product) and the `h·B`-shaped kernel adding the term to its output.
+/// [`LoraPass::lora_product`] as the separate kernels: `x·A`-shaped (unless `hidden` is
+/// given), then `base` (the 4-bit product) and the `h·B`-shaped kernel adding the term to its
+/// output.
 fn composed_lora_product<B: LowRankOps>(
     lhs: FloatTensor<B>,
     down: FloatTensor<B>,
     up: FloatTensor<B>,
+    hidden: Option<FloatTensor<B>>,
     base: impl FnOnce(FloatTensor<B>) -> FloatTensor<B>,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
-    let hidden = B::low_rank_down(lhs.clone(), B::float_transpose(down));
+    let hidden = hidden.unwrap_or_else(|| B::low_rank_down(lhs.clone(), B::float_transpose(down)));
     let output = B::low_rank_up_add(base(lhs), hidden.clone(), up);
     (output, hidden)
 }
@@ -324,6 +474,7 @@ fn forward<B: LoraPass>(
     lora_a: FloatTensor<B>,
     lora_b: FloatTensor<B>,
     scaling: f64,
+    hidden: Option<FloatTensor<B>>,
 ) -> (
     FloatTensor<B>,
     FloatTensor<B>,
@@ -334,8 +485,14 @@ fn forward<B: LoraPass>(
     let (transposed_a, scaled_b) =
         B::cast_adapter(B::float_transpose(lora_a), lora_b, scaling, input.dtype());
     let input = flat_rows::<B>(input);
-    let (output, hidden) =
-        B::lora_product(input, weight, true, transposed_a.clone(), scaled_b.clone());
+    let (output, hidden) = B::lora_product(
+        input,
+        weight,
+        true,
+        transposed_a.clone(),
+        scaled_b.clone(),
+        hidden,
+    );
     let last = dims.num_dims() - 1;
     dims[last] = output.shape()[1];
     (
@@ -375,7 +532,7 @@ fn backward<B: LoraPass>(
     let dims = input.shape();
     let grad = flat_rows::<B>(grad);
     let (grad_input, grad_hidden) =
-        B::lora_product(grad.clone(), weight, false, scaled_b, transposed_a);
+        B::lora_product(grad.clone(), weight, false, scaled_b, transposed_a, None);
     let (grad_a, grad_b) =
         adapter_gradients::<B>(grad, input, hidden, grad_hidden, scaling, adapter_dtype);
     (B::float_reshape(grad_input, dims), grad_a, grad_b)
@@ -423,7 +580,30 @@ macro_rules! impl_lora_4bit_ops {
                 lora_b: $tensor,
                 scaling: f64,
             ) -> $tensor {
-                forward::<Self>(input, weight, lora_a, lora_b, scaling).0
+                forward::<Self>(input, weight, lora_a, lora_b, scaling, None).0
+            }
+
+            fn lora_4bit_linear_with_hidden(
+                input: $tensor,
+                weight: Weight4bitPrimitive<Self>,
+                lora_a: $tensor,
+                lora_b: $tensor,
+                scaling: f64,
+                hidden: $tensor,
+            ) -> $tensor {
+                forward::<Self>(input, weight, lora_a, lora_b, scaling, Some(hidden)).0
+            }
+
+            fn lora_4bit_linear_keeping_hidden(
+                input: $tensor,
+                weight: Weight4bitPrimitive<Self>,
+                lora_a: $tensor,
+                lora_b: $tensor,
+                scaling: f64,
+            ) -> ($tensor, $tensor) {
+                let (output, hidden, _, _) =
+                    forward::<Self>(input, weight, lora_a, lora_b, scaling, None);
+                (output, hidden)
             }
 
             /// Without a graph there is no gradient to give: the zeros alone.
@@ -437,6 +617,18 @@ macro_rules! impl_lora_4bit_ops {
             ) -> $tensor {
                 Self::float_zeros(grad.shape(), &grad.device(), grad.dtype().into())
             }
+
+            fn lora_4bit_pullback_with_hidden(
+                _input: $tensor,
+                _weight: Weight4bitPrimitive<Self>,
+                _lora_a: $tensor,
+                _lora_b: $tensor,
+                _scaling: f64,
+                grad: $tensor,
+                _hidden: $tensor,
+            ) -> $tensor {
+                Self::float_zeros(grad.shape(), &grad.device(), grad.dtype().into())
+            }
         }
 
         impl Lora4bitPassOps for $backend {
@@ -447,7 +639,20 @@ macro_rules! impl_lora_4bit_ops {
                 lora_b: $tensor,
                 scaling: f64,
             ) -> ($tensor, $tensor, $tensor, $tensor) {
-                forward::<Self>(input, weight, lora_a, lora_b, scaling)
+                forward::<Self>(input, weight, lora_a, lora_b, scaling, None)
+            }
+
+            fn lora_4bit_forward_with_hidden(
+                input: $tensor,
+                weight: Weight4bitPrimitive<Self>,
+                lora_a: $tensor,
+                lora_b: $tensor,
+                scaling: f64,
+                hidden: $tensor,
+            ) -> ($tensor, $tensor, $tensor) {
+                let (output, _, transposed_a, scaled_b) =
+                    forward::<Self>(input, weight, lora_a, lora_b, scaling, Some(hidden));
+                (output, transposed_a, scaled_b)
             }
 
             fn lora_4bit_adapter(
@@ -457,6 +662,15 @@ macro_rules! impl_lora_4bit_ops {
                 scaling: f64,
             ) -> ($tensor, $tensor, $tensor) {
                 adapter::<Self>(input, lora_a, lora_b, scaling)
+            }
+
+            fn lora_4bit_cast_adapter(
+                lora_a: $tensor,
+                lora_b: $tensor,
+                scaling: f64,
+                dtype: burn::tensor::DType,
+            ) -> ($tensor, $tensor) {
+                Self::cast_adapter(Self::float_transpose(lora_a), lora_b, scaling, dtype)
             }
 
             #[allow(clippy::too_many_arguments)]
@@ -563,32 +777,38 @@ mod cube {
 
         /// The `wgmma` kernel with the weight dequantized inside it (`wgmma_4bit`) where it
         /// applies, else the `wgmma` kernel over the dense weight; both add the adapter's term
-        /// on their accumulator (its hidden from `thin_product`). Elsewhere the separate
-        /// kernels.
+        /// on their accumulator (its hidden from `thin_product`, where not given). Elsewhere
+        /// the separate kernels.
         fn lora_product(
             lhs: CubeTensor,
             weight: Weight4bitPrimitive<Self>,
             transpose: bool,
             down: CubeTensor,
             up: CubeTensor,
+            hidden: Option<CubeTensor>,
         ) -> (CubeTensor, CubeTensor) {
             #[cfg(feature = "cuda")]
             if lhs.shape()[0] > crate::matmul::cube::MATVEC_MAX_ROWS && lhs.dtype() == DType::BF16 {
+                let adapter = crate::wgmma::Adapter {
+                    down: &down,
+                    up: &up,
+                    hidden: hidden.as_ref(),
+                };
                 if let Some((out, Some(hidden))) =
-                    crate::wgmma_4bit::product(&lhs, &weight, transpose, Some((&down, &up)))
+                    crate::wgmma_4bit::product(&lhs, &weight, transpose, Some(adapter))
                 {
                     return (out, hidden);
                 }
                 let dense = crate::matmul::cube::dequantized(weight, lhs.dtype());
                 let rhs = crate::matmul::oriented::<Self>(dense, transpose);
-                if let Some(result) = crate::wgmma::lora_product(&lhs, &rhs, &down, &up) {
+                if let Some(result) = crate::wgmma::lora_product(&lhs, &rhs, adapter) {
                     return result;
                 }
-                return super::composed_lora_product::<Self>(lhs, down, up, |lhs| {
+                return super::composed_lora_product::<Self>(lhs, down, up, hidden, |lhs| {
                     crate::matmul::cube::dense_product(lhs, rhs)
                 });
             }
-            super::composed_lora_product::<Self>(lhs, down, up, |lhs| {
+            super::composed_lora_product::<Self>(lhs, down, up, hidden, |lhs| {
                 Self::matmul_4bit(lhs, weight, transpose)
             })
         }
@@ -689,6 +909,7 @@ mod flex {
 
 mod autodiff {
     use burn::backend::Autodiff;
+    use burn::backend::AutodiffBackend;
     use burn::backend::TensorMetadata;
     use burn::backend::autodiff::NodeId;
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -862,6 +1083,65 @@ mod autodiff {
             }
         }
 
+        fn lora_4bit_linear_with_hidden(
+            input: FloatTensor<Self>,
+            weight: Weight4bitPrimitive<Self>,
+            lora_a: FloatTensor<Self>,
+            lora_b: FloatTensor<Self>,
+            scaling: f64,
+            hidden: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            let weight = weight.into_inner();
+            let hidden = hidden.into_primitive();
+            match Lora4bitBackward
+                .prepare::<C>([input.node(), lora_a.node(), lora_b.node()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(mut prep) => {
+                    let input_id = prep.checkpoint(&input);
+                    let adapter_dtype = lora_a.dtype();
+                    let (output, transposed_a, scaled_b) = B::lora_4bit_forward_with_hidden(
+                        input.into_primitive(),
+                        weight.clone(),
+                        lora_a.into_primitive(),
+                        lora_b.into_primitive(),
+                        scaling,
+                        hidden.clone(),
+                    );
+                    let kept = (hidden, transposed_a, scaled_b);
+                    let state = State::new(input_id, kept, weight, scaling, adapter_dtype);
+                    prep.finish(state, output)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(B::lora_4bit_linear_with_hidden(
+                    input.into_primitive(),
+                    weight,
+                    lora_a.into_primitive(),
+                    lora_b.into_primitive(),
+                    scaling,
+                    hidden,
+                )),
+            }
+        }
+
+        /// Both results untracked, whatever the inputs: the forward of a layer that runs again.
+        fn lora_4bit_linear_keeping_hidden(
+            input: FloatTensor<Self>,
+            weight: Weight4bitPrimitive<Self>,
+            lora_a: FloatTensor<Self>,
+            lora_b: FloatTensor<Self>,
+            scaling: f64,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+            let (output, hidden) = B::lora_4bit_linear_keeping_hidden(
+                input.into_primitive(),
+                weight.into_inner(),
+                lora_a.into_primitive(),
+                lora_b.into_primitive(),
+                scaling,
+            );
+            (Self::from_inner(output), Self::from_inner(hidden))
+        }
+
         fn lora_4bit_pullback(
             input: FloatTensor<Self>,
             weight: Weight4bitPrimitive<Self>,
@@ -870,28 +1150,66 @@ mod autodiff {
             scaling: f64,
             grad: FloatTensor<Self>,
         ) -> FloatTensor<Self> {
-            let weight = weight.into_inner();
-            let grad = grad.into_primitive();
-            let zeros = B::float_zeros(grad.shape(), &grad.device(), grad.dtype().into());
-            match Lora4bitPullbackBackward
-                .prepare::<C>([input.node(), lora_a.node(), lora_b.node()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(mut prep) => {
-                    let input_id = prep.checkpoint(&input);
-                    let adapter_dtype = lora_a.dtype();
-                    let kept = B::lora_4bit_adapter(
-                        input.into_primitive(),
-                        lora_a.into_primitive(),
-                        lora_b.into_primitive(),
-                        scaling,
-                    );
-                    let state = State::new(input_id, kept, weight, scaling, adapter_dtype);
-                    prep.finish((state, grad), zeros)
-                }
-                OpsKind::UnTracked(prep) => prep.finish(zeros),
+            pullback::<B, C>(input, weight, lora_a, lora_b, scaling, grad, None)
+        }
+
+        fn lora_4bit_pullback_with_hidden(
+            input: FloatTensor<Self>,
+            weight: Weight4bitPrimitive<Self>,
+            lora_a: FloatTensor<Self>,
+            lora_b: FloatTensor<Self>,
+            scaling: f64,
+            grad: FloatTensor<Self>,
+            hidden: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            let hidden = hidden.into_primitive();
+            pullback::<B, C>(input, weight, lora_a, lora_b, scaling, grad, Some(hidden))
+        }
+    }
+
+    /// The pullback's zeros, recording its backward where anything is tracked; the adapter's
+    /// hidden computed unless `hidden` is given.
+    fn pullback<B, C>(
+        input: FloatTensor<Autodiff<B, C>>,
+        weight: Weight4bitPrimitive<Autodiff<B, C>>,
+        lora_a: FloatTensor<Autodiff<B, C>>,
+        lora_b: FloatTensor<Autodiff<B, C>>,
+        scaling: f64,
+        grad: FloatTensor<Autodiff<B, C>>,
+        hidden: Option<FloatTensor<B>>,
+    ) -> FloatTensor<Autodiff<B, C>>
+    where
+        B: Lora4bitOps + Lora4bitPassOps,
+        C: CheckpointStrategy,
+    {
+        let weight = weight.into_inner();
+        let grad = grad.into_primitive();
+        let zeros = B::float_zeros(grad.shape(), &grad.device(), grad.dtype().into());
+        match Lora4bitPullbackBackward
+            .prepare::<C>([input.node(), lora_a.node(), lora_b.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let input_id = prep.checkpoint(&input);
+                let adapter_dtype = lora_a.dtype();
+                let (input, lora_a, lora_b) = (
+                    input.into_primitive(),
+                    lora_a.into_primitive(),
+                    lora_b.into_primitive(),
+                );
+                let kept = match hidden {
+                    Some(hidden) => {
+                        let (transposed_a, scaled_b) =
+                            B::lora_4bit_cast_adapter(lora_a, lora_b, scaling, input.dtype());
+                        (hidden, transposed_a, scaled_b)
+                    }
+                    None => B::lora_4bit_adapter(input, lora_a, lora_b, scaling),
+                };
+                let state = State::new(input_id, kept, weight, scaling, adapter_dtype);
+                prep.finish((state, grad), zeros)
             }
+            OpsKind::UnTracked(prep) => prep.finish(zeros),
         }
     }
 }

@@ -156,19 +156,45 @@ pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> 
     launch(lhs, rhs, None).map(|(out, _)| out)
 }
 
+/// A LoRA layer's adapter as the kernels take it: contiguous bf16 `down` `[r, depth]` and `up`
+/// `[r, cols]` with r 8 or 16, and the hidden `lhs · downᵀ` where it is known already (a
+/// checkpointed layer's recomputation, from the first forward over the same input).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Adapter<'a> {
+    pub down: &'a CubeTensor,
+    pub up: &'a CubeTensor,
+    pub hidden: Option<&'a CubeTensor>,
+}
+
+impl Adapter<'_> {
+    /// The hidden `lhs · downᵀ` for a rank-`rank` adapter: the known one where it is the
+    /// kernels' `[rows, rank]` bf16 rows, else `thin_product`'s.
+    pub(crate) fn hidden(&self, lhs: &CubeTensor, rank: usize) -> CubeTensor {
+        match self.hidden {
+            Some(hidden)
+                if hidden.shape().num_dims() == 2
+                    && hidden.shape()[..] == [lhs.shape()[0], rank]
+                    && bf16_rows(hidden, rank) =>
+            {
+                hidden.clone()
+            }
+            _ => crate::thin_product::hidden(lhs, self.down),
+        }
+    }
+}
+
 /// A LoRA layer's product, `lhs · rhs + (lhs · downᵀ) · up`, and its rank-`r` hidden `lhs ·
-/// downᵀ` (`[rows, r]`, rounded to bf16 before it multiplies `up`), for contiguous bf16 `down`
-/// `[r, depth]` and `up` `[r, cols]` with r 8 or 16: the forward (`down` = `Aᵀ`, `up` = `s·B`)
-/// or the input gradient (`down` = `s·B`, `up` = `Aᵀ`). The hidden is its own kernel
-/// (`thin_product`); the `wgmma` kernel adds its term to the f32 accumulator before its one
-/// rounding. `None` where [`product`] declines or the adapter does not fit.
+/// downᵀ` (`[rows, r]`, rounded to bf16 before it multiplies `up`): the forward (`down` = `Aᵀ`,
+/// `up` = `s·B`) or the input gradient (`down` = `s·B`, `up` = `Aᵀ`). The hidden is its own
+/// kernel (`thin_product`) unless the adapter brings it; the `wgmma` kernel adds its term to
+/// the f32 accumulator before its one rounding. `None` where [`product`] declines or the
+/// adapter does not fit.
 pub(crate) fn lora_product(
     lhs: &CubeTensor,
     rhs: &CubeTensor,
-    down: &CubeTensor,
-    up: &CubeTensor,
+    adapter: Adapter,
 ) -> Option<(CubeTensor, CubeTensor)> {
-    let (out, hidden) = launch(lhs, rhs, Some((down, up)))?;
+    let (out, hidden) = launch(lhs, rhs, Some(adapter))?;
     Some((out, hidden?))
 }
 
@@ -176,7 +202,7 @@ pub(crate) fn lora_product(
 fn launch(
     lhs: &CubeTensor,
     rhs: &CubeTensor,
-    adapter: Option<(&CubeTensor, &CubeTensor)>,
+    adapter: Option<Adapter>,
 ) -> Option<(CubeTensor, Option<CubeTensor>)> {
     let rhs_shape = rhs.shape();
     if !lhs_fits(lhs) || rhs.dtype() != DType::BF16 || rhs_shape.num_dims() != 2 {
@@ -196,10 +222,10 @@ fn launch(
         return None;
     }
     let rank = match adapter {
-        Some((down, up)) => adapter_rank(down, up, rows, depth, cols)?,
+        Some(adapter) => adapter_rank(adapter.down, adapter.up, rows, depth, cols)?,
         None => 0,
     };
-    let hidden = adapter.map(|(down, _)| crate::thin_product::hidden(lhs, down));
+    let hidden = adapter.map(|adapter| adapter.hidden(lhs, rank));
     let out = empty_output(lhs, [rows, cols], DType::BF16);
     let lhs_map = tensor_map(
         lhs,
@@ -235,10 +261,10 @@ fn launch(
         let mut arguments = KernelArguments::new().with_tensor_maps(vec![lhs_map.clone(), rhs_map]);
         arguments.declared_io = vec![BufferIOAttr::ReadOnly; 2];
         // With an adapter: the hidden, then `up`.
-        if let (Some((_, up)), Some(hidden)) = (adapter, &hidden) {
+        if let (Some(adapter), Some(hidden)) = (adapter, &hidden) {
             arguments = arguments
                 .with_buffer_io(hidden.handle.clone().binding(), BufferIOAttr::ReadOnly)
-                .with_buffer_io(up.handle.clone().binding(), BufferIOAttr::ReadOnly);
+                .with_buffer_io(adapter.up.handle.clone().binding(), BufferIOAttr::ReadOnly);
         }
         let arguments =
             arguments.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);

@@ -18,7 +18,9 @@ use cubecl::server::{KernelArguments, MetadataBindingInfo};
 use crate::extension::empty_output;
 use crate::matmul::{DenseCopy, Weight4bitPrimitive, decoded_absmax};
 use crate::precompiled::{CudaKernel, Precompiled};
-use crate::wgmma::{STAGE_DEPTH, TensorMapLayout, adapter_rank, aligned, lhs_fits, tensor_map};
+use crate::wgmma::{
+    Adapter, STAGE_DEPTH, TensorMapLayout, adapter_rank, aligned, lhs_fits, tensor_map,
+};
 
 /// The kernel's text; the sizes and the accumulator's asm operands are prepended per product.
 const SOURCE: &str = concat!(
@@ -188,15 +190,15 @@ fn feature_spans(token_tiles: usize, feature_tiles: usize, processors: usize) ->
 
 /// `x · Wᵀ` (`transpose`) or `x · W` for a bf16 `x` `[rows, depth]` and a packed `[features,
 /// depth]` (`[depth, features]`) weight in blocks of 64 without a dense copy, on devices of
-/// compute capability 9.0; with an adapter (`down` `[r, depth]`, `up` `[r, features]`, as
-/// `wgmma::lora_product` takes them) `+ (x · downᵀ) · up`, and the hidden. `None` where the
-/// kernel does not take them: rows a multiple of 256, features of 128 (of 256 for `x · W`, whose
+/// compute capability 9.0; with an adapter (`down` `[r, depth]`, `up` `[r, features]`, the
+/// hidden where known, as `wgmma::lora_product` takes them) `+ (x · downᵀ) · up`, and the
+/// hidden. `None` where the kernel does not take them: rows a multiple of 256, features of 128 (of 256 for `x · W`, whose
 /// absmax rows the tensor map reads in 16-byte steps), depth of 64.
 pub(crate) fn product(
     x: &CubeTensor,
     weight: &Weight4bitPrimitive<CubeBackend>,
     transpose: bool,
-    adapter: Option<(&CubeTensor, &CubeTensor)>,
+    adapter: Option<Adapter>,
 ) -> Option<(CubeTensor, Option<CubeTensor>)> {
     let [features, depth] = if transpose {
         weight.shape
@@ -230,7 +232,7 @@ pub(crate) fn product(
         return None;
     }
     let rank = match adapter {
-        Some((down, up)) => adapter_rank(down, up, rows, depth, features)?,
+        Some(adapter) => adapter_rank(adapter.down, adapter.up, rows, depth, features)?,
         None => 0,
     };
     let (absmax, offset) =
@@ -238,7 +240,7 @@ pub(crate) fn product(
     if absmax.dtype() != DType::F32 || !absmax.is_contiguous() || !aligned(&absmax) {
         return None;
     }
-    let hidden = adapter.map(|(down, _)| crate::thin_product::hidden(x, down));
+    let hidden = adapter.map(|adapter| adapter.hidden(x, rank));
     let out = empty_output(x, [rows, features], DType::BF16);
     // The weight's tensor maps, and for the forward its absmax as a buffer.
     let (weight_maps, absmax_buffer) = if transpose {
@@ -286,10 +288,10 @@ pub(crate) fn product(
         }
         arguments =
             arguments.with_buffer_io(weight.code.handle.clone().binding(), BufferIOAttr::ReadOnly);
-        if let (Some((_, up)), Some(hidden)) = (adapter, &hidden) {
+        if let (Some(adapter), Some(hidden)) = (adapter, &hidden) {
             arguments = arguments
                 .with_buffer_io(hidden.handle.clone().binding(), BufferIOAttr::ReadOnly)
-                .with_buffer_io(up.handle.clone().binding(), BufferIOAttr::ReadOnly);
+                .with_buffer_io(adapter.up.handle.clone().binding(), BufferIOAttr::ReadOnly);
         }
         let mut arguments =
             arguments.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);

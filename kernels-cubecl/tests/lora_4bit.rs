@@ -8,7 +8,8 @@ use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
 use common::{burn_f32_matmul_tolerance, devices, golden_matrices, half_dtype};
 use integration_tests::relative_error;
 use kernels_cubecl::{
-    Packed4bit, QuantConfig, lora_4bit_linear, lora_4bit_pullback, low_rank_down, low_rank_up_add,
+    Packed4bit, QuantConfig, lora_4bit_linear, lora_4bit_linear_keeping_hidden, lora_4bit_pullback,
+    low_rank_down, low_rank_up_add,
 };
 
 /// PEFT's scaling for alpha 16, rank 8.
@@ -96,7 +97,8 @@ fn lora_4bit_linear_with_golden_states_equals_the_dense_lora_layer() {
             let theirs =
                 Tensor::<2>::from_data(TensorData::new(case.dequant.clone(), shape), &host);
             let inputs = Inputs::random(3, shape, 8, DType::F32, &device);
-            let ours = inputs.run(|x, a, b| lora_4bit_linear(x, &packed, a, b, SCALING).unwrap());
+            let ours =
+                inputs.run(|x, a, b| lora_4bit_linear(x, &packed, a, b, SCALING, None).unwrap());
             let on_host = Inputs {
                 x: inputs.x.to_device(&host),
                 lora_a: inputs.lora_a.to_device(&host),
@@ -136,7 +138,8 @@ fn lora_4bit_linear_gives_the_composed_layers_numbers() {
         // Ranks 8 and 16: the two widths the CUDA kernels' hidden (`thin_product`) takes.
         for rank in [8, 16] {
             let inputs = Inputs::random(128, SHAPE, rank, dtype, &device);
-            let ours = inputs.run(|x, a, b| lora_4bit_linear(x, &packed, a, b, SCALING).unwrap());
+            let ours =
+                inputs.run(|x, a, b| lora_4bit_linear(x, &packed, a, b, SCALING, None).unwrap());
             let composed = inputs.run(|x, a, b| {
                 let hidden = low_rank_down(x.clone(), a);
                 low_rank_up_add(packed.linear(x).unwrap(), hidden, b.mul_scalar(SCALING))
@@ -171,7 +174,8 @@ fn lora_4bit_pullback_gives_the_layers_gradients_without_its_output() {
         let packed = random_weight(&plain);
         for rank in [8, 16] {
             let inputs = Inputs::random(128, SHAPE, rank, dtype, &device);
-            let layer = inputs.run(|x, a, b| lora_4bit_linear(x, &packed, a, b, SCALING).unwrap());
+            let layer =
+                inputs.run(|x, a, b| lora_4bit_linear(x, &packed, a, b, SCALING, None).unwrap());
             let (x, lora_a, lora_b) = (
                 inputs.x.clone().require_grad(),
                 inputs.lora_a.clone().require_grad(),
@@ -184,6 +188,7 @@ fn lora_4bit_pullback_gives_the_layers_gradients_without_its_output() {
                 lora_b.clone(),
                 SCALING,
                 inputs.upstream.clone(),
+                None,
             )
             .unwrap();
             assert_eq!(zeros.dims(), inputs.upstream.dims(), "{name}");
@@ -205,6 +210,72 @@ fn lora_4bit_pullback_gives_the_layers_gradients_without_its_output() {
     }
 }
 
+/// The hidden `lora_4bit_linear_keeping_hidden` keeps (a checkpointed layer's first forward),
+/// handed back to `lora_4bit_linear` and `lora_4bit_pullback` for the same input (its
+/// recomputation), changes no number: the output, and the gradients of `x`, `A` and `B`, bit for
+/// bit, in bf16 (f16 on wgpu), on every device; the kept forward records no graph.
+#[test]
+fn a_kept_hidden_changes_no_number() {
+    for (name, plain) in devices() {
+        let dtype = half_dtype(name);
+        let device = plain.clone().autodiff();
+        let packed = random_weight(&plain);
+        let inputs = Inputs::random(128, SHAPE, 8, dtype, &device);
+        let fresh =
+            inputs.run(|x, a, b| lora_4bit_linear(x, &packed, a, b, SCALING, None).unwrap());
+        let (kept_output, hidden) = lora_4bit_linear_keeping_hidden(
+            inputs.x.clone().require_grad(),
+            &packed,
+            inputs.lora_a.clone().require_grad(),
+            inputs.lora_b.clone().require_grad(),
+            SCALING,
+        )
+        .unwrap();
+        assert!(
+            !kept_output.is_require_grad() && !hidden.is_require_grad(),
+            "{name}"
+        );
+        assert_eq!(hidden.dims(), [2 * 128, 8], "{name}");
+        let difference = largest_difference(kept_output, fresh[0].clone());
+        assert_eq!(difference, 0.0, "{name}: the kept forward's output");
+        let given = inputs.run(|x, a, b| {
+            lora_4bit_linear(x, &packed, a, b, SCALING, Some(hidden.clone())).unwrap()
+        });
+        for ((part, ours), expected) in PARTS.iter().zip(given).zip(&fresh) {
+            assert_eq!(
+                largest_difference(ours, expected.clone()),
+                0.0,
+                "{name} {part}"
+            );
+        }
+        let (x, lora_a, lora_b) = (
+            inputs.x.clone().require_grad(),
+            inputs.lora_a.clone().require_grad(),
+            inputs.lora_b.clone().require_grad(),
+        );
+        let grads = lora_4bit_pullback(
+            x.clone(),
+            &packed,
+            lora_a.clone(),
+            lora_b.clone(),
+            SCALING,
+            inputs.upstream.clone(),
+            Some(hidden),
+        )
+        .unwrap()
+        .backward();
+        let pulled: [Tensor<3>; 3] = [
+            x.grad(&grads).expect("x has a gradient"),
+            lora_a.grad(&grads).expect("A has a gradient").unsqueeze(),
+            lora_b.grad(&grads).expect("B has a gradient").unsqueeze(),
+        ];
+        for ((part, ours), expected) in PARTS[1..].iter().zip(pulled).zip(&fresh[1..]) {
+            let difference = largest_difference(ours, expected.clone());
+            assert_eq!(difference, 0.0, "{name} pullback {part}");
+        }
+    }
+}
+
 /// An input that needs no gradient (the first layer's, under frozen embeddings) skips the input
 /// gradient's product; the adapter's gradients are those of a tracked input bit for bit (the
 /// same hidden, the same kernels), in bf16 (f16 on wgpu), on every device.
@@ -215,7 +286,8 @@ fn an_untracked_input_leaves_the_adapters_gradients_unchanged() {
         let device = plain.clone().autodiff();
         let packed = random_weight(&plain);
         let inputs = Inputs::random(128, SHAPE, 8, dtype, &device);
-        let tracked = inputs.run(|x, a, b| lora_4bit_linear(x, &packed, a, b, SCALING).unwrap());
+        let tracked =
+            inputs.run(|x, a, b| lora_4bit_linear(x, &packed, a, b, SCALING, None).unwrap());
         let (lora_a, lora_b) = (
             inputs.lora_a.clone().require_grad(),
             inputs.lora_b.clone().require_grad(),
@@ -226,6 +298,7 @@ fn an_untracked_input_leaves_the_adapters_gradients_unchanged() {
             lora_a.clone(),
             lora_b.clone(),
             SCALING,
+            None,
         )
         .unwrap();
         let grads = (y * inputs.upstream.clone()).sum().backward();
@@ -262,7 +335,7 @@ fn a_dense_copy_of_the_weight_changes_no_number() {
         );
         let inputs = Inputs::random(128, SHAPE, 8, dtype, &device);
         let layer = |weight: &Packed4bit| {
-            inputs.run(|x, a, b| lora_4bit_linear(x, weight, a, b, SCALING).unwrap())
+            inputs.run(|x, a, b| lora_4bit_linear(x, weight, a, b, SCALING, None).unwrap())
         };
         for ((part, ours), expected) in PARTS.iter().zip(layer(&with_copy)).zip(layer(&packed)) {
             assert_eq!(largest_difference(ours, expected), 0.0, "{name} {part}");
@@ -283,7 +356,7 @@ fn lora_4bit_pullback_refuses_a_gradient_of_another_shape() {
         let lora_a = Tensor::<2>::zeros([128, 8], &device);
         let lora_b = Tensor::<2>::zeros([8, 64], &device);
         let grad = Tensor::<2>::zeros([4, 128], &device);
-        let err = lora_4bit_pullback(x, &packed, lora_a, lora_b, SCALING, grad)
+        let err = lora_4bit_pullback(x, &packed, lora_a, lora_b, SCALING, grad, None)
             .unwrap_err()
             .to_string();
         assert!(
@@ -301,7 +374,7 @@ fn lora_4bit_linear_refuses_an_adapter_that_does_not_fit() {
         let x = Tensor::<2>::zeros([4, 128], &device);
         let lora_a = Tensor::<2>::zeros([128, 8], &device);
         let lora_b = Tensor::<2>::zeros([8, 48], &device);
-        let err = lora_4bit_linear(x.clone(), &packed, lora_a.clone(), lora_b, SCALING)
+        let err = lora_4bit_linear(x.clone(), &packed, lora_a.clone(), lora_b, SCALING, None)
             .unwrap_err()
             .to_string();
         assert!(
@@ -309,10 +382,25 @@ fn lora_4bit_linear_refuses_an_adapter_that_does_not_fit() {
             "{name}: {err}"
         );
         let lora_b = Tensor::<2>::zeros([8, 64], &device);
-        let err = lora_4bit_linear(x.narrow(1, 0, 100), &packed, lora_a, lora_b, SCALING)
+        let err = lora_4bit_linear(
+            x.clone().narrow(1, 0, 100),
+            &packed,
+            lora_a.clone(),
+            lora_b.clone(),
+            SCALING,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("128 input features"), "{name}: {err}");
+        let hidden = Tensor::<2>::zeros([4, 16], &device);
+        let err = lora_4bit_linear(x, &packed, lora_a, lora_b, SCALING, Some(hidden))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("128 input features"), "{name}: {err}");
+        assert!(
+            err.contains("LoRA hidden") && err.contains("[4, 16]") && err.contains("[4, 8]"),
+            "{name}: {err}"
+        );
     }
 }
 

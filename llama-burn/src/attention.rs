@@ -35,6 +35,32 @@ impl LayerCache {
 }
 
 impl Attention {
+    /// Two copies for activation checkpointing: the first keeps each adapter's hidden in its
+    /// forward without a graph, the second takes them in the recomputation (see
+    /// `LoraLinear::with_kept_hidden`).
+    pub fn with_kept_hiddens(&self) -> (Self, Self) {
+        let (q_keep, q_take) = self.q_proj.with_kept_hidden();
+        let (k_keep, k_take) = self.k_proj.with_kept_hidden();
+        let (v_keep, v_take) = self.v_proj.with_kept_hidden();
+        let (o_keep, o_take) = self.o_proj.with_kept_hidden();
+        (
+            Self {
+                q_proj: q_keep,
+                k_proj: k_keep,
+                v_proj: v_keep,
+                o_proj: o_keep,
+                ..self.clone()
+            },
+            Self {
+                q_proj: q_take,
+                k_proj: k_take,
+                v_proj: v_take,
+                o_proj: o_take,
+                ..self.clone()
+            },
+        )
+    }
+
     /// The same block, its 4-bit bases carrying their dequantized copies in `dtype`.
     pub fn with_dense_copies(&self, dtype: DType) -> Result<Self, QuantError> {
         Ok(Self {

@@ -66,8 +66,10 @@ impl Llama {
                 hidden = output.clone().detach();
                 last_stage = Some((input, output));
             } else {
-                inputs.push(hidden.clone());
-                hidden = layer.clone().no_grad().forward(hidden, &model.rope, None);
+                // Each adapter's hidden goes from this forward to the layer's recomputation.
+                let (keeping, taking) = layer.with_kept_hiddens();
+                inputs.push((hidden.clone(), taking));
+                hidden = keeping.no_grad().forward(hidden, &model.rope, None);
             }
         }
 
@@ -110,9 +112,10 @@ impl Llama {
         // The first layer's input needs a gradient only for trainable embeddings: otherwise its
         // stage skips the input gradients (of its q, k and v projections' products, its norm).
         let embeddings_train = model.embed_tokens.weight.is_require_grad();
-        for (index, layer) in model.layers.iter().enumerate().rev().skip(1) {
+        while let Some((input, layer)) = inputs.pop() {
+            let index = inputs.len();
             let input_grad = index > 0 || embeddings_train;
-            let input = inputs.pop().expect("one input kept per layer").detach();
+            let input = input.detach();
             let input = if input_grad {
                 input.require_grad()
             } else {

@@ -22,6 +22,26 @@ impl Mlp {
         self.down_proj.pullback(self.gated(x), grad)
     }
 
+    /// Two copies for activation checkpointing, the first keeping each adapter's hidden, the
+    /// second taking them (see `Attention::with_kept_hiddens`).
+    pub fn with_kept_hiddens(&self) -> (Self, Self) {
+        let (gate_keep, gate_take) = self.gate_proj.with_kept_hidden();
+        let (up_keep, up_take) = self.up_proj.with_kept_hidden();
+        let (down_keep, down_take) = self.down_proj.with_kept_hidden();
+        (
+            Self {
+                gate_proj: gate_keep,
+                up_proj: up_keep,
+                down_proj: down_keep,
+            },
+            Self {
+                gate_proj: gate_take,
+                up_proj: up_take,
+                down_proj: down_take,
+            },
+        )
+    }
+
     /// The same block, its 4-bit bases carrying their dequantized copies in `dtype`.
     pub fn with_dense_copies(&self, dtype: DType) -> Result<Self, QuantError> {
         Ok(Self {

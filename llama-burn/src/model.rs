@@ -75,6 +75,26 @@ impl DecoderLayer {
                 .forward(self.input_layernorm.forward(x), rope, cache)
     }
 
+    /// Two copies of the layer (its parameters shared) for activation checkpointing: the first,
+    /// for the forward without a graph, keeps each adapter's hidden `x·A`; the second, for the
+    /// recomputation over the same input, takes them instead of computing them again.
+    pub fn with_kept_hiddens(&self) -> (Self, Self) {
+        let (attention_keep, attention_take) = self.self_attn.with_kept_hiddens();
+        let (mlp_keep, mlp_take) = self.mlp.with_kept_hiddens();
+        (
+            Self {
+                self_attn: attention_keep,
+                mlp: mlp_keep,
+                ..self.clone()
+            },
+            Self {
+                self_attn: attention_take,
+                mlp: mlp_take,
+                ..self.clone()
+            },
+        )
+    }
+
     /// The same layer (its parameters shared), each 4-bit base carrying its dequantized copy in
     /// `dtype`: a checkpointed layer's recomputation and backward then dequantize each weight
     /// once instead of twice, for the layer's dense weights in memory while the copy lives.

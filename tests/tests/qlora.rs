@@ -6,8 +6,8 @@ use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::{DType, Device, Distribution, Tensor};
 use burn_qlora::{
-    FrozenLinear, Linear4bit, LoraBias, LoraConfig, LoraLinear, MergeError, PeftAdapter,
-    PeftConfig, Projection, QloraConfig, QuantConfig, QuantType, linear_from_torch,
+    FrozenLinear, KeptHidden, Linear4bit, LoraBias, LoraConfig, LoraLinear, MergeError,
+    PeftAdapter, PeftConfig, Projection, QloraConfig, QuantConfig, QuantType, linear_from_torch,
 };
 use integration_tests::relative_error;
 
@@ -101,6 +101,68 @@ fn lora_gradients_over_a_4bit_base_equal_the_dense_case() {
 /// Dropout over a 4-bit base: it changes the output while training (an autodiff device, the
 /// layer in training mode) and nothing in evaluation, where the layer takes the one-operation
 /// path and gives the dropout-free layer's numbers exactly.
+/// Activation checkpointing's two copies of a layer (`LoraLinear::with_kept_hidden`): the
+/// keeping copy's forward without a graph puts the adapter's hidden where the taking copy finds
+/// it, once; both give the layer's output, and the taking copy its gradients, bit for bit.
+#[test]
+fn a_kept_hidden_reaches_the_recomputation_and_changes_no_number() {
+    let device = Device::flex().autodiff();
+    let mut layer = with_random_b(LoraConfig::new(8).init(random_linear(96, 80, &device)));
+    layer.base = layer.base.quantize(QuantConfig::default()).unwrap();
+    let (keeping, taking) = layer.with_kept_hidden();
+    let x = Tensor::<3>::random([2, 3, 96], Distribution::Default, &device);
+    let weights = Tensor::<3>::random([2, 3, 80], Distribution::Default, &device);
+    let slot = match &taking.kept_hidden {
+        Some(KeptHidden::Take(slot)) => slot.clone(),
+        other => panic!("the taking copy holds {other:?}"),
+    };
+    let run = |layer: &LoraLinear| {
+        let (x, a, b) = (
+            x.clone().require_grad(),
+            layer.lora_a.weight.val().require_grad(),
+            layer.lora_b.weight.val().require_grad(),
+        );
+        let mut layer = layer.clone();
+        layer.lora_a.weight = burn::module::Param::from_tensor(a.clone());
+        layer.lora_b.weight = burn::module::Param::from_tensor(b.clone());
+        let y = layer.forward(x.clone());
+        let grads = (y.clone() * weights.clone()).sum().backward();
+        [
+            y.inner(),
+            x.grad(&grads).unwrap(),
+            a.grad(&grads).unwrap().unsqueeze(),
+            b.grad(&grads).unwrap().unsqueeze(),
+        ]
+    };
+    let expected = run(&layer);
+
+    let kept_output = keeping.clone().no_grad().forward(x.clone());
+    assert!(!kept_output.is_require_grad());
+    assert_eq!(
+        max_difference(kept_output.inner(), expected[0].clone()),
+        0.0
+    );
+    let hidden = slot.take().expect("the keeping forward fills the slot");
+    assert_eq!(hidden.dims(), [6, 8]);
+    slot.put(hidden);
+    for (part, (ours, theirs)) in run(&taking).into_iter().zip(expected).enumerate() {
+        assert_eq!(
+            max_difference(ours, theirs),
+            0.0,
+            "output, grads of x, A, B: {part}"
+        );
+    }
+    assert!(
+        slot.take().is_none(),
+        "the recomputation takes the hidden once"
+    );
+}
+
+/// The largest absolute difference of two tensors' elements.
+fn max_difference<const D: usize>(ours: Tensor<D>, theirs: Tensor<D>) -> f32 {
+    (ours - theirs).abs().max().into_scalar::<f32>()
+}
+
 #[test]
 fn lora_dropout_over_a_4bit_base_acts_only_while_training() {
     let device = Device::flex().autodiff();
