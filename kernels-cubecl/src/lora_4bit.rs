@@ -189,6 +189,27 @@ pub trait Lora4bitPassOps: Backend {
         adapter_dtype: DType,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
+    /// [`Self::lora_4bit_backward`] with the input's gradient added to `prior`, the sum other
+    /// layers already gave the same input (q, k and v share theirs): one rounding, and no add
+    /// of the whole input's size after.
+    #[fusion(meta = |_grad, input, _hidden, _weight, transposed_a, scaled_b, _scaling, adapter_dtype, _prior| {
+        let mut grad_a = spec_in(transposed_a, *adapter_dtype);
+        grad_a.shape = Shape::new([transposed_a.shape[1], transposed_a.shape[0]]);
+        (input.clone(), grad_a, spec_in(scaled_b, *adapter_dtype))
+    })]
+    #[allow(clippy::too_many_arguments)]
+    fn lora_4bit_backward_adding(
+        grad: FloatTensor<Self>,
+        input: FloatTensor<Self>,
+        hidden: FloatTensor<Self>,
+        #[extension_type] weight: Weight4bitPrimitive<Self>,
+        transposed_a: FloatTensor<Self>,
+        scaled_b: FloatTensor<Self>,
+        scaling: f64,
+        adapter_dtype: DType,
+        prior: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
     /// [`Self::lora_4bit_backward`] without the input's gradient, for an input that needs none
     /// (the first layer's, under frozen embeddings): the gradients of `lora_a` and `lora_b`
     /// alone, so the input gradient's product (the weight's whole size) is never computed.
@@ -431,8 +452,9 @@ trait LoraPass: Matmul4bitOps + LowRankOps {
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// A LoRA layer's product and its hidden: `lhs · Wᵀ` (`transpose`) or `lhs · W`, plus
-    /// `(lhs · downᵀ) · up`, and `lhs · downᵀ` (`hidden` where given), for a `[rows, k]`
-    /// `lhs`, `down` `[r, k]` and `up` `[r, n]`.
+    /// `(lhs · downᵀ) · up` and `prior` (where given), and `lhs · downᵀ` (`hidden` where
+    /// given), for a `[rows, k]` `lhs`, `down` `[r, k]` and `up` `[r, n]`.
+    #[allow(clippy::too_many_arguments)]
     fn lora_product(
         lhs: FloatTensor<Self>,
         weight: Weight4bitPrimitive<Self>,
@@ -440,15 +462,25 @@ trait LoraPass: Matmul4bitOps + LowRankOps {
         down: FloatTensor<Self>,
         up: FloatTensor<Self>,
         hidden: Option<FloatTensor<Self>>,
+        prior: Option<FloatTensor<Self>>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        composed_lora_product::<Self>(lhs, down, up, hidden, |lhs| {
+        let (output, hidden) = composed_lora_product::<Self>(lhs, down, up, hidden, |lhs| {
             Self::matmul_4bit(lhs, weight, transpose)
-        })
+        });
+        (plus::<Self>(output, prior), hidden)
     }
 
     /// [`Self::lora_product`]'s hidden alone: `lhs · downᵀ`.
     fn lora_hidden(lhs: FloatTensor<Self>, down: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::low_rank_down(lhs, Self::float_transpose(down))
+    }
+}
+
+/// `tensor + prior`, or `tensor` without one.
+fn plus<B: Backend>(tensor: FloatTensor<B>, prior: Option<FloatTensor<B>>) -> FloatTensor<B> {
+    match prior {
+        Some(prior) => B::float_add(tensor, prior),
+        None => tensor,
     }
 }
 
@@ -492,6 +524,7 @@ fn forward<B: LoraPass>(
         transposed_a.clone(),
         scaled_b.clone(),
         hidden,
+        None,
     );
     let last = dims.num_dims() - 1;
     dims[last] = output.shape()[1];
@@ -517,7 +550,8 @@ fn adapter<B: LoraPass>(
 }
 
 /// [`Lora4bitPassOps::lora_4bit_backward`] through the backend's products: `g·W + (g·(s·B)ᵀ)·Aᵀ`
-/// for the input, `xᵀ·(g·(s·B)ᵀ)` for `A` and `s·(hᵀ·g)` for `B`.
+/// for the input (plus `prior`, flat, where given), `xᵀ·(g·(s·B)ᵀ)` for `A` and `s·(hᵀ·g)` for
+/// `B`.
 #[allow(clippy::too_many_arguments)]
 fn backward<B: LoraPass>(
     grad: FloatTensor<B>,
@@ -528,11 +562,20 @@ fn backward<B: LoraPass>(
     scaled_b: FloatTensor<B>,
     scaling: f64,
     adapter_dtype: DType,
+    prior: Option<FloatTensor<B>>,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let dims = input.shape();
     let grad = flat_rows::<B>(grad);
-    let (grad_input, grad_hidden) =
-        B::lora_product(grad.clone(), weight, false, scaled_b, transposed_a, None);
+    let prior = prior.map(flat_rows::<B>);
+    let (grad_input, grad_hidden) = B::lora_product(
+        grad.clone(),
+        weight,
+        false,
+        scaled_b,
+        transposed_a,
+        None,
+        prior,
+    );
     let (grad_a, grad_b) =
         adapter_gradients::<B>(grad, input, hidden, grad_hidden, scaling, adapter_dtype);
     (B::float_reshape(grad_input, dims), grad_a, grad_b)
@@ -693,6 +736,32 @@ macro_rules! impl_lora_4bit_ops {
                     scaled_b,
                     scaling,
                     adapter_dtype,
+                    None,
+                )
+            }
+
+            #[allow(clippy::too_many_arguments)]
+            fn lora_4bit_backward_adding(
+                grad: $tensor,
+                input: $tensor,
+                hidden: $tensor,
+                weight: Weight4bitPrimitive<Self>,
+                transposed_a: $tensor,
+                scaled_b: $tensor,
+                scaling: f64,
+                adapter_dtype: burn::tensor::DType,
+                prior: $tensor,
+            ) -> ($tensor, $tensor, $tensor) {
+                backward::<Self>(
+                    grad,
+                    input,
+                    hidden,
+                    weight,
+                    transposed_a,
+                    scaled_b,
+                    scaling,
+                    adapter_dtype,
+                    Some(prior),
                 )
             }
 
@@ -779,6 +848,7 @@ mod cube {
         /// applies, else the `wgmma` kernel over the dense weight; both add the adapter's term
         /// on their accumulator (its hidden from `thin_product`, where not given). Elsewhere
         /// the separate kernels.
+        #[allow(clippy::too_many_arguments)]
         fn lora_product(
             lhs: CubeTensor,
             weight: Weight4bitPrimitive<Self>,
@@ -786,6 +856,7 @@ mod cube {
             down: CubeTensor,
             up: CubeTensor,
             hidden: Option<CubeTensor>,
+            mut prior: Option<CubeTensor>,
         ) -> (CubeTensor, CubeTensor) {
             #[cfg(feature = "cuda")]
             if lhs.shape()[0] > crate::matmul::cube::MATVEC_MAX_ROWS && lhs.dtype() == DType::BF16 {
@@ -797,20 +868,24 @@ mod cube {
                 if let Some((out, Some(hidden))) =
                     crate::wgmma_4bit::product(&lhs, &weight, transpose, Some(adapter))
                 {
-                    return (out, hidden);
+                    return (super::plus::<Self>(out, prior), hidden);
                 }
                 let dense = crate::matmul::cube::dequantized(weight, lhs.dtype());
                 let rhs = crate::matmul::oriented::<Self>(dense, transpose);
-                if let Some(result) = crate::wgmma::lora_product(&lhs, &rhs, adapter) {
+                if let Some(result) = crate::wgmma::lora_product(&lhs, &rhs, adapter, &mut prior) {
                     return result;
                 }
-                return super::composed_lora_product::<Self>(lhs, down, up, hidden, |lhs| {
-                    crate::matmul::cube::dense_product(lhs, rhs)
-                });
+                let (out, hidden) =
+                    super::composed_lora_product::<Self>(lhs, down, up, hidden, |lhs| {
+                        crate::matmul::cube::dense_product(lhs, rhs)
+                    });
+                return (super::plus::<Self>(out, prior), hidden);
             }
-            super::composed_lora_product::<Self>(lhs, down, up, hidden, |lhs| {
-                Self::matmul_4bit(lhs, weight, transpose)
-            })
+            let (out, hidden) =
+                super::composed_lora_product::<Self>(lhs, down, up, hidden, |lhs| {
+                    Self::matmul_4bit(lhs, weight, transpose)
+                });
+            (super::plus::<Self>(out, prior), hidden)
         }
 
         /// `thin_product`, as [`Self::lora_product`] takes it, where it applies.
@@ -922,12 +997,13 @@ mod autodiff {
     use super::{Lora4bitOps, Lora4bitPassOps};
     use crate::matmul::Weight4bitPrimitive;
 
-    /// What the backward needs: the input (by node), what the forward kept in the compute dtype
-    /// (the adapter's hidden `[rows, r]`, `Aᵀ` and `s·B`: a few rows each), the frozen weight,
-    /// the scaling and the adapter's own dtype.
+    /// What the backward needs: the input (its value, and its node: the backward adds the input
+    /// gradient to what its other consumers gave it), what the forward kept in the compute
+    /// dtype (the adapter's hidden `[rows, r]`, `Aᵀ` and `s·B`: a few rows each), the frozen
+    /// weight, the scaling and the adapter's own dtype.
     #[derive(Debug, Clone)]
     struct State<B: Lora4bitPassOps> {
-        input: NodeId,
+        input: FloatTensor<Autodiff<B>>,
         hidden: FloatTensor<B>,
         transposed_a: FloatTensor<B>,
         scaled_b: FloatTensor<B>,
@@ -937,9 +1013,9 @@ mod autodiff {
     }
 
     impl<B: Lora4bitPassOps> State<B> {
-        /// The state from the input's node and the forward's `(hidden, transposed_a, scaled_b)`.
+        /// The state from the input and the forward's `(hidden, transposed_a, scaled_b)`.
         fn new(
-            input: NodeId,
+            input: FloatTensor<Autodiff<B>>,
             (hidden, transposed_a, scaled_b): (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>),
             weight: Weight4bitPrimitive<B>,
             scaling: f64,
@@ -967,11 +1043,11 @@ mod autodiff {
             self,
             ops: Ops<Self::State, 3>,
             grads: &mut Gradients,
-            checkpointer: &mut Checkpointer,
+            _checkpointer: &mut Checkpointer,
         ) {
             let grad = grads.consume::<B>(&ops.node);
             let parents = ops.parents.map(|node| node.map(|node| node.id));
-            register_gradients(ops.state, parents, grad, grads, checkpointer);
+            register_gradients(ops.state, parents, grad, grads);
         }
     }
 
@@ -987,27 +1063,28 @@ mod autodiff {
             self,
             ops: Ops<Self::State, 3>,
             grads: &mut Gradients,
-            checkpointer: &mut Checkpointer,
+            _checkpointer: &mut Checkpointer,
         ) {
             let (state, output_grad) = ops.state;
             let grad = B::float_mul(grads.consume::<B>(&ops.node), output_grad);
             let parents = ops.parents.map(|node| node.map(|node| node.id));
-            register_gradients(state, parents, grad, grads, checkpointer);
+            register_gradients(state, parents, grad, grads);
         }
     }
 
     /// The gradients of the input and the adapter for the output's `grad`, registered for the
     /// parents that are tracked (a frozen adapter drops its own). One launch sequence gives all
     /// three; an input that is not tracked (the embeddings' output, under frozen embeddings)
-    /// skips its gradient's product.
+    /// skips its gradient's product, and one whose other consumers gave it a gradient already
+    /// (q, k and v share their input) gets the sum from the product's kernel.
     fn register_gradients<B: Lora4bitPassOps>(
         state: State<B>,
         parents: [Option<NodeId>; 3],
         grad: FloatTensor<B>,
         grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
     ) {
-        let input = checkpointer.retrieve_node_output::<FloatTensor<B>>(state.input);
+        let prior = parents[0].and_then(|_| grads.remove::<B>(&state.input));
+        let input = state.input.into_primitive();
         if parents[0].is_none() {
             let (of_a, of_b) = B::lora_4bit_adapter_backward(
                 grad,
@@ -1024,16 +1101,29 @@ mod autodiff {
             }
             return;
         }
-        let (of_input, of_a, of_b) = B::lora_4bit_backward(
-            grad,
-            input,
-            state.hidden,
-            state.weight,
-            state.transposed_a,
-            state.scaled_b,
-            state.scaling,
-            state.adapter_dtype,
-        );
+        let (of_input, of_a, of_b) = match prior {
+            Some(prior) => B::lora_4bit_backward_adding(
+                grad,
+                input,
+                state.hidden,
+                state.weight,
+                state.transposed_a,
+                state.scaled_b,
+                state.scaling,
+                state.adapter_dtype,
+                prior,
+            ),
+            None => B::lora_4bit_backward(
+                grad,
+                input,
+                state.hidden,
+                state.weight,
+                state.transposed_a,
+                state.scaled_b,
+                state.scaling,
+                state.adapter_dtype,
+            ),
+        };
         for (node, of) in parents.into_iter().zip([of_input, of_a, of_b]) {
             if let Some(node) = node {
                 grads.register::<B>(node, of);
@@ -1059,8 +1149,8 @@ mod autodiff {
                 .compute_bound()
                 .stateful()
             {
-                OpsKind::Tracked(mut prep) => {
-                    let input_id = prep.checkpoint(&input);
+                OpsKind::Tracked(prep) => {
+                    let kept_input = input.clone();
                     let adapter_dtype = lora_a.dtype();
                     let (output, hidden, transposed_a, scaled_b) = B::lora_4bit_forward(
                         input.into_primitive(),
@@ -1070,7 +1160,7 @@ mod autodiff {
                         scaling,
                     );
                     let kept = (hidden, transposed_a, scaled_b);
-                    let state = State::new(input_id, kept, weight, scaling, adapter_dtype);
+                    let state = State::new(kept_input, kept, weight, scaling, adapter_dtype);
                     prep.finish(state, output)
                 }
                 OpsKind::UnTracked(prep) => prep.finish(B::lora_4bit_linear(
@@ -1098,8 +1188,8 @@ mod autodiff {
                 .compute_bound()
                 .stateful()
             {
-                OpsKind::Tracked(mut prep) => {
-                    let input_id = prep.checkpoint(&input);
+                OpsKind::Tracked(prep) => {
+                    let kept_input = input.clone();
                     let adapter_dtype = lora_a.dtype();
                     let (output, transposed_a, scaled_b) = B::lora_4bit_forward_with_hidden(
                         input.into_primitive(),
@@ -1110,7 +1200,7 @@ mod autodiff {
                         hidden.clone(),
                     );
                     let kept = (hidden, transposed_a, scaled_b);
-                    let state = State::new(input_id, kept, weight, scaling, adapter_dtype);
+                    let state = State::new(kept_input, kept, weight, scaling, adapter_dtype);
                     prep.finish(state, output)
                 }
                 OpsKind::UnTracked(prep) => prep.finish(B::lora_4bit_linear_with_hidden(
@@ -1190,8 +1280,8 @@ mod autodiff {
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(mut prep) => {
-                let input_id = prep.checkpoint(&input);
+            OpsKind::Tracked(prep) => {
+                let kept_input = input.clone();
                 let adapter_dtype = lora_a.dtype();
                 let (input, lora_a, lora_b) = (
                     input.into_primitive(),
@@ -1206,7 +1296,7 @@ mod autodiff {
                     }
                     None => B::lora_4bit_adapter(input, lora_a, lora_b, scaling),
                 };
-                let state = State::new(input_id, kept, weight, scaling, adapter_dtype);
+                let state = State::new(kept_input, kept, weight, scaling, adapter_dtype);
                 prep.finish((state, grad), zeros)
             }
             OpsKind::UnTracked(prep) => prep.finish(zeros),

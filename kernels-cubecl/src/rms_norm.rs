@@ -34,6 +34,17 @@ pub trait RmsNormOps: Backend {
         grad: FloatTensor<Self>,
         eps: f32,
     ) -> FloatTensor<Self>;
+
+    /// [`Self::rms_norm_backward`] plus `prior` (`x`'s shape and dtype), the gradient `x`'s
+    /// other consumers gave it (a residual connection's): one pass, rounded once.
+    #[fusion(meta = |x, _, _, _, _| x.clone())]
+    fn rms_norm_backward_adding(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        prior: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self>;
 }
 
 /// Root-mean-square norm of `x` over its last dimension, computed in f32 whatever `x`'s dtype,
@@ -68,7 +79,9 @@ fn composed<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor
 
 #[cfg(feature = "cube")]
 mod cube {
+    use burn::backend::TensorMetadata;
     use burn::backend::cubecl::dtype_to_storage_type;
+    use burn::backend::ops::FloatTensorOps;
     use burn_cubecl::CubeBackend;
     use burn_cubecl::kernel::into_contiguous;
     use burn_cubecl::tensor::CubeTensor;
@@ -126,33 +139,69 @@ mod cube {
             grad: CubeTensor,
             eps: f32,
         ) -> CubeTensor {
-            let (x, output, rows, width) = row_layout(x);
-            if rows == 0 || width == 0 {
-                return output;
+            backward(x, weight, grad, None, eps)
+        }
+
+        fn rms_norm_backward_adding(
+            x: CubeTensor,
+            weight: CubeTensor,
+            grad: CubeTensor,
+            prior: CubeTensor,
+            eps: f32,
+        ) -> CubeTensor {
+            backward(x, weight, grad, Some(prior), eps)
+        }
+    }
+
+    /// The backward kernel, adding `prior` in place where nothing else holds it (else after).
+    fn backward(
+        x: CubeTensor,
+        weight: CubeTensor,
+        grad: CubeTensor,
+        prior: Option<CubeTensor>,
+        eps: f32,
+    ) -> CubeTensor {
+        let (x, output, rows, width) = row_layout(x);
+        let (output, adding, prior_after) = match prior {
+            Some(prior)
+                if prior.can_mut()
+                    && prior.is_contiguous_buffer()
+                    && prior.dtype == x.dtype
+                    && prior.shape() == x.shape() =>
+            {
+                (prior, true, None)
             }
-            let (cube_count, cube_dim) = launch_shape(rows);
-            let dtype = x.dtype;
-            let grad_dtype = grad.dtype;
-            let vector = vector_size(&x, width).min(vector_size(&grad, width));
-            // SAFETY: as the forward, reading the row of `grad` (`x`'s shape) too.
-            unsafe {
-                rms_norm_backward_kernel::launch_unchecked(
-                    &output.client,
-                    cube_count,
-                    cube_dim,
-                    vector,
-                    x.into_buffer_arg(),
-                    into_contiguous(weight).into_buffer_arg(),
-                    into_contiguous(grad).into_buffer_arg(),
-                    output.clone().into_buffer_arg(),
-                    rows,
-                    width / vector,
-                    eps,
-                    dtype_to_storage_type(dtype),
-                    dtype_to_storage_type(grad_dtype),
-                );
-            }
-            output
+            other => (output, false, other),
+        };
+        if rows == 0 || width == 0 {
+            return output;
+        }
+        let (cube_count, cube_dim) = launch_shape(rows);
+        let dtype = x.dtype;
+        let grad_dtype = grad.dtype;
+        let vector = vector_size(&x, width).min(vector_size(&grad, width));
+        // SAFETY: as the forward, reading the row of `grad` (`x`'s shape) too.
+        unsafe {
+            rms_norm_backward_kernel::launch_unchecked(
+                &output.client,
+                cube_count,
+                cube_dim,
+                vector,
+                x.into_buffer_arg(),
+                into_contiguous(weight).into_buffer_arg(),
+                into_contiguous(grad).into_buffer_arg(),
+                output.clone().into_buffer_arg(),
+                rows,
+                width / vector,
+                eps,
+                adding,
+                dtype_to_storage_type(dtype),
+                dtype_to_storage_type(grad_dtype),
+            );
+        }
+        match prior_after {
+            Some(prior) => CubeBackend::float_add(output, prior),
+            None => output,
         }
     }
 
@@ -209,8 +258,9 @@ mod cube {
         }
     }
 
-    /// Each row's `Σ x²` and `Σ g·w·x`, then `(g·w - x · Σ(g·w·x) / (n·rms²)) / rms`; rows of
-    /// `vectors` vectors.
+    /// Each row's `Σ x²` and `Σ g·w·x`, then `(g·w - x · Σ(g·w·x) / (n·rms²)) / rms`, plus
+    /// `output`'s own value where `adding`; rows of `vectors` vectors.
+    #[allow(clippy::too_many_arguments)]
     #[cube(launch_unchecked)]
     fn rms_norm_backward_kernel<F: Float, G: Float, N: Size>(
         x: &[Vector<F, N>],
@@ -220,6 +270,7 @@ mod cube {
         rows: usize,
         vectors: usize,
         eps: f32,
+        #[comptime] adding: bool,
         #[define(F)] _dtype: ElemType,
         #[define(G)] _grad_dtype: ElemType,
     ) {
@@ -247,8 +298,11 @@ mod cube {
             let value = Vector::<f32, N>::cast_from(x[first + k]);
             let scaled_grad = Vector::<f32, N>::cast_from(grad[first + k])
                 * Vector::<f32, N>::cast_from(weight[k]);
-            output[first + k] =
-                Vector::<F, N>::cast_from((scaled_grad - value * coefficient) / rms);
+            let mut result = (scaled_grad - value * coefficient) / rms;
+            if comptime![adding] {
+                result += Vector::<f32, N>::cast_from(output[first + k]);
+            }
+            output[first + k] = Vector::<F, N>::cast_from(result);
             k += LANES;
         }
     }
@@ -309,6 +363,20 @@ mod flex {
             }
             from_host(out, shape, dtype)
         }
+
+        fn rms_norm_backward_adding(
+            x: FlexTensor,
+            weight: FlexTensor,
+            grad: FlexTensor,
+            prior: FlexTensor,
+            eps: f32,
+        ) -> FlexTensor {
+            let backward = Self::rms_norm_backward(x, weight, grad, eps);
+            let (backward, shape, dtype) = to_host(backward);
+            let (prior, _, _) = to_host(prior);
+            let sum = backward.iter().zip(&prior).map(|(g, p)| g + p).collect();
+            from_host(sum, shape, dtype)
+        }
     }
 }
 
@@ -317,7 +385,7 @@ mod autodiff {
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
     use burn::backend::autodiff::grads::Gradients;
-    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
     use burn::backend::tensor::FloatTensor;
 
     use super::RmsNormOps;
@@ -329,7 +397,9 @@ mod autodiff {
     }
 
     impl<B: RmsNormOps> Backward<B, 1> for RmsNormBackward {
-        type State = (FloatTensor<B>, FloatTensor<B>);
+        /// `x` (its value, and its node: the backward adds to what `x`'s other consumers, a
+        /// residual connection, gave it) and the weight.
+        type State = (FloatTensor<Autodiff<B>>, FloatTensor<B>);
 
         fn backward(
             self,
@@ -338,9 +408,17 @@ mod autodiff {
             _checkpointer: &mut Checkpointer,
         ) {
             let (x, weight) = ops.state;
-            unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-                B::rms_norm_backward(x, weight, grad, self.eps)
-            });
+            let grad = grads.consume::<B>(&ops.node);
+            let [Some(parent)] = ops.parents else {
+                return;
+            };
+            let of_x = match grads.remove::<B>(&x) {
+                Some(prior) => {
+                    B::rms_norm_backward_adding(x.into_primitive(), weight, grad, prior, self.eps)
+                }
+                None => B::rms_norm_backward(x.into_primitive(), weight, grad, self.eps),
+            };
+            grads.register::<B>(parent.id, of_x);
         }
     }
 
@@ -354,8 +432,7 @@ mod autodiff {
             let backward = RmsNormBackward { eps };
             match backward.prepare::<C>([x.node()]).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => {
-                    let x = x.into_primitive();
-                    let output = B::rms_norm(x.clone(), weight.clone(), eps);
+                    let output = B::rms_norm(x.clone().into_primitive(), weight.clone(), eps);
                     prep.finish((x, weight), output)
                 }
                 OpsKind::UnTracked(prep) => {
@@ -376,6 +453,23 @@ mod autodiff {
                 x.into_primitive(),
                 weight.into_primitive(),
                 grad.into_primitive(),
+                eps,
+            ))
+        }
+
+        /// As [`Self::rms_norm_backward`]: only inside the backward, a constant of the graph.
+        fn rms_norm_backward_adding(
+            x: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+            prior: FloatTensor<Self>,
+            eps: f32,
+        ) -> FloatTensor<Self> {
+            FloatTensor::<Self>::new(B::rms_norm_backward_adding(
+                x.into_primitive(),
+                weight.into_primitive(),
+                grad.into_primitive(),
+                prior.into_primitive(),
                 eps,
             ))
         }

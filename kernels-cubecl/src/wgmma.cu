@@ -20,6 +20,10 @@
 // far longer than its FLOP share, and every column of tiles repeated it), where the separate
 // kernel streams A once (BENCHMARKS.md).
 //
+// With ACCUMULATE the kernel adds C's values (a gradient already summed for the same tensor: a
+// block's q, k and v input gradients) to the accumulator before its one rounding, each thread
+// reading the pairs it then writes.
+//
 // The launch passes A's and B's tensor maps by value: boxes of 64 elements along each matrix's
 // contiguous dimension (128 bytes) with the 128-byte swizzle, BM or BN rows of A or K-major B,
 // 64 rows of N-major B.
@@ -168,7 +172,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 #endif
 #pragma unroll
         for (int half = 0; half < 2; half++) {
-            u32 *out = (u32 *)(c + (u64)(row + 8 * half) * N_DIM + column + 8 * j);
+            const u64 at = (u64)(row + 8 * half) * N_DIM + column + 8 * j;
+            u32 *out = (u32 *)(c + at);
+#if ACCUMULATE
+            const u32 before = *out;
+            d[4 * j + 2 * half] += unpack_low(before);
+            d[4 * j + 2 * half + 1] += unpack_high(before);
+#endif
             *out = pack(d[4 * j + 2 * half], d[4 * j + 2 * half + 1]);
         }
     }

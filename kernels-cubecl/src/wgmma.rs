@@ -15,6 +15,9 @@ use cubecl::server::{KernelArguments, TensorMapBinding, TensorMapMeta};
 use cubecl::zspace::metadata::Metadata;
 use cubecl::zspace::{Shape, Strides};
 
+use burn::backend::ops::FloatTensorOps;
+use burn_cubecl::CubeBackend;
+
 use crate::extension::empty_output;
 use crate::precompiled::{CudaKernel, Precompiled};
 
@@ -105,6 +108,8 @@ struct WgmmaProduct {
     first_col: usize,
     /// A LoRA layer's rank (the hidden's columns), or 0 for the product alone.
     rank: usize,
+    /// Whether the kernel adds a prior sum (`ACCUMULATE`).
+    accumulate: bool,
 }
 
 impl WgmmaProduct {
@@ -129,7 +134,8 @@ impl CudaKernel for WgmmaProduct {
         let operands = (0..tile).map(|i| format!("\"+f\"(d[{i}])"));
         format!(
             "#define N_DIM {}\n#define K_DIM {}\n#define B_MN_MAJOR {}\n#define BN {}\n\
-             #define COL_OFFSET {}\n#define LOW_RANK {}\n#define STAGES {STAGES}\n\
+             #define COL_OFFSET {}\n#define LOW_RANK {}\n#define ACCUMULATE {}\n\
+             #define STAGES {STAGES}\n\
              #define DYNAMIC_SHARED_MEMORY_BYTES {}\n\
              #define ACC_REGS \"{{{}}}\"\n#define ACC_OPERANDS {}\n\
              #define DESCRIPTORS \"%{tile}, %{}\"\n#define SCALE \"%{}\"\n{SOURCE}",
@@ -139,6 +145,7 @@ impl CudaKernel for WgmmaProduct {
             self.tile_cols,
             self.first_col,
             self.rank,
+            u8::from(self.accumulate),
             self.shared_memory_bytes(),
             registers.join(", "),
             operands.collect::<Vec<_>>().join(", "),
@@ -153,7 +160,7 @@ impl CudaKernel for WgmmaProduct {
 /// devices of compute capability 9.0; `None` elsewhere, for other layouts, and for sizes the
 /// kernel's tiles do not divide (rows and cols multiples of 128, depth of 64).
 pub(crate) fn product(lhs: &CubeTensor, rhs: &CubeTensor) -> Option<CubeTensor> {
-    launch(lhs, rhs, None).map(|(out, _)| out)
+    launch(lhs, rhs, None, &mut None).map(|(out, _)| out)
 }
 
 /// A LoRA layer's adapter as the kernels take it: contiguous bf16 `down` `[r, depth]` and `up`
@@ -187,22 +194,26 @@ impl Adapter<'_> {
 /// downᵀ` (`[rows, r]`, rounded to bf16 before it multiplies `up`): the forward (`down` = `Aᵀ`,
 /// `up` = `s·B`) or the input gradient (`down` = `s·B`, `up` = `Aᵀ`). The hidden is its own
 /// kernel (`thin_product`) unless the adapter brings it; the `wgmma` kernel adds its term to
-/// the f32 accumulator before its one rounding. `None` where [`product`] declines or the
-/// adapter does not fit.
+/// the f32 accumulator before its one rounding, and `prior` with it where given (taken when
+/// the kernel runs; the sum written over it where nothing else holds it). `None` where
+/// [`product`] declines or the adapter does not fit.
 pub(crate) fn lora_product(
     lhs: &CubeTensor,
     rhs: &CubeTensor,
     adapter: Adapter,
+    prior: &mut Option<CubeTensor>,
 ) -> Option<(CubeTensor, CubeTensor)> {
-    let (out, hidden) = launch(lhs, rhs, Some(adapter))?;
+    let (out, hidden) = launch(lhs, rhs, Some(adapter), prior)?;
     Some((out, hidden?))
 }
 
-/// The kernel for [`product`] or, with an adapter, [`lora_product`].
+/// The kernel for [`product`] or, with an adapter, [`lora_product`]; a `prior` of another
+/// layout than the output's is added after the kernel.
 fn launch(
     lhs: &CubeTensor,
     rhs: &CubeTensor,
     adapter: Option<Adapter>,
+    prior: &mut Option<CubeTensor>,
 ) -> Option<(CubeTensor, Option<CubeTensor>)> {
     let rhs_shape = rhs.shape();
     if !lhs_fits(lhs) || rhs.dtype() != DType::BF16 || rhs_shape.num_dims() != 2 {
@@ -226,7 +237,16 @@ fn launch(
         None => 0,
     };
     let hidden = adapter.map(|adapter| adapter.hidden(lhs, rank));
-    let out = empty_output(lhs, [rows, cols], DType::BF16);
+    // The kernel adds the prior in place where it is the output's layout and nothing else holds
+    // it; any other is added after.
+    let (out, accumulate, prior_after) = match prior.take() {
+        Some(prior)
+            if prior.shape()[..] == [rows, cols] && bf16_rows(&prior, cols) && prior.can_mut() =>
+        {
+            (prior, true, None)
+        }
+        other => (empty_output(lhs, [rows, cols], DType::BF16), false, other),
+    };
     let lhs_map = tensor_map(
         lhs,
         [rows, depth],
@@ -266,8 +286,12 @@ fn launch(
                 .with_buffer_io(hidden.handle.clone().binding(), BufferIOAttr::ReadOnly)
                 .with_buffer_io(adapter.up.handle.clone().binding(), BufferIOAttr::ReadOnly);
         }
-        let arguments =
-            arguments.with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);
+        let io = if accumulate {
+            BufferIOAttr::ReadWrite
+        } else {
+            BufferIOAttr::WriteOnly
+        };
+        let arguments = arguments.with_buffer_io(out.handle.clone().binding(), io);
         let count = CubeCount::Static((rows / BLOCK_ROWS) as u32, span.tiles as u32, 1);
         let kernel = WgmmaProduct {
             cols,
@@ -276,10 +300,15 @@ fn launch(
             tile_cols: span.tile_cols,
             first_col: span.first,
             rank,
+            accumulate,
         };
         lhs.client
             .launch(Box::new(Precompiled(kernel)), count, arguments);
     }
+    let out = match prior_after {
+        Some(prior) => CubeBackend::float_add(out, prior),
+        None => out,
+    };
     Some((out, hidden))
 }
 
@@ -407,12 +436,13 @@ mod tests {
             tile_cols,
             first_col: 0,
             rank,
+            accumulate: false,
         }
     }
 
     /// The 7B step's products (the forward and the input gradient, with and without an adapter
-    /// of rank 8, wide and narrow tiles) compile without spills; the other tiles and rank 16
-    /// compile.
+    /// of rank 8, wide and narrow tiles; the input gradient adding a prior sum) compile without
+    /// spills; the other tiles and rank 16 compile.
     #[test]
     fn the_kernel_compiles_for_hopper() {
         for rhs_row_major in [false, true] {
@@ -422,6 +452,12 @@ mod tests {
                 }
             }
             compile_for_hopper(&product(rhs_row_major, 128, 16));
+        }
+        for tile_cols in [256, 64] {
+            compiles_without_spills(&WgmmaProduct {
+                accumulate: true,
+                ..product(true, tile_cols, 8)
+            });
         }
     }
 

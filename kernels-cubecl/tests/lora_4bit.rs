@@ -276,6 +276,52 @@ fn a_kept_hidden_changes_no_number() {
     }
 }
 
+/// Projections sharing their input, as q, k and v do: the input's gradient is the sum of each
+/// one's, the earlier projection's backward adding its product to what the later one gave (on
+/// CUDA inside the `wgmma` kernel, before its one rounding). Against the two gradients taken
+/// apart and added in f32: within 2^-7 of the sum's largest magnitude (a bf16 rounding or two),
+/// where a lost or doubled term would be of its size; in bf16 (f16 on wgpu), on every device.
+#[test]
+fn projections_sharing_an_input_sum_its_gradient() {
+    for (name, plain) in devices() {
+        let dtype = half_dtype(name);
+        let device = plain.clone().autodiff();
+        let (first, second) = (random_weight(&plain), random_weight(&plain));
+        let inputs = Inputs::random(128, SHAPE, 8, dtype, &device);
+        let other = Inputs::random(128, SHAPE, 8, dtype, &device);
+        let layer = |x: Tensor<3>, packed: &Packed4bit, inputs: &Inputs| {
+            let y = lora_4bit_linear(
+                x,
+                packed,
+                inputs.lora_a.clone(),
+                inputs.lora_b.clone(),
+                SCALING,
+                None,
+            )
+            .unwrap();
+            (y * inputs.upstream.clone()).sum()
+        };
+        let grad_of = |loss: Tensor<1>, x: &Tensor<3>| {
+            x.grad(&loss.backward())
+                .expect("x has a gradient")
+                .cast(DType::F32)
+        };
+        let x = inputs.x.clone().require_grad();
+        let together = grad_of(
+            layer(x.clone(), &first, &inputs) + layer(x.clone(), &second, &other),
+            &x,
+        );
+        let apart = grad_of(layer(x.clone(), &first, &inputs), &x)
+            + grad_of(layer(x.clone(), &second, &other), &x);
+        let scale = apart.clone().abs().max().into_scalar::<f32>();
+        let difference = largest_difference(together, apart);
+        assert!(
+            difference <= scale / 128.0,
+            "{name}: the summed gradient is {difference} off (largest {scale})"
+        );
+    }
+}
+
 /// An input that needs no gradient (the first layer's, under frozen embeddings) skips the input
 /// gradient's product; the adapter's gradients are those of a tracked input bit for bit (the
 /// same hidden, the same kernels), in bf16 (f16 on wgpu), on every device.

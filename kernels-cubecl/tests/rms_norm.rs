@@ -94,3 +94,52 @@ fn rms_norm_and_its_gradient_equal_the_host() {
         }
     }
 }
+
+/// A residual connection beside the norm (`x + f(rms_norm(x))`, LLaMA's blocks): `x`'s gradient
+/// is the norm's plus the residual's, the norm's backward adding to the gradient the residual
+/// gave `x` first (one kernel on CubeCL). Against the host's sum, in f32 and bf16 as above.
+#[test]
+fn rms_norm_gradient_adds_to_a_residual_gradient() {
+    for (name, device) in devices() {
+        for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            if !device.supports_dtype(dtype) {
+                println!("{name}: no {dtype:?}, skipped");
+                continue;
+            }
+            let autodiff = device.clone().autodiff();
+            let shape = [7, 1, 300];
+            let random = |distribution| Tensor::<3>::random(shape, distribution, &autodiff);
+            let x = random(Distribution::Normal(0.5, 2.0))
+                .cast(dtype)
+                .require_grad();
+            let weight =
+                Tensor::<1>::random([300], Distribution::Normal(1.0, 0.5), &autodiff).cast(dtype);
+            let upstream = random(Distribution::Default).cast(dtype);
+            let residual = random(Distribution::Default).cast(dtype);
+            // The norm first, the residual's use of `x` after it: its gradient comes first.
+            let normed = rms_norm(x.clone(), weight.clone(), EPS) * upstream.clone();
+            let loss = (normed + x.clone() * residual.clone()).sum();
+            let grad = x.grad(&loss.backward()).expect("x has a gradient");
+
+            let widen = |tensor: &Tensor<3>| -> Vec<f64> {
+                f32_values(&tensor.to_data())
+                    .into_iter()
+                    .map(f64::from)
+                    .collect()
+            };
+            let weight_values = f32_values(&weight.to_data());
+            let weight_values: Vec<f64> = weight_values.into_iter().map(f64::from).collect();
+            let (_, norm_grad, _) = host(&widen(&x), &weight_values, &widen(&upstream));
+            let expected: Vec<f64> = norm_grad
+                .iter()
+                .zip(widen(&residual))
+                .map(|(norm, residual)| norm + residual)
+                .collect();
+            let error = max_relative_error(&f32_values(&grad.to_data()), &expected);
+            assert!(
+                error < tolerance,
+                "{name} {dtype:?}: relative error {error}"
+            );
+        }
+    }
+}
