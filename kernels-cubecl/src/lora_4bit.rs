@@ -856,10 +856,11 @@ mod cube {
             down: CubeTensor,
             up: CubeTensor,
             hidden: Option<CubeTensor>,
-            mut prior: Option<CubeTensor>,
+            prior: Option<CubeTensor>,
         ) -> (CubeTensor, CubeTensor) {
             #[cfg(feature = "cuda")]
             if lhs.shape()[0] > crate::matmul::cube::MATVEC_MAX_ROWS && lhs.dtype() == DType::BF16 {
+                let mut prior = prior;
                 let adapter = crate::wgmma::Adapter {
                     down: &down,
                     up: &up,
