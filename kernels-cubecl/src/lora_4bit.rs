@@ -173,9 +173,7 @@ pub trait Lora4bitPassOps: Backend {
     /// the output's `grad` and what the forward kept (`transposed_a`, `scaled_b` in the compute
     /// dtype).
     #[fusion(meta = |_grad, input, _hidden, _weight, transposed_a, scaled_b, _scaling, adapter_dtype| {
-        let mut grad_a = spec_in(transposed_a, *adapter_dtype);
-        grad_a.shape = Shape::new([transposed_a.shape[1], transposed_a.shape[0]]);
-        (input.clone(), grad_a, spec_in(scaled_b, *adapter_dtype))
+        gradient_specs(input, transposed_a, scaled_b, *adapter_dtype)
     })]
     #[allow(clippy::too_many_arguments)]
     fn lora_4bit_backward(
@@ -193,9 +191,7 @@ pub trait Lora4bitPassOps: Backend {
     /// layers already gave the same input (q, k and v share theirs): one rounding, and no add
     /// of the whole input's size after.
     #[fusion(meta = |_grad, input, _hidden, _weight, transposed_a, scaled_b, _scaling, adapter_dtype, _prior| {
-        let mut grad_a = spec_in(transposed_a, *adapter_dtype);
-        grad_a.shape = Shape::new([transposed_a.shape[1], transposed_a.shape[0]]);
-        (input.clone(), grad_a, spec_in(scaled_b, *adapter_dtype))
+        gradient_specs(input, transposed_a, scaled_b, *adapter_dtype)
     })]
     #[allow(clippy::too_many_arguments)]
     fn lora_4bit_backward_adding(
@@ -252,6 +248,20 @@ fn adapter_specs(
     let mut transposed_a = spec_in(lora_a, input.dtype);
     transposed_a.shape = Shape::new([rank, cols]);
     (hidden, transposed_a, spec_in(lora_b, input.dtype))
+}
+
+/// The backward's gradients as fusion records them: the input's spec, `A`'s (`transposed_a`
+/// transposed) and `B`'s (`scaled_b`'s shape), the last two in `adapter_dtype`.
+#[cfg(all(feature = "cube", feature = "fusion"))]
+fn gradient_specs(
+    input: &TensorSpec,
+    transposed_a: &TensorSpec,
+    scaled_b: &TensorSpec,
+    adapter_dtype: DType,
+) -> (TensorSpec, TensorSpec, TensorSpec) {
+    let mut grad_a = spec_in(transposed_a, adapter_dtype);
+    grad_a.shape = Shape::new([transposed_a.shape[1], transposed_a.shape[0]]);
+    (input.clone(), grad_a, spec_in(scaled_b, adapter_dtype))
 }
 
 /// `spec` in `dtype`.
@@ -1144,34 +1154,7 @@ mod autodiff {
             lora_b: FloatTensor<Self>,
             scaling: f64,
         ) -> FloatTensor<Self> {
-            let weight = weight.into_inner();
-            match Lora4bitBackward
-                .prepare::<C>([input.node(), lora_a.node(), lora_b.node()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => {
-                    let kept_input = input.clone();
-                    let adapter_dtype = lora_a.dtype();
-                    let (output, hidden, transposed_a, scaled_b) = B::lora_4bit_forward(
-                        input.into_primitive(),
-                        weight.clone(),
-                        lora_a.into_primitive(),
-                        lora_b.into_primitive(),
-                        scaling,
-                    );
-                    let kept = (hidden, transposed_a, scaled_b);
-                    let state = State::new(kept_input, kept, weight, scaling, adapter_dtype);
-                    prep.finish(state, output)
-                }
-                OpsKind::UnTracked(prep) => prep.finish(B::lora_4bit_linear(
-                    input.into_primitive(),
-                    weight,
-                    lora_a.into_primitive(),
-                    lora_b.into_primitive(),
-                    scaling,
-                )),
-            }
+            linear::<B, C>(input, weight, lora_a, lora_b, scaling, None)
         }
 
         fn lora_4bit_linear_with_hidden(
@@ -1182,37 +1165,8 @@ mod autodiff {
             scaling: f64,
             hidden: FloatTensor<Self>,
         ) -> FloatTensor<Self> {
-            let weight = weight.into_inner();
             let hidden = hidden.into_primitive();
-            match Lora4bitBackward
-                .prepare::<C>([input.node(), lora_a.node(), lora_b.node()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => {
-                    let kept_input = input.clone();
-                    let adapter_dtype = lora_a.dtype();
-                    let (output, transposed_a, scaled_b) = B::lora_4bit_forward_with_hidden(
-                        input.into_primitive(),
-                        weight.clone(),
-                        lora_a.into_primitive(),
-                        lora_b.into_primitive(),
-                        scaling,
-                        hidden.clone(),
-                    );
-                    let kept = (hidden, transposed_a, scaled_b);
-                    let state = State::new(kept_input, kept, weight, scaling, adapter_dtype);
-                    prep.finish(state, output)
-                }
-                OpsKind::UnTracked(prep) => prep.finish(B::lora_4bit_linear_with_hidden(
-                    input.into_primitive(),
-                    weight,
-                    lora_a.into_primitive(),
-                    lora_b.into_primitive(),
-                    scaling,
-                    hidden,
-                )),
-            }
+            linear::<B, C>(input, weight, lora_a, lora_b, scaling, Some(hidden))
         }
 
         /// Both results untracked, whatever the inputs: the forward of a layer that runs again.
@@ -1255,6 +1209,71 @@ mod autodiff {
         ) -> FloatTensor<Self> {
             let hidden = hidden.into_primitive();
             pullback::<B, C>(input, weight, lora_a, lora_b, scaling, grad, Some(hidden))
+        }
+    }
+
+    /// The layer's output, recording its backward where anything is tracked; the adapter's
+    /// hidden computed unless `hidden` is given.
+    fn linear<B, C>(
+        input: FloatTensor<Autodiff<B, C>>,
+        weight: Weight4bitPrimitive<Autodiff<B, C>>,
+        lora_a: FloatTensor<Autodiff<B, C>>,
+        lora_b: FloatTensor<Autodiff<B, C>>,
+        scaling: f64,
+        hidden: Option<FloatTensor<B>>,
+    ) -> FloatTensor<Autodiff<B, C>>
+    where
+        B: Lora4bitOps + Lora4bitPassOps,
+        C: CheckpointStrategy,
+    {
+        let weight = weight.into_inner();
+        match Lora4bitBackward
+            .prepare::<C>([input.node(), lora_a.node(), lora_b.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let kept_input = input.clone();
+                let adapter_dtype = lora_a.dtype();
+                let (input, lora_a, lora_b) = (
+                    input.into_primitive(),
+                    lora_a.into_primitive(),
+                    lora_b.into_primitive(),
+                );
+                let (output, kept) = match hidden {
+                    Some(hidden) => {
+                        let (output, transposed_a, scaled_b) = B::lora_4bit_forward_with_hidden(
+                            input,
+                            weight.clone(),
+                            lora_a,
+                            lora_b,
+                            scaling,
+                            hidden.clone(),
+                        );
+                        (output, (hidden, transposed_a, scaled_b))
+                    }
+                    None => {
+                        let (output, hidden, transposed_a, scaled_b) =
+                            B::lora_4bit_forward(input, weight.clone(), lora_a, lora_b, scaling);
+                        (output, (hidden, transposed_a, scaled_b))
+                    }
+                };
+                let state = State::new(kept_input, kept, weight, scaling, adapter_dtype);
+                prep.finish(state, output)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (input, lora_a, lora_b) = (
+                    input.into_primitive(),
+                    lora_a.into_primitive(),
+                    lora_b.into_primitive(),
+                );
+                prep.finish(match hidden {
+                    Some(hidden) => B::lora_4bit_linear_with_hidden(
+                        input, weight, lora_a, lora_b, scaling, hidden,
+                    ),
+                    None => B::lora_4bit_linear(input, weight, lora_a, lora_b, scaling),
+                })
+            }
         }
     }
 

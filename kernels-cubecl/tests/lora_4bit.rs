@@ -64,6 +64,39 @@ impl Inputs {
     }
 }
 
+impl Inputs {
+    /// The pullback's zeros for `upstream` (over `packed`, with `hidden` where given) and the
+    /// gradients of `x`, `A` and `B` its backward gives.
+    fn pullback(
+        &self,
+        packed: &Packed4bit,
+        hidden: Option<Tensor<2>>,
+    ) -> (Tensor<3>, [Tensor<3>; 3]) {
+        let (x, lora_a, lora_b) = (
+            self.x.clone().require_grad(),
+            self.lora_a.clone().require_grad(),
+            self.lora_b.clone().require_grad(),
+        );
+        let zeros = lora_4bit_pullback(
+            x.clone(),
+            packed,
+            lora_a.clone(),
+            lora_b.clone(),
+            SCALING,
+            self.upstream.clone(),
+            hidden,
+        )
+        .unwrap();
+        let grads = zeros.clone().backward();
+        let pulled = [
+            x.grad(&grads).expect("x has a gradient"),
+            lora_a.grad(&grads).expect("A has a gradient").unsqueeze(),
+            lora_b.grad(&grads).expect("B has a gradient").unsqueeze(),
+        ];
+        (zeros, pulled)
+    }
+}
+
 const PARTS: [&str; 4] = ["y", "grad x", "grad A", "grad B"];
 
 /// The random weights' shape: with 256 rows of input, tiles of the `wgmma` kernels on CUDA (the
@@ -176,31 +209,11 @@ fn lora_4bit_pullback_gives_the_layers_gradients_without_its_output() {
             let inputs = Inputs::random(128, SHAPE, rank, dtype, &device);
             let layer =
                 inputs.run(|x, a, b| lora_4bit_linear(x, &packed, a, b, SCALING, None).unwrap());
-            let (x, lora_a, lora_b) = (
-                inputs.x.clone().require_grad(),
-                inputs.lora_a.clone().require_grad(),
-                inputs.lora_b.clone().require_grad(),
-            );
-            let zeros = lora_4bit_pullback(
-                x.clone(),
-                &packed,
-                lora_a.clone(),
-                lora_b.clone(),
-                SCALING,
-                inputs.upstream.clone(),
-                None,
-            )
-            .unwrap();
+            let (zeros, pulled) = inputs.pullback(&packed, None);
             assert_eq!(zeros.dims(), inputs.upstream.dims(), "{name}");
             assert_eq!(zeros.dtype(), dtype, "{name}");
-            let largest = zeros.clone().abs().max().into_scalar::<f32>();
+            let largest = zeros.abs().max().into_scalar::<f32>();
             assert_eq!(largest, 0.0, "{name} rank {rank}: the pullback's value");
-            let grads = zeros.backward();
-            let pulled: [Tensor<3>; 3] = [
-                x.grad(&grads).expect("x has a gradient"),
-                lora_a.grad(&grads).expect("A has a gradient").unsqueeze(),
-                lora_b.grad(&grads).expect("B has a gradient").unsqueeze(),
-            ];
             for ((part, ours), expected) in PARTS[1..].iter().zip(pulled).zip(&layer[1..]) {
                 assert_eq!(ours.dtype(), expected.dtype(), "{name} {part}");
                 let difference = largest_difference(ours, expected.clone());
@@ -248,27 +261,7 @@ fn a_kept_hidden_changes_no_number() {
                 "{name} {part}"
             );
         }
-        let (x, lora_a, lora_b) = (
-            inputs.x.clone().require_grad(),
-            inputs.lora_a.clone().require_grad(),
-            inputs.lora_b.clone().require_grad(),
-        );
-        let grads = lora_4bit_pullback(
-            x.clone(),
-            &packed,
-            lora_a.clone(),
-            lora_b.clone(),
-            SCALING,
-            inputs.upstream.clone(),
-            Some(hidden),
-        )
-        .unwrap()
-        .backward();
-        let pulled: [Tensor<3>; 3] = [
-            x.grad(&grads).expect("x has a gradient"),
-            lora_a.grad(&grads).expect("A has a gradient").unsqueeze(),
-            lora_b.grad(&grads).expect("B has a gradient").unsqueeze(),
-        ];
+        let (_, pulled) = inputs.pullback(&packed, Some(hidden));
         for ((part, ours), expected) in PARTS[1..].iter().zip(pulled).zip(&fresh[1..]) {
             let difference = largest_difference(ours, expected.clone());
             assert_eq!(difference, 0.0, "{name} pullback {part}");
