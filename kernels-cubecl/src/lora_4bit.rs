@@ -883,8 +883,10 @@ mod cube {
                 }
                 let dense = crate::matmul::cube::dequantized(weight, lhs.dtype());
                 let rhs = crate::matmul::oriented::<Self>(dense, transpose);
-                if let Some(result) = crate::wgmma::lora_product(&lhs, &rhs, adapter, &mut prior) {
-                    return result;
+                if let Some((out, hidden)) =
+                    crate::wgmma::lora_product(&lhs, &rhs, adapter, &mut prior)
+                {
+                    return (super::plus::<Self>(out, prior), hidden);
                 }
                 let (out, hidden) =
                     super::composed_lora_product::<Self>(lhs, down, up, hidden, |lhs| {

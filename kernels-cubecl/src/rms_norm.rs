@@ -88,8 +88,9 @@ mod cube {
     use cubecl::prelude::*;
 
     use super::RmsNormOps;
+    use crate::extension::empty_output;
     use crate::extension::vector_size;
-    use crate::rows::{grid, grid_cube, row_layout, row_reduce};
+    use crate::rows::{grid, grid_cube, row_layout, row_reduce, row_shape};
 
     /// Units per row: a row of 4096 (the 7B hidden size) is 32 loads a unit.
     const LANES: usize = 128;
@@ -158,20 +159,19 @@ mod cube {
         x: CubeTensor,
         weight: CubeTensor,
         grad: CubeTensor,
-        prior: Option<CubeTensor>,
+        mut prior: Option<CubeTensor>,
         eps: f32,
     ) -> CubeTensor {
-        let (x, output, rows, width) = row_layout(x);
-        let (output, adding, prior_after) = match prior {
-            Some(prior)
-                if prior.can_mut()
-                    && prior.is_contiguous_buffer()
-                    && prior.dtype == x.dtype
-                    && prior.shape() == x.shape() =>
-            {
-                (prior, true, None)
-            }
-            other => (output, false, other),
+        let (x, rows, width) = row_shape(x);
+        let adding = prior.as_ref().is_some_and(|prior| {
+            prior.can_mut()
+                && prior.is_contiguous_buffer()
+                && prior.dtype == x.dtype
+                && prior.shape() == x.shape()
+        });
+        let output = match prior.take_if(|_| adding) {
+            Some(prior) => prior,
+            None => empty_output(&x, x.shape(), x.dtype),
         };
         if rows == 0 || width == 0 {
             return output;
@@ -199,7 +199,7 @@ mod cube {
                 dtype_to_storage_type(grad_dtype),
             );
         }
-        match prior_after {
+        match prior {
             Some(prior) => CubeBackend::float_add(output, prior),
             None => output,
         }

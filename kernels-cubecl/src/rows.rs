@@ -19,12 +19,18 @@ const MAX_CUBES: usize = 65_535;
 /// A row-wise operation's input made contiguous, an empty output of its shape and dtype, its
 /// number of rows (every dimension but the last) and their length.
 pub(crate) fn row_layout(input: CubeTensor) -> (CubeTensor, CubeTensor, usize, usize) {
+    let (input, rows, width) = row_shape(input);
+    let output = empty_output(&input, input.shape(), input.dtype);
+    (input, output, rows, width)
+}
+
+/// [`row_layout`] without the output, for an operation that may write over another tensor.
+pub(crate) fn row_shape(input: CubeTensor) -> (CubeTensor, usize, usize) {
     let input = into_contiguous(input);
     let shape = input.shape();
     let width = shape[shape.num_dims() - 1];
     let rows = shape.num_elements() / width.max(1);
-    let output = empty_output(&input, shape, input.dtype);
-    (input, output, rows, width)
+    (input, rows, width)
 }
 
 /// A grid of at least `cubes` cubes (one where there are none), numbered by [`grid_cube`].

@@ -15,9 +15,6 @@ use cubecl::server::{KernelArguments, TensorMapBinding, TensorMapMeta};
 use cubecl::zspace::metadata::Metadata;
 use cubecl::zspace::{Shape, Strides};
 
-use burn::backend::ops::FloatTensorOps;
-use burn_cubecl::CubeBackend;
-
 use crate::extension::empty_output;
 use crate::precompiled::{CudaKernel, Precompiled};
 
@@ -179,9 +176,7 @@ impl Adapter<'_> {
     pub(crate) fn hidden(&self, lhs: &CubeTensor, rank: usize) -> CubeTensor {
         match self.hidden {
             Some(hidden)
-                if hidden.shape().num_dims() == 2
-                    && hidden.shape()[..] == [lhs.shape()[0], rank]
-                    && bf16_rows(hidden, rank) =>
+                if hidden.shape()[..] == [lhs.shape()[0], rank] && bf16_rows(hidden, rank) =>
             {
                 hidden.clone()
             }
@@ -194,9 +189,9 @@ impl Adapter<'_> {
 /// downᵀ` (`[rows, r]`, rounded to bf16 before it multiplies `up`): the forward (`down` = `Aᵀ`,
 /// `up` = `s·B`) or the input gradient (`down` = `s·B`, `up` = `Aᵀ`). The hidden is its own
 /// kernel (`thin_product`) unless the adapter brings it; the `wgmma` kernel adds its term to
-/// the f32 accumulator before its one rounding, and `prior` with it where given (taken when
-/// the kernel runs; the sum written over it where nothing else holds it). `None` where
-/// [`product`] declines or the adapter does not fit.
+/// the f32 accumulator before its one rounding, and `prior` with it where the kernel can add it
+/// in place (the output's layout, held by nothing else: then taken; else left for the caller
+/// to add). `None` where [`product`] declines or the adapter does not fit.
 pub(crate) fn lora_product(
     lhs: &CubeTensor,
     rhs: &CubeTensor,
@@ -207,8 +202,7 @@ pub(crate) fn lora_product(
     Some((out, hidden?))
 }
 
-/// The kernel for [`product`] or, with an adapter, [`lora_product`]; a `prior` of another
-/// layout than the output's is added after the kernel.
+/// The kernel for [`product`] or, with an adapter, [`lora_product`].
 fn launch(
     lhs: &CubeTensor,
     rhs: &CubeTensor,
@@ -238,14 +232,13 @@ fn launch(
     };
     let hidden = adapter.map(|adapter| adapter.hidden(lhs, rank));
     // The kernel adds the prior in place where it is the output's layout and nothing else holds
-    // it; any other is added after.
-    let (out, accumulate, prior_after) = match prior.take() {
-        Some(prior)
-            if prior.shape()[..] == [rows, cols] && bf16_rows(&prior, cols) && prior.can_mut() =>
-        {
-            (prior, true, None)
-        }
-        other => (empty_output(lhs, [rows, cols], DType::BF16), false, other),
+    // it.
+    let accumulate = prior.as_ref().is_some_and(|prior| {
+        prior.shape()[..] == [rows, cols] && bf16_rows(prior, cols) && prior.can_mut()
+    });
+    let out = match prior.take_if(|_| accumulate) {
+        Some(prior) => prior,
+        None => empty_output(lhs, [rows, cols], DType::BF16),
     };
     let lhs_map = tensor_map(
         lhs,
@@ -305,10 +298,6 @@ fn launch(
         lhs.client
             .launch(Box::new(Precompiled(kernel)), count, arguments);
     }
-    let out = match prior_after {
-        Some(prior) => CubeBackend::float_add(out, prior),
-        None => out,
-    };
     Some((out, hidden))
 }
 
