@@ -173,6 +173,11 @@ pub struct TrainSection {
     /// the backward pass, the head and loss taken an eighth of the positions at a time. Default
     /// false.
     pub activation_checkpointing: bool,
+    /// Without activation checkpointing: dequantize each 4-bit weight once a step, keeping the
+    /// dense copies from a layer's forward to its backward instead of dequantizing again there
+    /// (faster, for 2 bytes a frozen weight of memory: 12 GiB at LLaMA-2-7B in bf16). Default
+    /// false.
+    pub dense_weights: bool,
     /// auto (best compiled in: cuda, then wgpu, then CPU), cuda, vulkan, wgpu or flex.
     /// Default auto.
     pub backend: String,
@@ -194,6 +199,7 @@ impl Default for TrainSection {
             checkpoint_every: 10,
             keep_checkpoints: 2,
             activation_checkpointing: false,
+            dense_weights: false,
             backend: "auto".into(),
         }
     }

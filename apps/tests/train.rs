@@ -364,24 +364,32 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     assert_eq!(losses(&straight), losses(&rest));
 }
 
-/// Activation checkpointing recomputes activations in backward instead of keeping them: it
-/// changes memory, not results.
+/// Activation checkpointing recomputes activations in backward instead of keeping them, and
+/// dense weights keep each layer's dequantized weights for its backward instead of dequantizing
+/// them again: they change memory and time, not results.
 #[test]
-fn activation_checkpointing_gives_the_same_adapter() {
+fn activation_checkpointing_and_dense_weights_give_the_same_adapter() {
     let _turn = take_turn();
     let Some(golden) = golden_dir() else { return };
     let ws = Workspace::new("recompute");
-    let [kept, recomputed] = ["kept", "recomputed"].map(|run| {
+    let [kept, recomputed, dense] = ["kept", "recomputed", "dense"].map(|run| {
         let recompute = format!("train.activation_checkpointing={}", run == "recomputed");
+        let dense = format!("train.dense_weights={}", run == "dense");
         let config = ws.config(
             &golden,
             run,
-            &["train.steps=4", "train.checkpoint_every=4", &recompute],
+            &[
+                "train.steps=4",
+                "train.checkpoint_every=4",
+                &recompute,
+                &dense,
+            ],
         );
         apps::train::run(&config, false).unwrap();
         config
     });
     assert_same_adapters(&kept, &recomputed);
+    assert_same_adapters(&kept, &dense);
 }
 
 #[test]

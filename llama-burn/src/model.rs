@@ -123,6 +123,26 @@ impl Llama {
         self.logits(self.hidden_states(tokens, cache))
     }
 
+    /// [`Self::forward`] without a cache for a step whose backward follows: each layer's 4-bit
+    /// weights are dequantized once, in the hidden states' dtype, for its forward and its
+    /// backward both, instead of once for each. The dense copies live from the layer's forward
+    /// until the backward reaches it, 2 bytes a frozen weight (12 GiB at LLaMA-2-7B's shapes in
+    /// bf16). Activation checkpointing does the same a layer at a time
+    /// ([`Self::checkpointed_backward`]).
+    pub fn forward_over_dense_copies(
+        &self,
+        tokens: Tensor<2, Int>,
+    ) -> Result<Tensor<3>, QuantError> {
+        let model = &self.model;
+        let mut x = model.embed_tokens.forward(tokens);
+        for layer in &model.layers {
+            x = layer
+                .with_dense_copies(x.dtype())?
+                .forward(x, &model.rope, None);
+        }
+        Ok(self.logits(model.norm.forward(x)))
+    }
+
     /// The final normalised hidden states `[batch, seq, hidden]`.
     pub fn hidden_states(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
         let model = &self.model;

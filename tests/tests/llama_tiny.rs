@@ -432,6 +432,29 @@ fn checkpointed_backward_gives_the_full_backward_gradients() {
     }
 }
 
+/// The step over the weights' dense copies, kept from each layer's forward to its backward, has
+/// the logits and adapter gradients of the step over the packed weights: the copies are the
+/// dequantization the products would make themselves.
+#[test]
+fn dense_copies_give_the_logits_and_gradients_of_the_packed_weights() {
+    let _rng = take_rng();
+    let Some(golden) = golden_dir() else { return };
+    for (name, device) in model_devices() {
+        let device = device.autodiff();
+        let (model, config) = adapted_model(&golden, true, None, &device);
+        let tokens = golden_input_ids(&golden.join("llama_tiny/expected.safetensors"), &device);
+
+        let packed = model.forward(tokens.clone(), None);
+        let dense = model.forward_over_dense_copies(tokens).unwrap();
+        let error = relative_error(dense.clone(), packed.clone());
+        assert!(error < 1e-6, "{name}: logits differ by {error} (relative)");
+        let full = packed.sum().backward();
+        let over_copies = burn::optim::GradientsParams::from_grads(dense.sum().backward(), &model);
+        let compared = assert_same_adapter_grads(&model, &full, &over_copies);
+        assert_eq!(compared, 14 * config.num_hidden_layers);
+    }
+}
+
 /// With LoRA dropout, the recomputation of each layer must draw the masks its first forward
 /// drew: the checkpointed gradients equal those of a whole-model backward whose forward seeds
 /// the device as `checkpointed_backward` does (one draw from the device, plus the layer index).
@@ -461,8 +484,9 @@ fn checkpointed_backward_recomputes_the_same_dropout_masks() {
     assert_same_adapter_grads(&model, &full, &step.grads);
 }
 
-/// Asserts that every adapter weight's checkpointed gradient equals its whole-model backward
-/// one (relative 1e-5, f32: the same products in another grouping); returns how many it compared.
+/// Asserts that every adapter weight's checkpointed gradient (or another step's) equals its
+/// whole-model backward one (relative 1e-5, f32: the same products in another grouping); returns
+/// how many it compared.
 fn assert_same_adapter_grads(
     model: &Llama,
     full: &burn::tensor::Gradients,

@@ -42,6 +42,10 @@ struct Args {
     /// Recompute each layer's activations in the backward instead of keeping them.
     #[arg(long)]
     activation_checkpointing: bool,
+    /// Without checkpointing: keep each layer's dequantized weights from its forward to its
+    /// backward (one dequantization a weight and step, 2 bytes a frozen weight of memory).
+    #[arg(long)]
+    dense_weights: bool,
     /// Steps before timing starts (kernel compilation and autotuning happen here).
     #[arg(long, default_value_t = 3)]
     warmup: usize,
@@ -82,7 +86,8 @@ fn main() -> Result<()> {
 
     let trainable = burn_qlora::trainable_params(&model, LoraBias::None);
     let mut model = CausalLm::new(model, trainable, 1)
-        .with_activation_checkpointing(args.activation_checkpointing);
+        .with_activation_checkpointing(args.activation_checkpointing)
+        .with_dense_weights(args.dense_weights);
     let mut optimizer = FusedAdamWConfig::new().init();
     let batch = random_batch(&args, vocab, &train_device);
     let tokens = (args.batch * args.seq_len) as f64;
@@ -115,8 +120,8 @@ fn main() -> Result<()> {
     }
     let seconds = median(step_seconds);
     println!(
-        "{} layers, batch {} x {}, {:?}, activation checkpointing {}, fusion {}: {:.0} \
-         tokens/s ({:.0} ms/step, median of {}), peak reserved {:.3} GiB, model {:.2} GiB",
+        "{} layers, batch {} x {}, {:?}, activation checkpointing {}, dense weights {}, fusion \
+         {}: {:.0} tokens/s ({:.0} ms/step, median of {}), peak reserved {:.3} GiB, model {:.2} GiB",
         args.layers,
         args.batch,
         args.seq_len,
@@ -126,6 +131,7 @@ fn main() -> Result<()> {
         } else {
             "off"
         },
+        args.dense_weights,
         FUSION,
         tokens / seconds,
         seconds * 1e3,
