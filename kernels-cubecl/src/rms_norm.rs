@@ -154,7 +154,9 @@ mod cube {
         }
     }
 
-    /// The backward kernel, adding `prior` in place where nothing else holds it (else after).
+    /// The backward kernel, adding `prior` where it has `x`'s layout: in place where nothing else
+    /// holds it, else read beside a new output (the same numbers either way, so its other
+    /// holders, which depend on timing, never change a result); else after.
     fn backward(
         x: CubeTensor,
         weight: CubeTensor,
@@ -163,15 +165,13 @@ mod cube {
         eps: f32,
     ) -> CubeTensor {
         let (x, rows, width) = row_shape(x);
-        let adding = prior.as_ref().is_some_and(|prior| {
-            prior.can_mut()
-                && prior.is_contiguous_buffer()
-                && prior.dtype == x.dtype
-                && prior.shape() == x.shape()
+        let fitting = prior.take_if(|prior| {
+            prior.is_contiguous_buffer() && prior.dtype == x.dtype && prior.shape() == x.shape()
         });
-        let output = match prior.take_if(|_| adding) {
-            Some(prior) => prior,
-            None => empty_output(&x, x.shape(), x.dtype),
+        let adding = fitting.is_some();
+        let (output, separate) = match fitting {
+            Some(prior) if prior.can_mut() => (prior, None),
+            fitting => (empty_output(&x, x.shape(), x.dtype), fitting),
         };
         if rows == 0 || width == 0 {
             return output;
@@ -180,7 +180,11 @@ mod cube {
         let dtype = x.dtype;
         let grad_dtype = grad.dtype;
         let vector = vector_size(&x, width).min(vector_size(&grad, width));
-        // SAFETY: as the forward, reading the row of `grad` (`x`'s shape) too.
+        let separate_prior = separate.is_some();
+        // Read only where `separate_prior`: `x` stands in for it elsewhere.
+        let prior_arg = separate.unwrap_or_else(|| x.clone());
+        // SAFETY: as the forward, reading the row of `grad` and of a separate prior (`x`'s shape)
+        // too.
         unsafe {
             rms_norm_backward_kernel::launch_unchecked(
                 &output.client,
@@ -190,11 +194,13 @@ mod cube {
                 x.into_buffer_arg(),
                 into_contiguous(weight).into_buffer_arg(),
                 into_contiguous(grad).into_buffer_arg(),
+                prior_arg.into_buffer_arg(),
                 output.clone().into_buffer_arg(),
                 rows,
                 width / vector,
                 eps,
                 adding,
+                separate_prior,
                 dtype_to_storage_type(dtype),
                 dtype_to_storage_type(grad_dtype),
             );
@@ -259,18 +265,21 @@ mod cube {
     }
 
     /// Each row's `Σ x²` and `Σ g·w·x`, then `(g·w - x · Σ(g·w·x) / (n·rms²)) / rms`, plus
-    /// `output`'s own value where `adding`; rows of `vectors` vectors.
+    /// `output`'s own value where `adding` (`prior`'s where `separate_prior`); rows of `vectors`
+    /// vectors.
     #[allow(clippy::too_many_arguments)]
     #[cube(launch_unchecked)]
     fn rms_norm_backward_kernel<F: Float, G: Float, N: Size>(
         x: &[Vector<F, N>],
         weight: &[Vector<F, N>],
         grad: &[Vector<G, N>],
+        prior: &[Vector<F, N>],
         output: &mut [Vector<F, N>],
         rows: usize,
         vectors: usize,
         eps: f32,
         #[comptime] adding: bool,
+        #[comptime] separate_prior: bool,
         #[define(F)] _dtype: ElemType,
         #[define(G)] _grad_dtype: ElemType,
     ) {
@@ -299,7 +308,9 @@ mod cube {
             let scaled_grad = Vector::<f32, N>::cast_from(grad[first + k])
                 * Vector::<f32, N>::cast_from(weight[k]);
             let mut result = (scaled_grad - value * coefficient) / rms;
-            if comptime![adding] {
+            if comptime![adding && separate_prior] {
+                result += Vector::<f32, N>::cast_from(prior[first + k]);
+            } else if comptime![adding] {
                 result += Vector::<f32, N>::cast_from(output[first + k]);
             }
             output[first + k] = Vector::<F, N>::cast_from(result);

@@ -20,9 +20,11 @@
 // far longer than its FLOP share, and every column of tiles repeated it), where the separate
 // kernel streams A once (BENCHMARKS.md).
 //
-// With ACCUMULATE the kernel adds C's values (a gradient already summed for the same tensor: a
-// block's q, k and v input gradients) to the accumulator before its one rounding, each thread
-// reading the pairs it then writes.
+// With ACCUMULATE the kernel adds a prior sum (a gradient already summed for the same tensor: a
+// block's q, k and v input gradients) to the accumulator before its one rounding: C's own values
+// (1, in place, each thread reading the pairs it then writes) or P's (2, where the prior is held
+// elsewhere too). Both give the same numbers, so whether the prior could be taken in place (its
+// other holders, which depend on timing) never changes a result.
 //
 // The launch passes A's and B's tensor maps by value: boxes of 64 elements along each matrix's
 // contiguous dimension (128 bytes) with the 128-byte swizzle, BM or BN rows of A or K-major B,
@@ -73,6 +75,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     wgmma_bf16_tn(const __grid_constant__ TensorMap a_map, const __grid_constant__ TensorMap b_map,
 #if LOW_RANK
                   const u32 *__restrict__ h, const u32 *__restrict__ u,
+#endif
+#if ACCUMULATE == 2
+                  const bf16 *__restrict__ p,
 #endif
                   bf16 *__restrict__ c) {
     // The launch reserves 1 KiB more than the ring: its start rounded up to the 1024 bytes the
@@ -174,7 +179,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         for (int half = 0; half < 2; half++) {
             const u64 at = (u64)(row + 8 * half) * N_DIM + column + 8 * j;
             u32 *out = (u32 *)(c + at);
-#if ACCUMULATE
+#if ACCUMULATE == 2
+            const u32 before = *(const u32 *)(p + at);
+#elif ACCUMULATE
             const u32 before = *out;
             d[4 * j + 2 * half] += unpack_low(before);
             d[4 * j + 2 * half + 1] += unpack_high(before);

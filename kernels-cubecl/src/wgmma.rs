@@ -105,8 +105,18 @@ struct WgmmaProduct {
     first_col: usize,
     /// A LoRA layer's rank (the hidden's columns), or 0 for the product alone.
     rank: usize,
-    /// Whether the kernel adds a prior sum (`ACCUMULATE`).
-    accumulate: bool,
+    /// Where the kernel reads a prior sum it adds (`ACCUMULATE`).
+    prior: PriorSum,
+}
+
+/// A prior sum the product adds before its one rounding, and where the kernel reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum PriorSum {
+    None,
+    /// The output's own buffer: the prior, taken.
+    InPlace,
+    /// A buffer of its own, held elsewhere too: the output is new.
+    Separate,
 }
 
 impl WgmmaProduct {
@@ -142,7 +152,7 @@ impl CudaKernel for WgmmaProduct {
             self.tile_cols,
             self.first_col,
             self.rank,
-            u8::from(self.accumulate),
+            self.prior as u8,
             self.shared_memory_bytes(),
             registers.join(", "),
             operands.collect::<Vec<_>>().join(", "),
@@ -189,9 +199,10 @@ impl Adapter<'_> {
 /// downᵀ` (`[rows, r]`, rounded to bf16 before it multiplies `up`): the forward (`down` = `Aᵀ`,
 /// `up` = `s·B`) or the input gradient (`down` = `s·B`, `up` = `Aᵀ`). The hidden is its own
 /// kernel (`thin_product`) unless the adapter brings it; the `wgmma` kernel adds its term to
-/// the f32 accumulator before its one rounding, and `prior` with it where the kernel can add it
-/// in place (the output's layout, held by nothing else: then taken; else left for the caller
-/// to add). `None` where [`product`] declines or the adapter does not fit.
+/// the f32 accumulator before its one rounding, and `prior` with it where it has the output's
+/// layout (then taken: written over where nothing else holds it, else read beside a new
+/// output; else left for the caller to add). `None` where [`product`] declines or the adapter
+/// does not fit.
 pub(crate) fn lora_product(
     lhs: &CubeTensor,
     rhs: &CubeTensor,
@@ -231,15 +242,22 @@ fn launch(
         None => 0,
     };
     let hidden = adapter.map(|adapter| adapter.hidden(lhs, rank));
-    // The kernel adds the prior in place where it is the output's layout and nothing else holds
-    // it.
-    let accumulate = prior.as_ref().is_some_and(|prior| {
-        prior.shape()[..] == [rows, cols] && bf16_rows(prior, cols) && prior.can_mut()
-    });
-    let out = match prior.take_if(|_| accumulate) {
-        Some(prior) => prior,
-        None => empty_output(lhs, [rows, cols], DType::BF16),
-    };
+    // The kernel adds a prior of the output's layout: in place where nothing else holds it, else
+    // into a new output (the same numbers either way).
+    let (prior_sum, separate_prior, out) =
+        match prior.take_if(|prior| prior.shape()[..] == [rows, cols] && bf16_rows(prior, cols)) {
+            Some(prior) if prior.can_mut() => (PriorSum::InPlace, None, prior),
+            Some(prior) => (
+                PriorSum::Separate,
+                Some(prior),
+                empty_output(lhs, [rows, cols], DType::BF16),
+            ),
+            None => (
+                PriorSum::None,
+                None,
+                empty_output(lhs, [rows, cols], DType::BF16),
+            ),
+        };
     let lhs_map = tensor_map(
         lhs,
         [rows, depth],
@@ -279,7 +297,11 @@ fn launch(
                 .with_buffer_io(hidden.handle.clone().binding(), BufferIOAttr::ReadOnly)
                 .with_buffer_io(adapter.up.handle.clone().binding(), BufferIOAttr::ReadOnly);
         }
-        let io = if accumulate {
+        if let Some(prior) = &separate_prior {
+            arguments =
+                arguments.with_buffer_io(prior.handle.clone().binding(), BufferIOAttr::ReadOnly);
+        }
+        let io = if prior_sum == PriorSum::InPlace {
             BufferIOAttr::ReadWrite
         } else {
             BufferIOAttr::WriteOnly
@@ -293,7 +315,7 @@ fn launch(
             tile_cols: span.tile_cols,
             first_col: span.first,
             rank,
-            accumulate,
+            prior: prior_sum,
         };
         lhs.client
             .launch(Box::new(Precompiled(kernel)), count, arguments);
@@ -414,7 +436,7 @@ pub(crate) fn tensor_map(
 
 #[cfg(test)]
 mod tests {
-    use super::{ColumnSpan, WgmmaProduct, column_spans};
+    use super::{ColumnSpan, PriorSum, WgmmaProduct, column_spans};
     use crate::precompiled::nvrtc_check::{compile_for_hopper, compiles_without_spills};
 
     fn product(rhs_row_major: bool, tile_cols: usize, rank: usize) -> WgmmaProduct {
@@ -425,7 +447,7 @@ mod tests {
             tile_cols,
             first_col: 0,
             rank,
-            accumulate: false,
+            prior: PriorSum::None,
         }
     }
 
@@ -443,10 +465,12 @@ mod tests {
             compile_for_hopper(&product(rhs_row_major, 128, 16));
         }
         for tile_cols in [256, 64] {
-            compiles_without_spills(&WgmmaProduct {
-                accumulate: true,
-                ..product(true, tile_cols, 8)
-            });
+            for prior in [PriorSum::InPlace, PriorSum::Separate] {
+                compiles_without_spills(&WgmmaProduct {
+                    prior,
+                    ..product(true, tile_cols, 8)
+                });
+            }
         }
     }
 

@@ -4,9 +4,10 @@
 
 mod common;
 
+use burn::backend::Dispatch;
 use burn::tensor::{DType, Distribution, Tensor};
-use common::{devices, f32_values, max_relative_error};
-use kernels_cubecl::rms_norm;
+use common::{devices, f32_values, half_dtype, max_relative_error};
+use kernels_cubecl::{RmsNormOps, rms_norm};
 
 const EPS: f64 = 1e-5;
 
@@ -141,5 +142,46 @@ fn rms_norm_gradient_adds_to_a_residual_gradient() {
                 "{name} {dtype:?}: relative error {error}"
             );
         }
+    }
+}
+
+/// Whether the backward can add the residual's gradient in place (nothing else holds it)
+/// depends on when the other holders let go; the sum must not. With the prior held elsewhere
+/// too, the kernel reads it beside a new output: the same values bit for bit, the prior left as
+/// it was.
+#[test]
+fn a_prior_held_elsewhere_gives_the_same_sum_and_stays_unchanged() {
+    for (name, device) in devices() {
+        let dtype = half_dtype(name);
+        if !device.supports_dtype(dtype) {
+            println!("{name}: no {dtype:?}, skipped");
+            continue;
+        }
+        let shape = [7, 300];
+        let random = |distribution| Tensor::<2>::random(shape, distribution, &device).cast(dtype);
+        let x = random(Distribution::Normal(0.5, 2.0));
+        let weight =
+            Tensor::<1>::random([300], Distribution::Normal(1.0, 0.5), &device).cast(dtype);
+        let grad = random(Distribution::Default);
+        let prior = random(Distribution::Default);
+        let prior_values = prior.to_data();
+        let adding = |prior: Tensor<2>| {
+            Tensor::<2>::from_dispatch(Dispatch::rms_norm_backward_adding(
+                x.clone().into_dispatch(),
+                weight.clone().into_dispatch(),
+                grad.clone().into_dispatch(),
+                prior.into_dispatch(),
+                EPS as f32,
+            ))
+        };
+
+        let beside = adding(prior.clone()).to_data();
+        assert_eq!(
+            prior.to_data(),
+            prior_values,
+            "{name}: the held prior changed"
+        );
+        let in_place = adding(prior).to_data();
+        assert_eq!(beside, in_place, "{name}: the sums differ");
     }
 }
