@@ -244,20 +244,20 @@ fn launch(
     let hidden = adapter.map(|adapter| adapter.hidden(lhs, rank));
     // The kernel adds a prior of the output's layout: in place where nothing else holds it, else
     // into a new output (the same numbers either way).
-    let (prior_sum, separate_prior, out) =
-        match prior.take_if(|prior| prior.shape()[..] == [rows, cols] && bf16_rows(prior, cols)) {
-            Some(prior) if prior.can_mut() => (PriorSum::InPlace, None, prior),
-            Some(prior) => (
-                PriorSum::Separate,
-                Some(prior),
-                empty_output(lhs, [rows, cols], DType::BF16),
-            ),
-            None => (
-                PriorSum::None,
-                None,
-                empty_output(lhs, [rows, cols], DType::BF16),
-            ),
-        };
+    let fitting =
+        prior.take_if(|prior| prior.shape()[..] == [rows, cols] && bf16_rows(prior, cols));
+    let (prior_sum, out, separate_prior) = match fitting {
+        Some(prior) if prior.can_mut() => (PriorSum::InPlace, prior, None),
+        fitting => (
+            if fitting.is_some() {
+                PriorSum::Separate
+            } else {
+                PriorSum::None
+            },
+            empty_output(lhs, [rows, cols], DType::BF16),
+            fitting,
+        ),
+    };
     let lhs_map = tensor_map(
         lhs,
         [rows, depth],

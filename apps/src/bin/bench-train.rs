@@ -126,12 +126,8 @@ fn main() -> Result<()> {
         args.batch,
         args.seq_len,
         options.dtype,
-        if args.activation_checkpointing {
-            "on"
-        } else {
-            "off"
-        },
-        args.dense_weights,
+        on_off(args.activation_checkpointing),
+        on_off(args.dense_weights),
         FUSION,
         tokens / seconds,
         seconds * 1e3,
@@ -140,6 +136,11 @@ fn main() -> Result<()> {
         gib(resident),
     );
     Ok(())
+}
+
+/// A switch as the summary line prints it.
+fn on_off(switch: bool) -> &'static str {
+    if switch { "on" } else { "off" }
 }
 
 /// Uniform random tokens of the model's vocabulary, every target trained.
