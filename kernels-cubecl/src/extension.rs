@@ -148,6 +148,31 @@ pub(crate) fn empty_output(
     )
 }
 
+/// Where a kernel that sums a prior gradient into its result reads that prior.
+pub(crate) enum PriorRead {
+    /// No prior to add.
+    None,
+    /// The output's own buffer holds it: the prior was taken as the output.
+    InPlace,
+    /// Something else holds the prior too: it is read from its own buffer beside a new output.
+    Separate(Box<CubeTensor>),
+}
+
+/// The output of a kernel that adds `prior` (one that fits its output) before its one rounding,
+/// and where it reads the prior: in place where nothing else holds it, else beside a new output
+/// from `new_output`. The numbers are the same either way, so the prior's other holders, which
+/// depend on timing, never change a result.
+pub(crate) fn output_over_prior(
+    prior: Option<CubeTensor>,
+    new_output: impl FnOnce() -> CubeTensor,
+) -> (CubeTensor, PriorRead) {
+    match prior {
+        Some(prior) if prior.can_mut() => (prior, PriorRead::InPlace),
+        Some(prior) => (new_output(), PriorRead::Separate(Box::new(prior))),
+        None => (new_output(), PriorRead::None),
+    }
+}
+
 /// One unit per element: the cube count and size for `units` units.
 pub(crate) fn launch_dims(tensor: &CubeTensor, units: usize) -> (cubecl::CubeCount, CubeDim) {
     let cube_dim = CubeDim::new(&tensor.client, units);

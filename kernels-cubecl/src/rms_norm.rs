@@ -88,8 +88,8 @@ mod cube {
     use cubecl::prelude::*;
 
     use super::RmsNormOps;
-    use crate::extension::empty_output;
     use crate::extension::vector_size;
+    use crate::extension::{PriorRead, empty_output, output_over_prior};
     use crate::rows::{grid, grid_cube, row_layout, row_reduce, row_shape};
 
     /// Units per row: a row of 4096 (the 7B hidden size) is 32 loads a unit.
@@ -168,11 +168,8 @@ mod cube {
         let fitting = prior.take_if(|prior| {
             prior.is_contiguous_buffer() && prior.dtype == x.dtype && prior.shape() == x.shape()
         });
-        let adding = fitting.is_some();
-        let (output, separate) = match fitting {
-            Some(prior) if prior.can_mut() => (prior, None),
-            fitting => (empty_output(&x, x.shape(), x.dtype), fitting),
-        };
+        let (output, prior_read) =
+            output_over_prior(fitting, || empty_output(&x, x.shape(), x.dtype));
         if rows == 0 || width == 0 {
             return output;
         }
@@ -180,9 +177,12 @@ mod cube {
         let dtype = x.dtype;
         let grad_dtype = grad.dtype;
         let vector = vector_size(&x, width).min(vector_size(&grad, width));
-        let separate_prior = separate.is_some();
-        // Read only where `separate_prior`: `x` stands in for it elsewhere.
-        let prior_arg = separate.unwrap_or_else(|| x.clone());
+        let adding = !matches!(prior_read, PriorRead::None);
+        // Read only where separate: `x` stands in for it elsewhere.
+        let (separate_prior, prior_arg) = match prior_read {
+            PriorRead::Separate(prior) => (true, *prior),
+            _ => (false, x.clone()),
+        };
         // SAFETY: as the forward, reading the row of `grad` and of a separate prior (`x`'s shape)
         // too.
         unsafe {

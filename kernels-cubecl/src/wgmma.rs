@@ -15,7 +15,7 @@ use cubecl::server::{KernelArguments, TensorMapBinding, TensorMapMeta};
 use cubecl::zspace::metadata::Metadata;
 use cubecl::zspace::{Shape, Strides};
 
-use crate::extension::empty_output;
+use crate::extension::{PriorRead, empty_output, output_over_prior};
 use crate::precompiled::{CudaKernel, Precompiled};
 
 /// The kernel's text; the sizes and the accumulator's asm operands are prepended per product.
@@ -117,6 +117,16 @@ enum PriorSum {
     InPlace,
     /// A buffer of its own, held elsewhere too: the output is new.
     Separate,
+}
+
+impl From<&PriorRead> for PriorSum {
+    fn from(read: &PriorRead) -> Self {
+        match read {
+            PriorRead::None => Self::None,
+            PriorRead::InPlace => Self::InPlace,
+            PriorRead::Separate(_) => Self::Separate,
+        }
+    }
 }
 
 impl WgmmaProduct {
@@ -242,22 +252,11 @@ fn launch(
         None => 0,
     };
     let hidden = adapter.map(|adapter| adapter.hidden(lhs, rank));
-    // The kernel adds a prior of the output's layout: in place where nothing else holds it, else
-    // into a new output (the same numbers either way).
+    // The kernel adds a prior of the output's layout, in place where it can.
     let fitting =
         prior.take_if(|prior| prior.shape()[..] == [rows, cols] && bf16_rows(prior, cols));
-    let (prior_sum, out, separate_prior) = match fitting {
-        Some(prior) if prior.can_mut() => (PriorSum::InPlace, prior, None),
-        fitting => (
-            if fitting.is_some() {
-                PriorSum::Separate
-            } else {
-                PriorSum::None
-            },
-            empty_output(lhs, [rows, cols], DType::BF16),
-            fitting,
-        ),
-    };
+    let (out, prior_read) =
+        output_over_prior(fitting, || empty_output(lhs, [rows, cols], DType::BF16));
     let lhs_map = tensor_map(
         lhs,
         [rows, depth],
@@ -297,14 +296,13 @@ fn launch(
                 .with_buffer_io(hidden.handle.clone().binding(), BufferIOAttr::ReadOnly)
                 .with_buffer_io(adapter.up.handle.clone().binding(), BufferIOAttr::ReadOnly);
         }
-        if let Some(prior) = &separate_prior {
+        if let PriorRead::Separate(prior) = &prior_read {
             arguments =
                 arguments.with_buffer_io(prior.handle.clone().binding(), BufferIOAttr::ReadOnly);
         }
-        let io = if prior_sum == PriorSum::InPlace {
-            BufferIOAttr::ReadWrite
-        } else {
-            BufferIOAttr::WriteOnly
+        let io = match prior_read {
+            PriorRead::InPlace => BufferIOAttr::ReadWrite,
+            _ => BufferIOAttr::WriteOnly,
         };
         let arguments = arguments.with_buffer_io(out.handle.clone().binding(), io);
         let count = CubeCount::Static((rows / BLOCK_ROWS) as u32, span.tiles as u32, 1);
@@ -315,7 +313,7 @@ fn launch(
             tile_cols: span.tile_cols,
             first_col: span.first,
             rank,
-            prior: prior_sum,
+            prior: PriorSum::from(&prior_read),
         };
         lhs.client
             .launch(Box::new(Precompiled(kernel)), count, arguments);
