@@ -2,7 +2,7 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{DType, Tensor};
 use kernels_cubecl::{
-    Packed4bit, QuantConfig, QuantError, lora_4bit_linear, lora_4bit_linear_keeping_hidden,
+    KeptAdapter, Packed4bit, QuantConfig, QuantError, lora_4bit_linear, lora_4bit_linear_keeping,
     lora_4bit_pullback,
 };
 
@@ -52,46 +52,45 @@ impl Linear4bit {
 
     /// `input · Wᵀ + (input · lora_a) · (scaling · lora_b) + bias`: the layer with a LoRA
     /// adapter in Burn's layout (`lora_a` `[d_input, r]`, `lora_b` `[r, d_output]`), as one
-    /// operation each way. `hidden`, where given, is `input · lora_a` as
-    /// [`Self::forward_keeping_hidden`] kept it for this input, taken instead of computed.
+    /// operation each way. `kept`, where given, is what [`Self::forward_keeping`] kept for
+    /// this input, taken instead of computed.
     ///
     /// # Panics
     ///
-    /// As [`Self::forward`], and if the adapter or the hidden does not fit the layer.
+    /// As [`Self::forward`], and if the adapter or what was kept does not fit the layer.
     pub fn forward_with_adapter<const D: usize>(
         &self,
         input: Tensor<D>,
         lora_a: Tensor<2>,
         lora_b: Tensor<2>,
         scaling: f64,
-        hidden: Option<Tensor<2>>,
+        kept: Option<KeptAdapter>,
     ) -> Tensor<D> {
-        let output = lora_4bit_linear(input, &self.weight, lora_a, lora_b, scaling, hidden)
+        let output = lora_4bit_linear(input, &self.weight, lora_a, lora_b, scaling, kept)
             .unwrap_or_else(|err| panic!("4-bit LoRA linear: {err}"));
         self.add_bias(output)
     }
 
-    /// [`Self::forward_with_adapter`] without a graph, and the adapter's hidden `input · lora_a`
-    /// for a recomputation over the same input.
+    /// [`Self::forward_with_adapter`] without a graph, and what a recomputation over the same
+    /// input can take instead of computing (the adapter's hidden and cast).
     ///
     /// # Panics
     ///
     /// As [`Self::forward_with_adapter`].
-    pub fn forward_keeping_hidden<const D: usize>(
+    pub fn forward_keeping<const D: usize>(
         &self,
         input: Tensor<D>,
         lora_a: Tensor<2>,
         lora_b: Tensor<2>,
         scaling: f64,
-    ) -> (Tensor<D>, Tensor<2>) {
-        let (output, hidden) =
-            lora_4bit_linear_keeping_hidden(input, &self.weight, lora_a, lora_b, scaling)
-                .unwrap_or_else(|err| panic!("4-bit LoRA linear: {err}"));
-        (self.add_bias(output).detach(), hidden)
+    ) -> (Tensor<D>, KeptAdapter) {
+        let (output, kept) = lora_4bit_linear_keeping(input, &self.weight, lora_a, lora_b, scaling)
+            .unwrap_or_else(|err| panic!("4-bit LoRA linear: {err}"));
+        (self.add_bias(output).detach(), kept)
     }
 
     /// [`Self::forward_with_adapter`]'s pullback for the output gradient `grad` (see
-    /// [`crate::LoraLinear::pullback`]): the base's product is never computed; `hidden` as for
+    /// [`crate::LoraLinear::pullback`]): the base's product is never computed; `kept` as for
     /// [`Self::forward_with_adapter`].
     ///
     /// # Panics
@@ -104,7 +103,7 @@ impl Linear4bit {
         lora_b: Tensor<2>,
         scaling: f64,
         grad: Tensor<D>,
-        hidden: Option<Tensor<2>>,
+        kept: Option<KeptAdapter>,
     ) -> Tensor<D> {
         let zeros = lora_4bit_pullback(
             input,
@@ -113,7 +112,7 @@ impl Linear4bit {
             lora_b,
             scaling,
             grad.clone(),
-            hidden,
+            kept,
         )
         .unwrap_or_else(|err| panic!("4-bit LoRA pullback: {err}"));
         // A trainable bias's gradient is the rows' sum of `grad`.

@@ -2,7 +2,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig};
 use burn::tensor::{DType, Tensor};
-use kernels_cubecl::{QuantError, low_rank_down, low_rank_up_add};
+use kernels_cubecl::{KeptAdapter, QuantError, low_rank_down, low_rank_up_add};
 use serde::{Deserialize, Serialize};
 
 use crate::{FrozenLinear, KeptHidden, MergeError};
@@ -112,7 +112,7 @@ pub struct LoraLinear {
     /// Whether the update is folded into a dense base (see [`LoraLinear::merge`]).
     pub merged: bool,
     /// In a checkpointed layer's two copies ([`LoraLinear::with_kept_hidden`]): where the
-    /// adapter's hidden goes from the forward without a graph to the recomputation.
+    /// adapter's hidden and cast go from the forward without a graph to the recomputation.
     #[module(skip)]
     pub kept_hidden: Option<KeptHidden>,
 }
@@ -135,13 +135,12 @@ impl LoraLinear {
         {
             let (lora_a, lora_b) = (self.lora_a.weight.val(), self.lora_b.weight.val());
             if let Some(KeptHidden::Keep(slot)) = &self.kept_hidden {
-                let (output, hidden) =
-                    base.forward_keeping_hidden(input, lora_a, lora_b, self.scaling);
-                slot.put(hidden);
+                let (output, kept) = base.forward_keeping(input, lora_a, lora_b, self.scaling);
+                slot.put(kept);
                 return output;
             }
-            let hidden = self.taken_hidden();
-            return base.forward_with_adapter(input, lora_a, lora_b, self.scaling, hidden);
+            let kept = self.taken();
+            return base.forward_with_adapter(input, lora_a, lora_b, self.scaling, kept);
         }
         let lora_b = self.lora_b.weight.val().mul_scalar(self.scaling);
         let hidden = low_rank_down(
@@ -167,16 +166,16 @@ impl LoraLinear {
                 self.lora_b.weight.val(),
                 self.scaling,
                 grad,
-                self.taken_hidden(),
+                self.taken(),
             );
         }
         pullback_through(self.forward(input), grad)
     }
 
     /// Two copies of the layer (the adapter's parameters shared) for activation checkpointing:
-    /// the first, for the forward without a graph, keeps the adapter's hidden; the second, for
-    /// the recomputation over the same input, takes it instead of computing it. Over a 4-bit
-    /// base without dropout; elsewhere both compute as the layer does.
+    /// the first, for the forward without a graph, keeps the adapter's hidden and cast; the
+    /// second, for the recomputation over the same input, takes them instead of computing them.
+    /// Over a 4-bit base without dropout; elsewhere both compute as the layer does.
     pub fn with_kept_hidden(&self) -> (Self, Self) {
         let (keep, take) = KeptHidden::pair();
         let copy = |kept_hidden| Self {
@@ -186,8 +185,8 @@ impl LoraLinear {
         (copy(keep), copy(take))
     }
 
-    /// The hidden a recomputation's copy finds kept, if any.
-    fn taken_hidden(&self) -> Option<Tensor<2>> {
+    /// What a recomputation's copy finds kept, if any.
+    fn taken(&self) -> Option<KeptAdapter> {
         match &self.kept_hidden {
             Some(KeptHidden::Take(slot)) => slot.take(),
             _ => None,

@@ -79,7 +79,7 @@ pub use frozen::{FrozenMatmulOps, frozen_matmul};
 pub use heads::{SwapHeadsOps, swap_heads};
 #[cfg(any(feature = "cube", feature = "flex"))]
 pub use lora_4bit::{
-    Lora4bitOps, Lora4bitPassOps, lora_4bit_linear, lora_4bit_linear_keeping_hidden,
+    KeptAdapter, Lora4bitOps, Lora4bitPassOps, lora_4bit_linear, lora_4bit_linear_keeping,
     lora_4bit_pullback,
 };
 pub use low_rank::{LowRankOps, MAX_RANK, low_rank_down, low_rank_up, low_rank_up_add};

@@ -45,34 +45,44 @@ pub trait Lora4bitOps: Backend {
         scaling: f64,
     ) -> FloatTensor<Self>;
 
-    /// [`Self::lora_4bit_linear`] with the adapter's hidden `input · lora_a` known: as
-    /// [`Self::lora_4bit_linear_keeping_hidden`] gave it for this input, not computed again.
-    #[fusion(meta = |input, weight, _lora_a, _lora_b, _scaling, _hidden| {
+    /// [`Self::lora_4bit_linear`] with what [`Self::lora_4bit_linear_keeping`] kept for this
+    /// input: the adapter's hidden `input · lora_a`, `lora_aᵀ` and `scaling · lora_b` in the
+    /// compute dtype, neither computed nor cast again.
+    #[fusion(meta = |input, weight, _lora_a, _lora_b, _scaling, _hidden, _transposed_a, _scaled_b| {
         output_spec(input, weight.shape[0])
     })]
-    fn lora_4bit_linear_with_hidden(
+    #[allow(clippy::too_many_arguments)]
+    fn lora_4bit_linear_kept(
         input: FloatTensor<Self>,
         #[extension_type] weight: Weight4bitPrimitive<Self>,
         lora_a: FloatTensor<Self>,
         lora_b: FloatTensor<Self>,
         scaling: f64,
         hidden: FloatTensor<Self>,
+        transposed_a: FloatTensor<Self>,
+        scaled_b: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
 
-    /// [`Self::lora_4bit_linear`]'s output and the adapter's hidden `input · lora_a` (`[rows of
-    /// input, r]`, the compute dtype), without a graph: for a forward whose layer runs again
-    /// over the same input (activation checkpointing's), which then takes the hidden.
+    /// [`Self::lora_4bit_linear`]'s output, the adapter's hidden `input · lora_a` (`[rows of
+    /// input, r]`), `lora_aᵀ` and `scaling · lora_b` (the last three in the compute dtype),
+    /// without a graph: for a forward whose layer runs again over the same input (activation
+    /// checkpointing's), which then takes the last three.
     #[fusion(meta = |input, weight, lora_a, lora_b, _scaling| {
-        let (hidden, _, _) = adapter_specs(input, lora_a, lora_b);
-        (output_spec(input, weight.shape[0]), hidden)
+        let (hidden, transposed_a, scaled_b) = adapter_specs(input, lora_a, lora_b);
+        (output_spec(input, weight.shape[0]), hidden, transposed_a, scaled_b)
     })]
-    fn lora_4bit_linear_keeping_hidden(
+    fn lora_4bit_linear_keeping(
         input: FloatTensor<Self>,
         #[extension_type] weight: Weight4bitPrimitive<Self>,
         lora_a: FloatTensor<Self>,
         lora_b: FloatTensor<Self>,
         scaling: f64,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
 
     /// Zeros in `grad`'s shape whose backward gives the gradients of `lora_4bit_linear(..) ·
     /// grad` without computing the layer's output: `y·grad − stop_gradient(y·grad)` for its
@@ -87,12 +97,13 @@ pub trait Lora4bitOps: Backend {
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
 
-    /// [`Self::lora_4bit_pullback`] with the adapter's hidden known (see
-    /// [`Self::lora_4bit_linear_with_hidden`]): its forward computes nothing but the adapter's
-    /// cast.
-    #[fusion(meta = |_input, _weight, _lora_a, _lora_b, _scaling, grad, _hidden| grad.clone())]
+    /// [`Self::lora_4bit_pullback`] with what the forward kept (see
+    /// [`Self::lora_4bit_linear_kept`]): its forward computes nothing.
+    #[fusion(meta = |_input, _weight, _lora_a, _lora_b, _scaling, grad, _hidden, _transposed_a, _scaled_b| {
+        grad.clone()
+    })]
     #[allow(clippy::too_many_arguments)]
-    fn lora_4bit_pullback_with_hidden(
+    fn lora_4bit_pullback_kept(
         input: FloatTensor<Self>,
         #[extension_type] weight: Weight4bitPrimitive<Self>,
         lora_a: FloatTensor<Self>,
@@ -100,6 +111,8 @@ pub trait Lora4bitOps: Backend {
         scaling: f64,
         grad: FloatTensor<Self>,
         hidden: FloatTensor<Self>,
+        transposed_a: FloatTensor<Self>,
+        scaled_b: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
 }
 
@@ -130,20 +143,18 @@ pub trait Lora4bitPassOps: Backend {
         FloatTensor<Self>,
     );
 
-    /// [`Self::lora_4bit_forward`] with the hidden known: the output, `lora_aᵀ` and `scaling ·
-    /// lora_b`.
-    #[fusion(meta = |input, weight, lora_a, lora_b, _scaling, _hidden| {
-        let (_, transposed_a, scaled_b) = adapter_specs(input, lora_a, lora_b);
-        (output_spec(input, weight.shape[0]), transposed_a, scaled_b)
+    /// [`Self::lora_4bit_forward`]'s output from what it kept before (the hidden, `lora_aᵀ`
+    /// and `scaling · lora_b`).
+    #[fusion(meta = |input, weight, _hidden, _transposed_a, _scaled_b| {
+        output_spec(input, weight.shape[0])
     })]
-    fn lora_4bit_forward_with_hidden(
+    fn lora_4bit_forward_kept(
         input: FloatTensor<Self>,
         #[extension_type] weight: Weight4bitPrimitive<Self>,
-        lora_a: FloatTensor<Self>,
-        lora_b: FloatTensor<Self>,
-        scaling: f64,
         hidden: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+        transposed_a: FloatTensor<Self>,
+        scaled_b: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
 
     /// What [`Self::lora_4bit_forward`] gives but the output: the hidden, `lora_aᵀ` and
     /// `scaling · lora_b`, for a backward that needs no output.
@@ -154,20 +165,6 @@ pub trait Lora4bitPassOps: Backend {
         lora_b: FloatTensor<Self>,
         scaling: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
-
-    /// `lora_aᵀ` and `scaling · lora_b` in `dtype` alone (see [`Self::lora_4bit_adapter`]), for
-    /// a backward whose hidden is known.
-    #[fusion(meta = |lora_a, lora_b, _scaling, dtype| {
-        let mut transposed_a = spec_in(lora_a, *dtype);
-        transposed_a.shape = Shape::new([lora_a.shape[1], lora_a.shape[0]]);
-        (transposed_a, spec_in(lora_b, *dtype))
-    })]
-    fn lora_4bit_cast_adapter(
-        lora_a: FloatTensor<Self>,
-        lora_b: FloatTensor<Self>,
-        scaling: f64,
-        dtype: DType,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// The gradients of `input`, `lora_a` and `lora_b` (the last two in `adapter_dtype`) from
     /// the output's `grad` and what the forward kept (`transposed_a`, `scaled_b` in the compute
@@ -277,58 +274,79 @@ fn spec_in(spec: &TensorSpec, dtype: DType) -> TensorSpec {
 /// (`lora_a` `[in_features, r]`, `lora_b` `[r, out_features]`, any float dtype: the products
 /// run in `input`'s). A LoRA layer's forward without dropout, as one operation each way.
 ///
-/// `hidden`, where given, is the adapter's hidden `input · lora_a` for this very input as
-/// [`lora_4bit_linear_keeping_hidden`] returned it (a checkpointed layer's recomputation over
-/// its first forward's input): it is taken instead of computed again.
+/// `kept`, where given, is what [`lora_4bit_linear_keeping`] returned for this very input and
+/// adapter (a checkpointed layer's recomputation over its first forward's input): taken instead
+/// of computed again.
 pub fn lora_4bit_linear<const D: usize>(
     input: Tensor<D>,
     weight: &Packed4bit,
     lora_a: Tensor<2>,
     lora_b: Tensor<2>,
     scaling: f64,
-    hidden: Option<Tensor<2>>,
+    kept: Option<KeptAdapter>,
 ) -> Result<Tensor<D>, QuantError> {
     check_adapter(&input, weight, &lora_a, &lora_b)?;
-    check_hidden(&input, &lora_a, hidden.as_ref())?;
+    check_kept(&input, weight, &lora_a, kept.as_ref())?;
     let primitive = weight.primitive()?;
     let (input, lora_a, lora_b) = (
         input.into_dispatch(),
         lora_a.into_dispatch(),
         lora_b.into_dispatch(),
     );
-    Ok(Tensor::from_dispatch(match hidden {
-        Some(hidden) => Dispatch::lora_4bit_linear_with_hidden(
+    Ok(Tensor::from_dispatch(match kept {
+        Some(kept) => Dispatch::lora_4bit_linear_kept(
             input,
             primitive,
             lora_a,
             lora_b,
             scaling,
-            hidden.into_dispatch(),
+            kept.hidden.into_dispatch(),
+            kept.transposed_a.into_dispatch(),
+            kept.scaled_b.into_dispatch(),
         ),
         None => Dispatch::lora_4bit_linear(input, primitive, lora_a, lora_b, scaling),
     }))
 }
 
-/// [`lora_4bit_linear`]'s output and the adapter's hidden `input · lora_a` (`[rows of input,
-/// r]`, flattened over the leading dimensions, in `input`'s dtype), with no graph recorded: the
-/// forward of a layer that runs again over the same input, which then takes the hidden.
-pub fn lora_4bit_linear_keeping_hidden<const D: usize>(
+/// What a LoRA projection's forward without a graph keeps for its recomputation over the same
+/// input (activation checkpointing's): the adapter's hidden and the adapter in the compute
+/// dtype, so that the recomputation neither reads the input for the hidden nor casts the
+/// adapter again. Valid while the adapter's parameters stay as they were.
+#[derive(Clone, Debug)]
+pub struct KeptAdapter {
+    /// `input · lora_a`, `[rows of input, r]` (flattened over the leading dimensions).
+    pub hidden: Tensor<2>,
+    /// `lora_aᵀ`, `[r, in_features]`.
+    pub transposed_a: Tensor<2>,
+    /// `scaling · lora_b`, `[r, out_features]`.
+    pub scaled_b: Tensor<2>,
+}
+
+/// [`lora_4bit_linear`]'s output and what its recomputation over the same input can take
+/// instead of computing ([`KeptAdapter`], in `input`'s dtype), with no graph recorded: the
+/// forward of a layer that runs again.
+pub fn lora_4bit_linear_keeping<const D: usize>(
     input: Tensor<D>,
     weight: &Packed4bit,
     lora_a: Tensor<2>,
     lora_b: Tensor<2>,
     scaling: f64,
-) -> Result<(Tensor<D>, Tensor<2>), QuantError> {
+) -> Result<(Tensor<D>, KeptAdapter), QuantError> {
     check_adapter(&input, weight, &lora_a, &lora_b)?;
     let primitive = weight.primitive()?;
-    let (output, hidden) = Dispatch::lora_4bit_linear_keeping_hidden(
+    let (output, hidden, transposed_a, scaled_b) = Dispatch::lora_4bit_linear_keeping(
         input.into_dispatch(),
         primitive,
         lora_a.into_dispatch(),
         lora_b.into_dispatch(),
         scaling,
     );
-    Ok((Tensor::from_dispatch(output), Tensor::from_dispatch(hidden)))
+    let kept = KeptAdapter {
+        hidden: Tensor::from_dispatch(hidden),
+        transposed_a: Tensor::from_dispatch(transposed_a),
+        scaled_b: Tensor::from_dispatch(scaled_b),
+    };
+    Ok((Tensor::from_dispatch(output), kept))
 }
 
 /// Zeros in `grad`'s shape whose backward gives the gradients (of `input`, `lora_a` and
@@ -336,7 +354,7 @@ pub fn lora_4bit_linear_keeping_hidden<const D: usize>(
 /// `grad`, without the base product's forward: for a backward that needs a layer's gradients
 /// but never its output, as activation checkpointing's recomputed last projection of a block
 /// (its output reaches only the block's output, whose gradient is known). `grad`, the output's
-/// gradient, gets none itself. `hidden` as for [`lora_4bit_linear`].
+/// gradient, gets none itself. `kept` as for [`lora_4bit_linear`].
 pub fn lora_4bit_pullback<const D: usize>(
     input: Tensor<D>,
     weight: &Packed4bit,
@@ -344,10 +362,10 @@ pub fn lora_4bit_pullback<const D: usize>(
     lora_b: Tensor<2>,
     scaling: f64,
     grad: Tensor<D>,
-    hidden: Option<Tensor<2>>,
+    kept: Option<KeptAdapter>,
 ) -> Result<Tensor<D>, QuantError> {
     check_adapter(&input, weight, &lora_a, &lora_b)?;
-    check_hidden(&input, &lora_a, hidden.as_ref())?;
+    check_kept(&input, weight, &lora_a, kept.as_ref())?;
     let mut output_dims = input.dims();
     output_dims[D - 1] = weight.matrix_shape("LoRA linear")?[0];
     if grad.dims() != output_dims || grad.dtype() != input.dtype() {
@@ -368,41 +386,58 @@ pub fn lora_4bit_pullback<const D: usize>(
         lora_b.into_dispatch(),
         grad.into_dispatch(),
     );
-    Ok(Tensor::from_dispatch(match hidden {
-        Some(hidden) => Dispatch::lora_4bit_pullback_with_hidden(
+    Ok(Tensor::from_dispatch(match kept {
+        Some(kept) => Dispatch::lora_4bit_pullback_kept(
             input,
             primitive,
             lora_a,
             lora_b,
             scaling,
             grad,
-            hidden.into_dispatch(),
+            kept.hidden.into_dispatch(),
+            kept.transposed_a.into_dispatch(),
+            kept.scaled_b.into_dispatch(),
         ),
         None => Dispatch::lora_4bit_pullback(input, primitive, lora_a, lora_b, scaling, grad),
     }))
 }
 
-/// That a known `hidden` is `input · lora_a`'s shape `[rows of input, r]` in `input`'s dtype.
-fn check_hidden<const D: usize>(
+/// That what a forward kept fits this input, weight and adapter: the hidden `[rows of input,
+/// r]`, `lora_aᵀ` `[r, in_features]` and `scaling · lora_b` `[r, out_features]`, each in
+/// `input`'s dtype.
+fn check_kept<const D: usize>(
     input: &Tensor<D>,
+    weight: &Packed4bit,
     lora_a: &Tensor<2>,
-    hidden: Option<&Tensor<2>>,
+    kept: Option<&KeptAdapter>,
 ) -> Result<(), QuantError> {
-    let Some(hidden) = hidden else {
+    let Some(kept) = kept else {
         return Ok(());
     };
     let dims = input.dims();
-    let expected = [dims[..D - 1].iter().product(), lora_a.dims()[1]];
-    if hidden.dims() != expected || hidden.dtype() != input.dtype() {
-        return Err(QuantError::Format {
-            what: "LoRA hidden".into(),
-            detail: format!(
-                "the known hidden is {:?} {:?}, the adapter's for this input {expected:?} {:?}",
-                hidden.dims(),
-                hidden.dtype(),
-                input.dtype()
-            ),
-        });
+    let [out_features, in_features] = weight.matrix_shape("LoRA linear")?;
+    let rank = lora_a.dims()[1];
+    let expected = [
+        (
+            "hidden",
+            &kept.hidden,
+            [dims[..D - 1].iter().product(), rank],
+        ),
+        ("lora_aᵀ", &kept.transposed_a, [rank, in_features]),
+        ("scaling · lora_b", &kept.scaled_b, [rank, out_features]),
+    ];
+    for (name, tensor, shape) in expected {
+        if tensor.dims() != shape || tensor.dtype() != input.dtype() {
+            return Err(QuantError::Format {
+                what: "LoRA kept adapter".into(),
+                detail: format!(
+                    "the kept {name} is {:?} {:?}, this input's {shape:?} {:?}",
+                    tensor.dims(),
+                    tensor.dtype(),
+                    input.dtype()
+                ),
+            });
+        }
     }
     Ok(())
 }
@@ -509,14 +544,24 @@ fn composed_lora_product<B: LowRankOps>(
     (output, hidden)
 }
 
-/// [`Lora4bitPassOps::lora_4bit_forward`] through the backend's products.
-fn forward<B: LoraPass>(
-    input: FloatTensor<B>,
-    weight: Weight4bitPrimitive<B>,
+/// `lora_aᵀ` and `scaling · lora_b` in `dtype`, as the products read the adapter.
+fn cast<B: LoraPass>(
     lora_a: FloatTensor<B>,
     lora_b: FloatTensor<B>,
     scaling: f64,
-    hidden: Option<FloatTensor<B>>,
+    dtype: DType,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    B::cast_adapter(B::float_transpose(lora_a), lora_b, scaling, dtype)
+}
+
+/// [`Lora4bitPassOps::lora_4bit_forward`] through the backend's products: the output, the
+/// hidden (computed unless given), `lora_aᵀ` and `scaling · lora_b` (cast unless given with the
+/// hidden).
+#[allow(clippy::type_complexity)]
+fn forward<B: LoraPass>(
+    input: FloatTensor<B>,
+    weight: Weight4bitPrimitive<B>,
+    adapter: Adapter<B>,
 ) -> (
     FloatTensor<B>,
     FloatTensor<B>,
@@ -524,8 +569,13 @@ fn forward<B: LoraPass>(
     FloatTensor<B>,
 ) {
     let mut dims = input.shape();
-    let (transposed_a, scaled_b) =
-        B::cast_adapter(B::float_transpose(lora_a), lora_b, scaling, input.dtype());
+    let (hidden, transposed_a, scaled_b) = match adapter {
+        Adapter::Parameters(lora_a, lora_b, scaling) => {
+            let (transposed_a, scaled_b) = cast::<B>(lora_a, lora_b, scaling, input.dtype());
+            (None, transposed_a, scaled_b)
+        }
+        Adapter::Kept(hidden, transposed_a, scaled_b) => (Some(hidden), transposed_a, scaled_b),
+    };
     let input = flat_rows::<B>(input);
     let (output, hidden) = B::lora_product(
         input,
@@ -546,6 +596,14 @@ fn forward<B: LoraPass>(
     )
 }
 
+/// The adapter as [`forward`] takes it.
+enum Adapter<B: Backend> {
+    /// `lora_a`, `lora_b` and the scaling, as the layer holds them.
+    Parameters(FloatTensor<B>, FloatTensor<B>, f64),
+    /// The hidden for this input, `lora_aᵀ` and `scaling · lora_b` in the compute dtype.
+    Kept(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>),
+}
+
 /// [`Lora4bitPassOps::lora_4bit_adapter`]: [`forward`] but the base product.
 fn adapter<B: LoraPass>(
     input: FloatTensor<B>,
@@ -553,8 +611,7 @@ fn adapter<B: LoraPass>(
     lora_b: FloatTensor<B>,
     scaling: f64,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
-    let (transposed_a, scaled_b) =
-        B::cast_adapter(B::float_transpose(lora_a), lora_b, scaling, input.dtype());
+    let (transposed_a, scaled_b) = cast::<B>(lora_a, lora_b, scaling, input.dtype());
     let hidden = B::lora_hidden(flat_rows::<B>(input), transposed_a.clone());
     (hidden, transposed_a, scaled_b)
 }
@@ -633,30 +690,32 @@ macro_rules! impl_lora_4bit_ops {
                 lora_b: $tensor,
                 scaling: f64,
             ) -> $tensor {
-                forward::<Self>(input, weight, lora_a, lora_b, scaling, None).0
+                let adapter = Adapter::Parameters(lora_a, lora_b, scaling);
+                forward::<Self>(input, weight, adapter).0
             }
 
-            fn lora_4bit_linear_with_hidden(
+            #[allow(clippy::too_many_arguments)]
+            fn lora_4bit_linear_kept(
                 input: $tensor,
                 weight: Weight4bitPrimitive<Self>,
-                lora_a: $tensor,
-                lora_b: $tensor,
-                scaling: f64,
+                _lora_a: $tensor,
+                _lora_b: $tensor,
+                _scaling: f64,
                 hidden: $tensor,
+                transposed_a: $tensor,
+                scaled_b: $tensor,
             ) -> $tensor {
-                forward::<Self>(input, weight, lora_a, lora_b, scaling, Some(hidden)).0
+                Self::lora_4bit_forward_kept(input, weight, hidden, transposed_a, scaled_b)
             }
 
-            fn lora_4bit_linear_keeping_hidden(
+            fn lora_4bit_linear_keeping(
                 input: $tensor,
                 weight: Weight4bitPrimitive<Self>,
                 lora_a: $tensor,
                 lora_b: $tensor,
                 scaling: f64,
-            ) -> ($tensor, $tensor) {
-                let (output, hidden, _, _) =
-                    forward::<Self>(input, weight, lora_a, lora_b, scaling, None);
-                (output, hidden)
+            ) -> ($tensor, $tensor, $tensor, $tensor) {
+                Self::lora_4bit_forward(input, weight, lora_a, lora_b, scaling)
             }
 
             /// Without a graph there is no gradient to give: the zeros alone.
@@ -671,7 +730,8 @@ macro_rules! impl_lora_4bit_ops {
                 Self::float_zeros(grad.shape(), &grad.device(), grad.dtype().into())
             }
 
-            fn lora_4bit_pullback_with_hidden(
+            #[allow(clippy::too_many_arguments)]
+            fn lora_4bit_pullback_kept(
                 _input: $tensor,
                 _weight: Weight4bitPrimitive<Self>,
                 _lora_a: $tensor,
@@ -679,6 +739,8 @@ macro_rules! impl_lora_4bit_ops {
                 _scaling: f64,
                 grad: $tensor,
                 _hidden: $tensor,
+                _transposed_a: $tensor,
+                _scaled_b: $tensor,
             ) -> $tensor {
                 Self::float_zeros(grad.shape(), &grad.device(), grad.dtype().into())
             }
@@ -692,20 +754,19 @@ macro_rules! impl_lora_4bit_ops {
                 lora_b: $tensor,
                 scaling: f64,
             ) -> ($tensor, $tensor, $tensor, $tensor) {
-                forward::<Self>(input, weight, lora_a, lora_b, scaling, None)
+                let adapter = Adapter::Parameters(lora_a, lora_b, scaling);
+                forward::<Self>(input, weight, adapter)
             }
 
-            fn lora_4bit_forward_with_hidden(
+            fn lora_4bit_forward_kept(
                 input: $tensor,
                 weight: Weight4bitPrimitive<Self>,
-                lora_a: $tensor,
-                lora_b: $tensor,
-                scaling: f64,
                 hidden: $tensor,
-            ) -> ($tensor, $tensor, $tensor) {
-                let (output, _, transposed_a, scaled_b) =
-                    forward::<Self>(input, weight, lora_a, lora_b, scaling, Some(hidden));
-                (output, transposed_a, scaled_b)
+                transposed_a: $tensor,
+                scaled_b: $tensor,
+            ) -> $tensor {
+                let adapter = Adapter::Kept(hidden, transposed_a, scaled_b);
+                forward::<Self>(input, weight, adapter).0
             }
 
             fn lora_4bit_adapter(
@@ -715,15 +776,6 @@ macro_rules! impl_lora_4bit_ops {
                 scaling: f64,
             ) -> ($tensor, $tensor, $tensor) {
                 adapter::<Self>(input, lora_a, lora_b, scaling)
-            }
-
-            fn lora_4bit_cast_adapter(
-                lora_a: $tensor,
-                lora_b: $tensor,
-                scaling: f64,
-                dtype: burn::tensor::DType,
-            ) -> ($tensor, $tensor) {
-                Self::cast_adapter(Self::float_transpose(lora_a), lora_b, scaling, dtype)
             }
 
             #[allow(clippy::too_many_arguments)]
@@ -801,7 +853,8 @@ mod cube {
     use cubecl::prelude::*;
 
     use super::{
-        Lora4bitOps, Lora4bitPassOps, LoraPass, adapter, adapter_backward, backward, forward,
+        Adapter, Lora4bitOps, Lora4bitPassOps, LoraPass, adapter, adapter_backward, backward,
+        forward,
     };
     use crate::extension::{empty_output, launch_dims};
     use crate::low_rank::LowRankOps;
@@ -969,7 +1022,8 @@ mod flex {
     use burn::tensor::DType;
 
     use super::{
-        Lora4bitOps, Lora4bitPassOps, LoraPass, adapter, adapter_backward, backward, forward,
+        Adapter, Lora4bitOps, Lora4bitPassOps, LoraPass, adapter, adapter_backward, backward,
+        forward,
     };
     use crate::matmul::Weight4bitPrimitive;
 
@@ -1159,34 +1213,47 @@ mod autodiff {
             linear::<B, C>(input, weight, lora_a, lora_b, scaling, None)
         }
 
-        fn lora_4bit_linear_with_hidden(
+        #[allow(clippy::too_many_arguments)]
+        fn lora_4bit_linear_kept(
             input: FloatTensor<Self>,
             weight: Weight4bitPrimitive<Self>,
             lora_a: FloatTensor<Self>,
             lora_b: FloatTensor<Self>,
             scaling: f64,
             hidden: FloatTensor<Self>,
+            transposed_a: FloatTensor<Self>,
+            scaled_b: FloatTensor<Self>,
         ) -> FloatTensor<Self> {
-            let hidden = hidden.into_primitive();
-            linear::<B, C>(input, weight, lora_a, lora_b, scaling, Some(hidden))
+            let kept = inner_kept::<B, C>(hidden, transposed_a, scaled_b);
+            linear::<B, C>(input, weight, lora_a, lora_b, scaling, Some(kept))
         }
 
-        /// Both results untracked, whatever the inputs: the forward of a layer that runs again.
-        fn lora_4bit_linear_keeping_hidden(
+        /// Every result untracked, whatever the inputs: the forward of a layer that runs again.
+        fn lora_4bit_linear_keeping(
             input: FloatTensor<Self>,
             weight: Weight4bitPrimitive<Self>,
             lora_a: FloatTensor<Self>,
             lora_b: FloatTensor<Self>,
             scaling: f64,
-        ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-            let (output, hidden) = B::lora_4bit_linear_keeping_hidden(
+        ) -> (
+            FloatTensor<Self>,
+            FloatTensor<Self>,
+            FloatTensor<Self>,
+            FloatTensor<Self>,
+        ) {
+            let (output, hidden, transposed_a, scaled_b) = B::lora_4bit_linear_keeping(
                 input.into_primitive(),
                 weight.into_inner(),
                 lora_a.into_primitive(),
                 lora_b.into_primitive(),
                 scaling,
             );
-            (Self::from_inner(output), Self::from_inner(hidden))
+            (
+                Self::from_inner(output),
+                Self::from_inner(hidden),
+                Self::from_inner(transposed_a),
+                Self::from_inner(scaled_b),
+            )
         }
 
         fn lora_4bit_pullback(
@@ -1200,7 +1267,8 @@ mod autodiff {
             pullback::<B, C>(input, weight, lora_a, lora_b, scaling, grad, None)
         }
 
-        fn lora_4bit_pullback_with_hidden(
+        #[allow(clippy::too_many_arguments)]
+        fn lora_4bit_pullback_kept(
             input: FloatTensor<Self>,
             weight: Weight4bitPrimitive<Self>,
             lora_a: FloatTensor<Self>,
@@ -1208,21 +1276,39 @@ mod autodiff {
             scaling: f64,
             grad: FloatTensor<Self>,
             hidden: FloatTensor<Self>,
+            transposed_a: FloatTensor<Self>,
+            scaled_b: FloatTensor<Self>,
         ) -> FloatTensor<Self> {
-            let hidden = hidden.into_primitive();
-            pullback::<B, C>(input, weight, lora_a, lora_b, scaling, grad, Some(hidden))
+            let kept = inner_kept::<B, C>(hidden, transposed_a, scaled_b);
+            pullback::<B, C>(input, weight, lora_a, lora_b, scaling, grad, Some(kept))
         }
     }
 
+    /// What a forward kept (the hidden, `lora_aᵀ`, `scaling · lora_b`), on the inner backend:
+    /// constants of the graph.
+    type Kept<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn inner_kept<B: Lora4bitPassOps, C: CheckpointStrategy>(
+        hidden: FloatTensor<Autodiff<B, C>>,
+        transposed_a: FloatTensor<Autodiff<B, C>>,
+        scaled_b: FloatTensor<Autodiff<B, C>>,
+    ) -> Kept<B> {
+        (
+            hidden.into_primitive(),
+            transposed_a.into_primitive(),
+            scaled_b.into_primitive(),
+        )
+    }
+
     /// The layer's output, recording its backward where anything is tracked; the adapter's
-    /// hidden computed unless `hidden` is given.
+    /// hidden and cast computed unless `kept` gives them.
     fn linear<B, C>(
         input: FloatTensor<Autodiff<B, C>>,
         weight: Weight4bitPrimitive<Autodiff<B, C>>,
         lora_a: FloatTensor<Autodiff<B, C>>,
         lora_b: FloatTensor<Autodiff<B, C>>,
         scaling: f64,
-        hidden: Option<FloatTensor<B>>,
+        kept: Option<Kept<B>>,
     ) -> FloatTensor<Autodiff<B, C>>
     where
         B: Lora4bitOps + Lora4bitPassOps,
@@ -1242,17 +1328,17 @@ mod autodiff {
                     lora_a.into_primitive(),
                     lora_b.into_primitive(),
                 );
-                let (output, kept) = match hidden {
-                    Some(hidden) => {
-                        let (output, transposed_a, scaled_b) = B::lora_4bit_forward_with_hidden(
+                let (output, kept) = match kept {
+                    Some(kept) => {
+                        let (hidden, transposed_a, scaled_b) = kept.clone();
+                        let output = B::lora_4bit_forward_kept(
                             input,
                             weight.clone(),
-                            lora_a,
-                            lora_b,
-                            scaling,
-                            hidden.clone(),
+                            hidden,
+                            transposed_a,
+                            scaled_b,
                         );
-                        (output, (hidden, transposed_a, scaled_b))
+                        (output, kept)
                     }
                     None => {
                         let (output, hidden, transposed_a, scaled_b) =
@@ -1269,9 +1355,16 @@ mod autodiff {
                     lora_a.into_primitive(),
                     lora_b.into_primitive(),
                 );
-                prep.finish(match hidden {
-                    Some(hidden) => B::lora_4bit_linear_with_hidden(
-                        input, weight, lora_a, lora_b, scaling, hidden,
+                prep.finish(match kept {
+                    Some((hidden, transposed_a, scaled_b)) => B::lora_4bit_linear_kept(
+                        input,
+                        weight,
+                        lora_a,
+                        lora_b,
+                        scaling,
+                        hidden,
+                        transposed_a,
+                        scaled_b,
                     ),
                     None => B::lora_4bit_linear(input, weight, lora_a, lora_b, scaling),
                 })
@@ -1280,7 +1373,7 @@ mod autodiff {
     }
 
     /// The pullback's zeros, recording its backward where anything is tracked; the adapter's
-    /// hidden computed unless `hidden` is given.
+    /// hidden and cast computed unless `kept` gives them.
     fn pullback<B, C>(
         input: FloatTensor<Autodiff<B, C>>,
         weight: Weight4bitPrimitive<Autodiff<B, C>>,
@@ -1288,7 +1381,7 @@ mod autodiff {
         lora_b: FloatTensor<Autodiff<B, C>>,
         scaling: f64,
         grad: FloatTensor<Autodiff<B, C>>,
-        hidden: Option<FloatTensor<B>>,
+        kept: Option<Kept<B>>,
     ) -> FloatTensor<Autodiff<B, C>>
     where
         B: Lora4bitOps + Lora4bitPassOps,
@@ -1310,14 +1403,8 @@ mod autodiff {
                     lora_a.into_primitive(),
                     lora_b.into_primitive(),
                 );
-                let kept = match hidden {
-                    Some(hidden) => {
-                        let (transposed_a, scaled_b) =
-                            B::lora_4bit_cast_adapter(lora_a, lora_b, scaling, input.dtype());
-                        (hidden, transposed_a, scaled_b)
-                    }
-                    None => B::lora_4bit_adapter(input, lora_a, lora_b, scaling),
-                };
+                let kept =
+                    kept.unwrap_or_else(|| B::lora_4bit_adapter(input, lora_a, lora_b, scaling));
                 let state = State::new(kept_input, kept, weight, scaling, adapter_dtype);
                 prep.finish((state, grad), zeros)
             }

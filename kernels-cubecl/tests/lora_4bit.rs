@@ -8,8 +8,8 @@ use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
 use common::{burn_f32_matmul_tolerance, devices, golden_matrices, half_dtype};
 use integration_tests::relative_error;
 use kernels_cubecl::{
-    Packed4bit, QuantConfig, lora_4bit_linear, lora_4bit_linear_keeping_hidden, lora_4bit_pullback,
-    low_rank_down, low_rank_up_add,
+    KeptAdapter, Packed4bit, QuantConfig, lora_4bit_linear, lora_4bit_linear_keeping,
+    lora_4bit_pullback, low_rank_down, low_rank_up_add,
 };
 
 /// PEFT's scaling for alpha 16, rank 8.
@@ -65,12 +65,12 @@ impl Inputs {
 }
 
 impl Inputs {
-    /// The pullback's zeros for `upstream` (over `packed`, with `hidden` where given) and the
+    /// The pullback's zeros for `upstream` (over `packed`, with `kept` where given) and the
     /// gradients of `x`, `A` and `B` its backward gives.
     fn pullback(
         &self,
         packed: &Packed4bit,
-        hidden: Option<Tensor<2>>,
+        kept: Option<KeptAdapter>,
     ) -> (Tensor<3>, [Tensor<3>; 3]) {
         let (x, lora_a, lora_b) = (
             self.x.clone().require_grad(),
@@ -84,7 +84,7 @@ impl Inputs {
             lora_b.clone(),
             SCALING,
             self.upstream.clone(),
-            hidden,
+            kept,
         )
         .unwrap();
         let grads = zeros.clone().backward();
@@ -223,12 +223,12 @@ fn lora_4bit_pullback_gives_the_layers_gradients_without_its_output() {
     }
 }
 
-/// The hidden `lora_4bit_linear_keeping_hidden` keeps (a checkpointed layer's first forward),
-/// handed back to `lora_4bit_linear` and `lora_4bit_pullback` for the same input (its
-/// recomputation), changes no number: the output, and the gradients of `x`, `A` and `B`, bit for
-/// bit, in bf16 (f16 on wgpu), on every device; the kept forward records no graph.
+/// What `lora_4bit_linear_keeping` keeps (a checkpointed layer's first forward: the adapter's
+/// hidden and cast), handed back to `lora_4bit_linear` and `lora_4bit_pullback` for the same
+/// input (its recomputation), changes no number: the output, and the gradients of `x`, `A` and
+/// `B`, bit for bit, in bf16 (f16 on wgpu), on every device; the kept forward records no graph.
 #[test]
-fn a_kept_hidden_changes_no_number() {
+fn a_kept_adapter_changes_no_number() {
     for (name, plain) in devices() {
         let dtype = half_dtype(name);
         let device = plain.clone().autodiff();
@@ -236,7 +236,7 @@ fn a_kept_hidden_changes_no_number() {
         let inputs = Inputs::random(128, SHAPE, 8, dtype, &device);
         let fresh =
             inputs.run(|x, a, b| lora_4bit_linear(x, &packed, a, b, SCALING, None).unwrap());
-        let (kept_output, hidden) = lora_4bit_linear_keeping_hidden(
+        let (kept_output, kept) = lora_4bit_linear_keeping(
             inputs.x.clone().require_grad(),
             &packed,
             inputs.lora_a.clone().require_grad(),
@@ -244,15 +244,23 @@ fn a_kept_hidden_changes_no_number() {
             SCALING,
         )
         .unwrap();
-        assert!(
-            !kept_output.is_require_grad() && !hidden.is_require_grad(),
-            "{name}"
-        );
+        let KeptAdapter {
+            hidden,
+            transposed_a,
+            scaled_b,
+        } = &kept;
+        for tensor in [hidden, transposed_a, scaled_b] {
+            assert!(!tensor.is_require_grad(), "{name}");
+            assert_eq!(tensor.dtype(), dtype, "{name}");
+        }
+        assert!(!kept_output.is_require_grad(), "{name}");
         assert_eq!(hidden.dims(), [2 * 128, 8], "{name}");
+        assert_eq!(transposed_a.dims(), [8, SHAPE[1]], "{name}");
+        assert_eq!(scaled_b.dims(), [8, SHAPE[0]], "{name}");
         let difference = largest_difference(kept_output, fresh[0].clone());
         assert_eq!(difference, 0.0, "{name}: the kept forward's output");
         let given = inputs.run(|x, a, b| {
-            lora_4bit_linear(x, &packed, a, b, SCALING, Some(hidden.clone())).unwrap()
+            lora_4bit_linear(x, &packed, a, b, SCALING, Some(kept.clone())).unwrap()
         });
         for ((part, ours), expected) in PARTS.iter().zip(given).zip(&fresh) {
             assert_eq!(
@@ -261,7 +269,7 @@ fn a_kept_hidden_changes_no_number() {
                 "{name} {part}"
             );
         }
-        let (_, pulled) = inputs.pullback(&packed, Some(hidden));
+        let (_, pulled) = inputs.pullback(&packed, Some(kept));
         for ((part, ours), expected) in PARTS[1..].iter().zip(pulled).zip(&fresh[1..]) {
             let difference = largest_difference(ours, expected.clone());
             assert_eq!(difference, 0.0, "{name} pullback {part}");
@@ -432,12 +440,38 @@ fn lora_4bit_linear_refuses_an_adapter_that_does_not_fit() {
         .unwrap_err()
         .to_string();
         assert!(err.contains("128 input features"), "{name}: {err}");
-        let hidden = Tensor::<2>::zeros([4, 16], &device);
-        let err = lora_4bit_linear(x, &packed, lora_a, lora_b, SCALING, Some(hidden))
+        let kept = KeptAdapter {
+            hidden: Tensor::<2>::zeros([4, 16], &device),
+            transposed_a: lora_a.clone().transpose(),
+            scaled_b: lora_b.clone(),
+        };
+        let err = lora_4bit_linear(
+            x.clone(),
+            &packed,
+            lora_a.clone(),
+            lora_b.clone(),
+            SCALING,
+            Some(kept),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("LoRA kept adapter")
+                && err.contains("hidden")
+                && err.contains("[4, 16]")
+                && err.contains("[4, 8]"),
+            "{name}: {err}"
+        );
+        let kept = KeptAdapter {
+            hidden: Tensor::<2>::zeros([4, 8], &device),
+            transposed_a: lora_a.clone(),
+            scaled_b: lora_b.clone(),
+        };
+        let err = lora_4bit_linear(x, &packed, lora_a, lora_b, SCALING, Some(kept))
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("LoRA hidden") && err.contains("[4, 16]") && err.contains("[4, 8]"),
+            err.contains("lora_aᵀ") && err.contains("[128, 8]") && err.contains("[8, 128]"),
             "{name}: {err}"
         );
     }

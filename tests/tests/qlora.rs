@@ -98,12 +98,10 @@ fn lora_gradients_over_a_4bit_base_equal_the_dense_case() {
     }
 }
 
-/// Dropout over a 4-bit base: it changes the output while training (an autodiff device, the
-/// layer in training mode) and nothing in evaluation, where the layer takes the one-operation
-/// path and gives the dropout-free layer's numbers exactly.
 /// Activation checkpointing's two copies of a layer (`LoraLinear::with_kept_hidden`): the
 /// keeping copy's forward without a graph puts the adapter's hidden where the taking copy finds
-/// it, once; both give the layer's output, and the taking copy its gradients, bit for bit.
+/// it with the adapter's cast, once; both give the layer's output, and the taking copy its
+/// gradients, bit for bit.
 #[test]
 fn a_kept_hidden_reaches_the_recomputation_and_changes_no_number() {
     let device = Device::flex().autodiff();
@@ -142,9 +140,11 @@ fn a_kept_hidden_reaches_the_recomputation_and_changes_no_number() {
         max_difference(kept_output.inner(), expected[0].clone()),
         0.0
     );
-    let hidden = slot.take().expect("the keeping forward fills the slot");
-    assert_eq!(hidden.dims(), [6, 8]);
-    slot.put(hidden);
+    let kept = slot.take().expect("the keeping forward fills the slot");
+    assert_eq!(kept.hidden.dims(), [6, 8]);
+    assert_eq!(kept.transposed_a.dims(), [8, 96]);
+    assert_eq!(kept.scaled_b.dims(), [8, 80]);
+    slot.put(kept);
     for (part, (ours, theirs)) in run(&taking).into_iter().zip(expected).enumerate() {
         assert_eq!(
             max_difference(ours, theirs),
@@ -154,7 +154,7 @@ fn a_kept_hidden_reaches_the_recomputation_and_changes_no_number() {
     }
     assert!(
         slot.take().is_none(),
-        "the recomputation takes the hidden once"
+        "the recomputation takes what was kept once"
     );
 }
 
@@ -163,6 +163,9 @@ fn max_difference<const D: usize>(ours: Tensor<D>, theirs: Tensor<D>) -> f32 {
     (ours - theirs).abs().max().into_scalar::<f32>()
 }
 
+/// Dropout over a 4-bit base: it changes the output while training (an autodiff device, the
+/// layer in training mode) and nothing in evaluation, where the layer takes the one-operation
+/// path and gives the dropout-free layer's numbers exactly.
 #[test]
 fn lora_dropout_over_a_4bit_base_acts_only_while_training() {
     let device = Device::flex().autodiff();
