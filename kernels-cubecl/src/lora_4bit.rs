@@ -476,6 +476,20 @@ fn check_adapter<const D: usize>(
     Ok(())
 }
 
+/// [`LoraPass::adapter_gradients`] as the backend's products and the cast.
+fn composed_adapter_gradients<B: LoraPass>(
+    grad: FloatTensor<B>,
+    input: FloatTensor<B>,
+    hidden: FloatTensor<B>,
+    grad_hidden: FloatTensor<B>,
+    scaling: f64,
+    adapter_dtype: DType,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let grad_a = B::low_rank_gradient(input, grad_hidden);
+    let grad_b = B::float_transpose(B::low_rank_gradient(grad, hidden));
+    B::cast_adapter(grad_a, grad_b, scaling, adapter_dtype)
+}
+
 /// `tensor` flattened to `[rows, last dimension]`.
 fn flat_rows<B: Backend>(tensor: FloatTensor<B>) -> FloatTensor<B> {
     let dims = tensor.shape();
@@ -495,6 +509,20 @@ trait LoraPass: Matmul4bitOps + LowRankOps {
         scale: f64,
         dtype: DType,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `xᵀ·h'` for `A` and `s·(hᵀ·g)ᵀ` for `B` in `adapter_dtype`, from the flat output gradient
+    /// `grad` `[rows, out]`, the flat `input` `[rows, in]`, the hidden `h` and the gradient's
+    /// hidden `h'`: by default the two products, then the cast of both in one launch.
+    fn adapter_gradients(
+        grad: FloatTensor<Self>,
+        input: FloatTensor<Self>,
+        hidden: FloatTensor<Self>,
+        grad_hidden: FloatTensor<Self>,
+        scaling: f64,
+        adapter_dtype: DType,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        composed_adapter_gradients::<Self>(grad, input, hidden, grad_hidden, scaling, adapter_dtype)
+    }
 
     /// A LoRA layer's product and its hidden: `lhs · Wᵀ` (`transpose`) or `lhs · W`, plus
     /// `(lhs · downᵀ) · up` and `prior` (where given), and `lhs · downᵀ` (`hidden` where
@@ -643,8 +671,9 @@ fn backward<B: LoraPass>(
         None,
         prior,
     );
+    let input = flat_rows::<B>(input);
     let (grad_a, grad_b) =
-        adapter_gradients::<B>(grad, input, hidden, grad_hidden, scaling, adapter_dtype);
+        B::adapter_gradients(grad, input, hidden, grad_hidden, scaling, adapter_dtype);
     (B::float_reshape(grad_input, dims), grad_a, grad_b)
 }
 
@@ -660,22 +689,8 @@ fn adapter_backward<B: LoraPass>(
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let grad = flat_rows::<B>(grad);
     let grad_hidden = B::lora_hidden(grad.clone(), scaled_b);
-    adapter_gradients::<B>(grad, input, hidden, grad_hidden, scaling, adapter_dtype)
-}
-
-/// `xᵀ·h'` for `A` and `s·(hᵀ·g)` for `B` in `adapter_dtype`, from the flat output gradient
-/// `grad` and the gradient's hidden `h'`.
-fn adapter_gradients<B: LoraPass>(
-    grad: FloatTensor<B>,
-    input: FloatTensor<B>,
-    hidden: FloatTensor<B>,
-    grad_hidden: FloatTensor<B>,
-    scaling: f64,
-    adapter_dtype: DType,
-) -> (FloatTensor<B>, FloatTensor<B>) {
-    let grad_a = B::low_rank_gradient(flat_rows::<B>(input), grad_hidden);
-    let grad_b = B::float_transpose(B::low_rank_gradient(grad, hidden));
-    B::cast_adapter(grad_a, grad_b, scaling, adapter_dtype)
+    let input = flat_rows::<B>(input);
+    B::adapter_gradients(grad, input, hidden, grad_hidden, scaling, adapter_dtype)
 }
 
 /// The two traits for a backend whose products and [`LoraPass`] run [`forward`] and
@@ -849,6 +864,7 @@ mod cube {
     use burn::backend::ops::FloatTensorOps;
     use burn::tensor::DType;
     use burn_cubecl::CubeBackend;
+    use burn_cubecl::kernel::into_contiguous;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
 
@@ -905,6 +921,42 @@ mod cube {
                 );
             }
             (first_out, second_out)
+        }
+
+        /// On Hopper, for f32 adapters: each gradient as one `thin_gradient` launch writing
+        /// the f32 sums, scaled, in the adapter's own layout (B's transposed), never rounded to
+        /// bf16 and with no cast after.
+        fn adapter_gradients(
+            grad: CubeTensor,
+            input: CubeTensor,
+            hidden: CubeTensor,
+            grad_hidden: CubeTensor,
+            scaling: f64,
+            adapter_dtype: DType,
+        ) -> (CubeTensor, CubeTensor) {
+            let [grad, input, hidden, grad_hidden] =
+                [grad, input, hidden, grad_hidden].map(into_contiguous);
+            #[cfg(feature = "cuda")]
+            {
+                use crate::thin_product::{scaled_gradient, takes_gradient};
+                if adapter_dtype == DType::F32
+                    && takes_gradient(&input, &grad_hidden)
+                    && takes_gradient(&grad, &hidden)
+                {
+                    return (
+                        scaled_gradient(&input, &grad_hidden, 1.0, false),
+                        scaled_gradient(&grad, &hidden, scaling as f32, true),
+                    );
+                }
+            }
+            super::composed_adapter_gradients::<Self>(
+                grad,
+                input,
+                hidden,
+                grad_hidden,
+                scaling,
+                adapter_dtype,
+            )
         }
 
         /// The `wgmma` kernel with the weight dequantized inside it (`wgmma_4bit`) where it

@@ -6,12 +6,14 @@
 // - thin_product: H = X · Dᵀ for a thin D [RANK, DEPTH] (the down-projection), rounded once to
 //   bf16 H [rows, RANK]: the hidden the `wgmma` product's epilogue multiplies by `up`.
 // - thin_gradient: O = Xᵀ · T for a thin T [rows, RANK], rounded once to bf16 O [DEPTH, RANK]:
-//   the weight gradients, `xᵀ·(g·Bᵀ)` for A and `gᵀ·h` for B.
+//   the weight gradients, `xᵀ·(g·Bᵀ)` for A and `gᵀ·h` for B. With F32_OUTPUT, the f32 sums
+//   times a scale instead, [DEPTH, RANK] or, with TRANSPOSED, [RANK, DEPTH]: an f32 adapter's
+//   gradients in its own layout, no rounding to bf16 and no cast after.
 //
 // An MMA sums its 16 depths in any order, and its 16 output rows too, so each kernel maps rows,
-// columns and depths onto fragments as its loads come. The host prepends RANK and DEPTH (a
-// multiple of 32); thin_gradient takes the rows (a multiple of 16) in `Params`. Both use 16 warps
-// a block, summed in a fixed order at the end.
+// columns and depths onto fragments as its loads come. The host prepends RANK, DEPTH (a
+// multiple of 32), F32_OUTPUT and TRANSPOSED; thin_gradient takes the rows (a multiple of 16)
+// and the scale in `Params`. Both use 16 warps a block, summed in a fixed order at the end.
 
 #define WARPS 16
 #define THREADS (32 * WARPS)
@@ -50,6 +52,27 @@ static __device__ __forceinline__ void store_sums(const float (*partial)[N][RANK
             high += partial[w][row][rank + 1];
         }
         out[((first + row) * RANK + rank) / 2] = pack(low, high);
+    }
+}
+
+// The warps' sums of a block's N output rows of RANK times `scale`, in f32: rows [first, first
+// + N) of `out` ([., RANK]), or with TRANSPOSED columns [first, first + N) of `out` ([RANK,
+// DEPTH], consecutive threads on consecutive columns). One element a thread.
+template <int N>
+static __device__ __forceinline__ void store_scaled_sums(const float (*partial)[N][RANK],
+                                                         float *out, u64 first, float scale) {
+    if (threadIdx.x < N * RANK) {
+#if TRANSPOSED
+        const int row = threadIdx.x % N, rank = threadIdx.x / N;
+        const u64 at = (u64)rank * DEPTH + first + row;
+#else
+        const int row = threadIdx.x / RANK, rank = threadIdx.x % RANK;
+        const u64 at = (first + row) * RANK + rank;
+#endif
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) sum += partial[w][row][rank];
+        out[at] = sum * scale;
     }
 }
 
@@ -155,6 +178,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
 struct Params {
     u64 rows;
+    // The f32 output's scale, as f32 bits.
+    u64 scale_bits;
 };
 
 // A lane's four bf16 of a row of X, kept out of L1: each is read once.
@@ -219,8 +244,8 @@ static __device__ __forceinline__ void multiply_step(float (*c)[TILES][4], const
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
-    thin_gradient(const bf16 *__restrict__ x, const bf16 *__restrict__ thin, u32 *__restrict__ out,
-                  const __grid_constant__ Params p) {
+    thin_gradient(const bf16 *__restrict__ x, const bf16 *__restrict__ thin,
+                  void *__restrict__ out, const __grid_constant__ Params p) {
     __shared__ float partial[WARPS][COLUMNS][RANK];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
@@ -262,5 +287,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         }
     }
     __syncthreads();
-    store_sums<COLUMNS>(partial, out, column0);
+#if F32_OUTPUT
+    store_scaled_sums<COLUMNS>(partial, (float *)out, column0, __uint_as_float((u32)p.scale_bits));
+#else
+    store_sums<COLUMNS>(partial, (u32 *)out, column0);
+#endif
 }

@@ -30,13 +30,25 @@ enum Entry {
     Gradient,
 }
 
-/// One entry point for one rank and depth, both compiled in; `thin_gradient`'s rows travel as
-/// its info.
+/// What `thin_gradient` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum GradientOutput {
+    /// bf16 `[depth, rank]`, one rounding of the f32 sums (`thin_product`'s one output).
+    Bf16,
+    /// f32 `[depth, rank]`, the sums times the scale.
+    F32,
+    /// f32 `[rank, depth]`, the sums times the scale.
+    F32Transposed,
+}
+
+/// One entry point for one rank, depth and output, all compiled in; `thin_gradient`'s rows and
+/// scale travel as its info.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct ThinKernel {
     entry: Entry,
     rank: usize,
     depth: usize,
+    output: GradientOutput,
 }
 
 impl CudaKernel for ThinKernel {
@@ -50,8 +62,14 @@ impl CudaKernel for ThinKernel {
     }
 
     fn text(&self) -> String {
+        let (f32_output, transposed) = match self.output {
+            GradientOutput::Bf16 => (0, 0),
+            GradientOutput::F32 => (1, 0),
+            GradientOutput::F32Transposed => (1, 1),
+        };
         format!(
-            "#define RANK {}\n#define DEPTH {}\n{SOURCE}",
+            "#define RANK {}\n#define DEPTH {}\n#define F32_OUTPUT {f32_output}\n\
+             #define TRANSPOSED {transposed}\n{SOURCE}",
             self.rank, self.depth
         )
     }
@@ -78,59 +96,107 @@ pub(crate) fn hidden(x: &CubeTensor, down: &CubeTensor) -> CubeTensor {
         entry: Entry::Product,
         rank,
         depth,
+        output: GradientOutput::Bf16,
     });
     x.client.launch(Box::new(kernel), count, arguments);
     hidden
 }
 
 /// `inputᵀ · thin` (`[depth, rank]`, bf16, one rounding of the f32 sum) for contiguous bf16
-/// `input` `[rows, depth]` and `thin` `[rows, rank]` on sm_90; `None` where the kernel does not
-/// take them (another dtype or device, rows not whole 16-row steps, a depth not whole blocks, a
-/// rank other than 8 or 16, an offset off 16 bytes).
+/// `input` `[rows, depth]` and `thin` `[rows, rank]` that [`takes_gradient`]; `None` elsewhere.
 pub(crate) fn gradient(input: &CubeTensor, thin: &CubeTensor) -> Option<CubeTensor> {
+    takes_gradient(input, thin).then(|| launch_gradient(input, thin, GradientOutput::Bf16, 1.0))
+}
+
+/// `scale · inputᵀ · thin` in f32, `[depth, rank]` or (`transposed`) `[rank, depth]`, for
+/// operands that [`takes_gradient`]: a LoRA adapter's weight gradient in its f32 master weight's
+/// layout, never rounded to bf16 and with no cast after.
+pub(crate) fn scaled_gradient(
+    input: &CubeTensor,
+    thin: &CubeTensor,
+    scale: f32,
+    transposed: bool,
+) -> CubeTensor {
+    let output = if transposed {
+        GradientOutput::F32Transposed
+    } else {
+        GradientOutput::F32
+    };
+    launch_gradient(input, thin, output, scale)
+}
+
+/// Whether `thin_gradient` takes `input` `[rows, depth]` and `thin` `[rows, rank]`: contiguous
+/// bf16 on sm_90, rows whole 16-row steps, a depth of whole blocks, rank 8 or 16, offsets on 16
+/// bytes.
+pub(crate) fn takes_gradient(input: &CubeTensor, thin: &CubeTensor) -> bool {
     let [rows, depth] = input.shape().dims();
     let rank = thin.shape()[1];
-    let takes = input.client.properties().identity.fingerprint == "ptx_sm90"
+    input.client.properties().identity.fingerprint == "ptx_sm90"
         && thin.shape()[0] == rows
         && fits(rows, depth, rank)
         && crate::wgmma::bf16_rows(input, depth)
-        && crate::wgmma::bf16_rows(thin, rank);
-    if !takes {
-        return None;
-    }
-    let output = empty_output(input, [depth, rank], DType::BF16);
+        && crate::wgmma::bf16_rows(thin, rank)
+}
+
+fn launch_gradient(
+    input: &CubeTensor,
+    thin: &CubeTensor,
+    output: GradientOutput,
+    scale: f32,
+) -> CubeTensor {
+    let [rows, depth] = input.shape().dims();
+    let rank = thin.shape()[1];
+    let out = match output {
+        GradientOutput::Bf16 => empty_output(input, [depth, rank], DType::BF16),
+        GradientOutput::F32 => empty_output(input, [depth, rank], DType::F32),
+        GradientOutput::F32Transposed => empty_output(input, [rank, depth], DType::F32),
+    };
     let arguments = KernelArguments::new()
         .with_buffer_io(input.handle.clone().binding(), BufferIOAttr::ReadOnly)
         .with_buffer_io(thin.handle.clone().binding(), BufferIOAttr::ReadOnly)
-        .with_buffer_io(output.handle.clone().binding(), BufferIOAttr::WriteOnly);
-    // The rows in the kernel's parameter block (`Params`), none in a metadata buffer.
+        .with_buffer_io(out.handle.clone().binding(), BufferIOAttr::WriteOnly);
+    // The rows and the scale in the kernel's parameter block (`Params`), none in a metadata
+    // buffer.
+    let params = vec![rows as u64, u64::from(scale.to_bits())];
     let info = MetadataBindingInfo {
-        dynamic_metadata_offset: 1,
-        data: vec![rows as u64],
+        dynamic_metadata_offset: params.len(),
+        data: params,
     };
     let count = CubeCount::Static((depth / CHUNK_DEPTH) as u32, 1, 1);
     let kernel = Precompiled(ThinKernel {
         entry: Entry::Gradient,
         rank,
         depth,
+        output,
     });
     input
         .client
         .launch(Box::new(kernel), count, arguments.with_info(info));
-    Some(output)
+    out
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Entry, ThinKernel};
+    use super::{Entry, GradientOutput, ThinKernel};
     use crate::precompiled::nvrtc_check::compiles_without_spills;
 
     #[test]
     fn the_kernels_compile_for_hopper() {
-        for entry in [Entry::Product, Entry::Gradient] {
+        let outputs = [
+            (Entry::Product, GradientOutput::Bf16),
+            (Entry::Gradient, GradientOutput::Bf16),
+            (Entry::Gradient, GradientOutput::F32),
+            (Entry::Gradient, GradientOutput::F32Transposed),
+        ];
+        for (entry, output) in outputs {
             for rank in [8, 16] {
                 for depth in [4096, 11008] {
-                    compiles_without_spills(&ThinKernel { entry, rank, depth });
+                    compiles_without_spills(&ThinKernel {
+                        entry,
+                        rank,
+                        depth,
+                        output,
+                    });
                 }
             }
         }
