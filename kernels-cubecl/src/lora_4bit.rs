@@ -368,17 +368,8 @@ pub fn lora_4bit_pullback<const D: usize>(
     check_kept(&input, weight, &lora_a, kept.as_ref())?;
     let mut output_dims = input.dims();
     output_dims[D - 1] = weight.matrix_shape("LoRA linear")?[0];
-    if grad.dims() != output_dims || grad.dtype() != input.dtype() {
-        return Err(QuantError::Format {
-            what: "LoRA pullback".into(),
-            detail: format!(
-                "the gradient is {:?} {:?}, the layer's output {output_dims:?} {:?}",
-                grad.dims(),
-                grad.dtype(),
-                input.dtype()
-            ),
-        });
-    }
+    let what = "the gradient (the layer's output's)";
+    check_fits("LoRA pullback", what, &grad, output_dims, input.dtype())?;
     let primitive = weight.primitive()?;
     let (input, lora_a, lora_b, grad) = (
         input.into_dispatch(),
@@ -419,27 +410,42 @@ fn check_kept<const D: usize>(
     let rank = lora_a.dims()[1];
     let expected = [
         (
-            "hidden",
+            "the kept hidden",
             &kept.hidden,
             [dims[..D - 1].iter().product(), rank],
         ),
-        ("lora_aᵀ", &kept.transposed_a, [rank, in_features]),
-        ("scaling · lora_b", &kept.scaled_b, [rank, out_features]),
+        ("the kept lora_aᵀ", &kept.transposed_a, [rank, in_features]),
+        (
+            "the kept scaling · lora_b",
+            &kept.scaled_b,
+            [rank, out_features],
+        ),
     ];
     for (name, tensor, shape) in expected {
-        if tensor.dims() != shape || tensor.dtype() != input.dtype() {
-            return Err(QuantError::Format {
-                what: "LoRA kept adapter".into(),
-                detail: format!(
-                    "the kept {name} is {:?} {:?}, this input's {shape:?} {:?}",
-                    tensor.dims(),
-                    tensor.dtype(),
-                    input.dtype()
-                ),
-            });
-        }
+        check_fits("LoRA kept adapter", name, tensor, shape, input.dtype())?;
     }
     Ok(())
+}
+
+/// That `tensor` is `shape` in `dtype`; else an error for `what` naming it as `name`.
+fn check_fits<const D: usize>(
+    what: &str,
+    name: &str,
+    tensor: &Tensor<D>,
+    shape: [usize; D],
+    dtype: DType,
+) -> Result<(), QuantError> {
+    if tensor.dims() == shape && tensor.dtype() == dtype {
+        return Ok(());
+    }
+    Err(QuantError::Format {
+        what: what.into(),
+        detail: format!(
+            "{name} is {:?} {:?}, expected {shape:?} {dtype:?}",
+            tensor.dims(),
+            tensor.dtype()
+        ),
+    })
 }
 
 /// That `input` and the adapter (`lora_a` `[in_features, r]`, `lora_b` `[r, out_features]`, one
