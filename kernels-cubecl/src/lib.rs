@@ -86,7 +86,7 @@ pub use low_rank::{LowRankOps, MAX_RANK, low_rank_down, low_rank_up, low_rank_up
 #[cfg(any(feature = "cube", feature = "flex"))]
 pub use matmul::{AbsmaxPrimitive, DenseCopy, Matmul4bitOps, Weight4bitPrimitive};
 pub use packed::{DeviceAbsmax, Packed4bit};
-pub use rms_norm::{RmsNormOps, rms_norm};
+pub use rms_norm::{RmsNormOps, rms_norm, rms_norm_passing};
 pub use rotary::{RotaryOps, rotary};
 pub use softmax::{CausalSoftmaxOps, causal_softmax};
 pub use state::{Absmax, NestedAbsmax, QuantState};

@@ -26,6 +26,16 @@ pub trait RmsNormOps: Backend {
     #[fusion(meta = |x, _, _| x.clone())]
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f32) -> FloatTensor<Self>;
 
+    /// [`Self::rms_norm`] whose backward also gives `x` the gradient `passed` (`x`'s shape and
+    /// dtype), summed in the backward's kernel. The forward alone on the inner backends.
+    #[fusion(meta = |x, _, _, _| x.clone())]
+    fn rms_norm_passing(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        passed: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self>;
+
     /// The gradient of [`Self::rms_norm`] for `x`, the weight held constant, in `x`'s dtype.
     #[fusion(meta = |x, _, _, _| x.clone())]
     fn rms_norm_backward(
@@ -60,6 +70,43 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Te
     Tensor::from_dispatch(Dispatch::rms_norm(
         x.into_dispatch(),
         weight.into_dispatch(),
+        eps as f32,
+    ))
+}
+
+/// [`rms_norm`] whose backward also gives `x` the gradient `passed`, as if `x` also reached the
+/// output that gradient is for through a residual connection: a checkpointed block's pullback
+/// passes the block's output gradient on to its residual stream this way, inside the norm's
+/// backward kernel, instead of through `x · passed` and its backward (two passes over `x`'s
+/// size whose values nothing reads).
+///
+/// # Panics
+///
+/// If `passed` is not `x`'s shape and dtype.
+pub fn rms_norm_passing<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<1>,
+    passed: Tensor<D>,
+    eps: f64,
+) -> Tensor<D> {
+    assert!(
+        passed.dims() == x.dims() && passed.dtype() == x.dtype(),
+        "rms_norm_passing: the passed gradient is {:?} {:?}, x {:?} {:?}",
+        passed.dims(),
+        passed.dtype(),
+        x.dims(),
+        x.dtype()
+    );
+    let weight = weight.cast(x.dtype());
+    if weight.is_require_grad() || !crate::has_extensions(&x.device()) {
+        // `x · passed − itself, detached`: zero, whose gradient for `x` is `passed`.
+        let product = x.clone() * passed;
+        return composed(x, weight, eps) + (product.clone() - product.detach());
+    }
+    Tensor::from_dispatch(Dispatch::rms_norm_passing(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        passed.into_dispatch(),
         eps as f32,
     ))
 }
@@ -132,6 +179,15 @@ mod cube {
                 );
             }
             output
+        }
+
+        fn rms_norm_passing(
+            x: CubeTensor,
+            weight: CubeTensor,
+            _passed: CubeTensor,
+            eps: f32,
+        ) -> CubeTensor {
+            Self::rms_norm(x, weight, eps)
         }
 
         fn rms_norm_backward(
@@ -348,6 +404,15 @@ mod flex {
             from_host(out, shape, dtype)
         }
 
+        fn rms_norm_passing(
+            x: FlexTensor,
+            weight: FlexTensor,
+            _passed: FlexTensor,
+            eps: f32,
+        ) -> FlexTensor {
+            Self::rms_norm(x, weight, eps)
+        }
+
         fn rms_norm_backward(
             x: FlexTensor,
             weight: FlexTensor,
@@ -409,8 +474,13 @@ mod autodiff {
 
     impl<B: RmsNormOps> Backward<B, 1> for RmsNormBackward {
         /// `x` (its value, and its node: the backward adds to what `x`'s other consumers, a
-        /// residual connection, gave it) and the weight.
-        type State = (FloatTensor<Autodiff<B>>, FloatTensor<B>);
+        /// residual connection, gave it), the weight, and a gradient passed to `x` as well
+        /// (`rms_norm_passing`'s).
+        type State = (
+            FloatTensor<Autodiff<B>>,
+            FloatTensor<B>,
+            Option<FloatTensor<B>>,
+        );
 
         fn backward(
             self,
@@ -418,12 +488,16 @@ mod autodiff {
             grads: &mut Gradients,
             _checkpointer: &mut Checkpointer,
         ) {
-            let (x, weight) = ops.state;
+            let (x, weight, passed) = ops.state;
             let grad = grads.consume::<B>(&ops.node);
             let [Some(parent)] = ops.parents else {
                 return;
             };
-            let of_x = match grads.remove::<B>(&x) {
+            let prior = match (grads.remove::<B>(&x), passed) {
+                (Some(prior), Some(passed)) => Some(B::float_add(prior, passed)),
+                (prior, passed) => prior.or(passed),
+            };
+            let of_x = match prior {
                 Some(prior) => {
                     B::rms_norm_backward_adding(x.into_primitive(), weight, grad, prior, self.eps)
                 }
@@ -433,23 +507,40 @@ mod autodiff {
         }
     }
 
+    /// `rms_norm`, recording its backward (with `passed`, where given) if `x` is tracked.
+    fn norm<B: RmsNormOps, C: CheckpointStrategy>(
+        x: FloatTensor<Autodiff<B, C>>,
+        weight: FloatTensor<B>,
+        passed: Option<FloatTensor<B>>,
+        eps: f32,
+    ) -> FloatTensor<Autodiff<B, C>> {
+        let backward = RmsNormBackward { eps };
+        match backward.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let output = B::rms_norm(x.clone().into_primitive(), weight.clone(), eps);
+                prep.finish((x, weight, passed), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::rms_norm(x.into_primitive(), weight, eps)),
+        }
+    }
+
     impl<B: RmsNormOps, C: CheckpointStrategy> RmsNormOps for Autodiff<B, C> {
         fn rms_norm(
             x: FloatTensor<Self>,
             weight: FloatTensor<Self>,
             eps: f32,
         ) -> FloatTensor<Self> {
-            let weight = weight.into_primitive();
-            let backward = RmsNormBackward { eps };
-            match backward.prepare::<C>([x.node()]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => {
-                    let output = B::rms_norm(x.clone().into_primitive(), weight.clone(), eps);
-                    prep.finish((x, weight), output)
-                }
-                OpsKind::UnTracked(prep) => {
-                    prep.finish(B::rms_norm(x.into_primitive(), weight, eps))
-                }
-            }
+            norm::<B, C>(x, weight.into_primitive(), None, eps)
+        }
+
+        fn rms_norm_passing(
+            x: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            passed: FloatTensor<Self>,
+            eps: f32,
+        ) -> FloatTensor<Self> {
+            let passed = passed.into_primitive();
+            norm::<B, C>(x, weight.into_primitive(), Some(passed), eps)
         }
 
         /// Called only inside the backward above, on the inner backend; here its result is a

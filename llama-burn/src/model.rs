@@ -108,11 +108,15 @@ impl DecoderLayer {
 
     /// A tensor whose backward (from ones) gives the layer's gradients for its output gradient
     /// `grad`, as `(self.forward(x) * grad).backward()` would, without the MLP's last product:
-    /// the output itself is never needed, only the MLP's input and `h` (its value is `h * grad`).
+    /// the output itself is never needed, only the MLP's input and `h`. The residual
+    /// connection's gradient (`grad` itself, for `h`) is passed on inside the norm's backward,
+    /// so nothing computes `h * grad`; the value is the MLP pullback's (zeros).
     pub fn pullback(&self, x: Tensor<3>, rope: &Rope, grad: Tensor<3>) -> Tensor<3> {
         let h = self.attention_block(x, rope, None);
-        let mlp_input = self.post_attention_layernorm.forward(h.clone());
-        h * grad.clone() + self.mlp.pullback(mlp_input, grad)
+        let mlp_input = self
+            .post_attention_layernorm
+            .forward_passing(h, grad.clone());
+        self.mlp.pullback(mlp_input, grad)
     }
 }
 

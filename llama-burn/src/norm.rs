@@ -1,6 +1,6 @@
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
-use burn_qlora::kernels::rms_norm;
+use burn_qlora::kernels::{rms_norm, rms_norm_passing};
 
 /// Root-mean-square layer norm, computed in f32 whatever the model's dtype, as transformers does.
 #[derive(Module, Debug)]
@@ -19,5 +19,12 @@ impl RmsNorm {
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         rms_norm(x, self.weight.val(), self.eps)
+    }
+
+    /// [`Self::forward`] whose backward also gives `x` the gradient `passed` (`x`'s shape), as a
+    /// residual connection from `x` to the output `passed` is the gradient of would: inside the
+    /// norm's backward kernel (see `rms_norm_passing`).
+    pub fn forward_passing(&self, x: Tensor<3>, passed: Tensor<3>) -> Tensor<3> {
+        rms_norm_passing(x, self.weight.val(), passed, self.eps)
     }
 }
