@@ -10,11 +10,12 @@
 //! the input once for the rank-r hidden (`x·A`, or `g·(s·B)ᵀ`), and the `wgmma` product adds
 //! the adapter's term (`h·(s·B)`, or `h'·Aᵀ`) to its accumulator before it rounds; elsewhere
 //! the `x·A`- and `h·B`-shaped kernels of [`crate::low_rank`] do, the latter reading the base
-//! product's output. The casts of the adapter to the compute dtype (and of its gradients back)
-//! take one small kernel each way, both matrices in one launch. The numbers are the composed
-//! layer's but for the order of the hidden's sums and that one rounding: the adapter cast to
-//! the input's dtype (the scaling applied in f32 first), its gradients cast back to f32 and
-//! scaled there.
+//! product's output. The cast of the adapter to the compute dtype takes one small kernel, both
+//! matrices in one launch; so does the cast of its gradients back, except on Hopper, where the
+//! gradients' kernel (`thin_gradient`) writes an f32 adapter's gradients in f32 itself. The
+//! numbers are the composed layer's but for the order of the hidden's sums and that one
+//! rounding: the adapter cast to the input's dtype (the scaling applied in f32 first), its
+//! gradients in f32 and scaled there (on Hopper never rounded to bf16).
 
 #[cfg(all(feature = "cube", feature = "fusion"))]
 use burn::backend::fusion::custom::TensorSpec;
