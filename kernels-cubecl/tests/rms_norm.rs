@@ -5,7 +5,7 @@
 mod common;
 
 use burn::backend::Dispatch;
-use burn::tensor::{DType, Distribution, Tensor};
+use burn::tensor::{DType, Device, Distribution, Tensor};
 use common::{devices, f32_values, half_dtype, max_relative_error};
 use kernels_cubecl::{RmsNormOps, rms_norm, rms_norm_passing};
 
@@ -33,6 +33,49 @@ fn host(x: &[f64], weight: &[f64], upstream: &[f64]) -> (Vec<f64>, Vec<f64>, Vec
 /// its 128 lanes; whole vectors of 4) and of 301 (one element at a time), frozen weight, in f32
 /// and, where the device has it, bf16 (the normalised value, the output and the gradient
 /// rounded to 8 bits of mantissa).
+/// A norm's operands on an autodiff device: `x` `[7, 1, 300]` (tracked), the weight and the
+/// output's upstream gradient, random, in one dtype.
+struct Case {
+    x: Tensor<3>,
+    weight: Tensor<1>,
+    upstream: Tensor<3>,
+}
+
+impl Case {
+    fn random(device: &Device, dtype: DType) -> Self {
+        let random = |distribution| Tensor::<3>::random([7, 1, 300], distribution, device);
+        Self {
+            x: random(Distribution::Normal(0.5, 2.0))
+                .cast(dtype)
+                .require_grad(),
+            weight: Tensor::<1>::random([300], Distribution::Normal(1.0, 0.5), device).cast(dtype),
+            upstream: random(Distribution::Default).cast(dtype),
+        }
+    }
+
+    /// Another random tensor of `x`'s shape and dtype, untracked.
+    fn random_like(&self, distribution: Distribution) -> Tensor<3> {
+        Tensor::<3>::random(self.x.dims(), distribution, &self.x.device()).cast(self.x.dtype())
+    }
+
+    /// The host's f64 gradient of the norm for `x`.
+    fn host_gradient(&self) -> Vec<f64> {
+        let weight: Vec<f64> = f32_values(&self.weight.to_data())
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        host(&widen(&self.x), &weight, &widen(&self.upstream)).1
+    }
+}
+
+/// A tensor's values in f64.
+fn widen(tensor: &Tensor<3>) -> Vec<f64> {
+    f32_values(&tensor.to_data())
+        .into_iter()
+        .map(f64::from)
+        .collect()
+}
+
 #[test]
 fn rms_norm_and_its_gradient_equal_the_host() {
     for (name, device) in devices() {
@@ -107,31 +150,19 @@ fn rms_norm_gradient_adds_to_a_residual_gradient() {
                 println!("{name}: no {dtype:?}, skipped");
                 continue;
             }
-            let autodiff = device.clone().autodiff();
-            let shape = [7, 1, 300];
-            let random = |distribution| Tensor::<3>::random(shape, distribution, &autodiff);
-            let x = random(Distribution::Normal(0.5, 2.0))
-                .cast(dtype)
-                .require_grad();
-            let weight =
-                Tensor::<1>::random([300], Distribution::Normal(1.0, 0.5), &autodiff).cast(dtype);
-            let upstream = random(Distribution::Default).cast(dtype);
-            let residual = random(Distribution::Default).cast(dtype);
+            let case = Case::random(&device.clone().autodiff(), dtype);
+            let Case {
+                x,
+                weight,
+                upstream,
+            } = &case;
+            let residual = case.random_like(Distribution::Default);
             // The norm first, the residual's use of `x` after it: its gradient comes first.
             let normed = rms_norm(x.clone(), weight.clone(), EPS) * upstream.clone();
             let loss = (normed + x.clone() * residual.clone()).sum();
             let grad = x.grad(&loss.backward()).expect("x has a gradient");
-
-            let widen = |tensor: &Tensor<3>| -> Vec<f64> {
-                f32_values(&tensor.to_data())
-                    .into_iter()
-                    .map(f64::from)
-                    .collect()
-            };
-            let weight_values = f32_values(&weight.to_data());
-            let weight_values: Vec<f64> = weight_values.into_iter().map(f64::from).collect();
-            let (_, norm_grad, _) = host(&widen(&x), &weight_values, &widen(&upstream));
-            let expected: Vec<f64> = norm_grad
+            let expected: Vec<f64> = case
+                .host_gradient()
                 .iter()
                 .zip(widen(&residual))
                 .map(|(norm, residual)| norm + residual)
@@ -145,10 +176,6 @@ fn rms_norm_gradient_adds_to_a_residual_gradient() {
     }
 }
 
-/// Whether the backward can add the residual's gradient in place (nothing else holds it)
-/// depends on when the other holders let go; the sum must not. With the prior held elsewhere
-/// too, the kernel reads it beside a new output: the same values bit for bit, the prior left as
-/// it was.
 /// `rms_norm_passing(x, w, passed)`: the norm's value exactly, and the gradient of `x` the norm's
 /// plus `passed` (a residual connection's, summed inside the backward kernel), against the host's
 /// f64 gradient plus `passed`: within 1e-5 in f32 and 2e-2 in bf16 (f16 on wgpu), as the norm's
@@ -161,32 +188,13 @@ fn rms_norm_passing_gives_x_the_passed_gradient_too() {
                 println!("{name}: no {dtype:?}, skipped");
                 continue;
             }
-            let autodiff = device.clone().autodiff();
-            let shape = [7, 1, 300];
-            let random = |distribution| Tensor::<3>::random(shape, distribution, &autodiff);
-            let x = random(Distribution::Normal(0.5, 2.0))
-                .cast(dtype)
-                .require_grad();
-            let weight =
-                Tensor::<1>::random([300], Distribution::Normal(1.0, 0.5), &autodiff).cast(dtype);
-            let upstream = random(Distribution::Default).cast(dtype);
-            let passed = random(Distribution::Default).cast(dtype);
-            let other = random(Distribution::Default).cast(dtype);
-            let widen = |tensor: &Tensor<3>| -> Vec<f64> {
-                f32_values(&tensor.to_data())
-                    .into_iter()
-                    .map(f64::from)
-                    .collect()
-            };
-            let weight_values: Vec<f64> = f32_values(&weight.to_data())
-                .into_iter()
-                .map(f64::from)
-                .collect();
-            let (_, norm_grad, _) = host(&widen(&x), &weight_values, &widen(&upstream));
-
+            let case = Case::random(&device.clone().autodiff(), dtype);
+            let Case { x, weight, .. } = &case;
+            let passed = case.random_like(Distribution::Default);
+            let other = case.random_like(Distribution::Default);
             let normed = rms_norm_passing(x.clone(), weight.clone(), passed.clone(), EPS);
             let plain = rms_norm(x.clone(), weight.clone(), EPS);
-            let difference = (normed.clone() - plain)
+            let difference = (normed - plain)
                 .abs()
                 .max()
                 .cast(DType::F32)
@@ -194,12 +202,13 @@ fn rms_norm_passing_gives_x_the_passed_gradient_too() {
             assert_eq!(difference, 0.0, "{name} {dtype:?}: the value");
             for with_other in [false, true] {
                 let normed = rms_norm_passing(x.clone(), weight.clone(), passed.clone(), EPS);
-                let mut loss = (normed * upstream.clone()).sum();
+                let mut loss = (normed * case.upstream.clone()).sum();
                 if with_other {
                     loss = loss + (x.clone() * other.clone()).sum();
                 }
                 let grad = x.grad(&loss.backward()).expect("x has a gradient");
-                let expected: Vec<f64> = norm_grad
+                let expected: Vec<f64> = case
+                    .host_gradient()
                     .iter()
                     .zip(widen(&passed))
                     .zip(widen(&other))
@@ -217,6 +226,10 @@ fn rms_norm_passing_gives_x_the_passed_gradient_too() {
     }
 }
 
+/// Whether the backward can add the residual's gradient in place (nothing else holds it)
+/// depends on when the other holders let go; the sum must not. With the prior held elsewhere
+/// too, the kernel reads it beside a new output: the same values bit for bit, the prior left as
+/// it was.
 #[test]
 fn a_prior_held_elsewhere_gives_the_same_sum_and_stays_unchanged() {
     for (name, device) in devices() {
